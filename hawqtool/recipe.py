@@ -1,0 +1,260 @@
+"""Recipe schema: YAML in, a validated, frozen :class:`Recipe` out.
+
+Unknown keys are rejected, and every error names the dotted path of the bad key or value and what
+is allowed. ``--set dotted.key=value`` overrides are parsed as YAML scalars and validated the same
+way. The user's model and data come in through import paths (``package.module:callable``), never
+``eval``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hawqtool.errors import RecipeError
+from hawqtool.types import KNOWN_FORMATS, Budget, format_bits
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    """``factory`` returns a trained ``torch.nn.Module``; ``checkpoint`` is an optional state dict."""
+
+    factory: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: Path | None = None
+
+
+class DataSection(_Section):
+    """``factory`` returns splits ``calibration``, ``evaluation``, ``test`` of (inputs, targets)."""
+
+    factory: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class TaskSection(_Section):
+    """The loss the Hessian is taken of, and the metric the budget is stated in."""
+
+    loss: str = "cross_entropy"
+    metric: str = "top1"
+    higher_is_better: bool = True
+
+
+class HessianSection(_Section):
+    """Per-layer Hutchinson trace estimation (DESIGN.md §2)."""
+
+    seed: int = 0
+    rel_tol: float = Field(0.05, gt=0, lt=1)
+    min_probes: int = Field(16, ge=2)
+    max_probes: int = Field(1000, ge=2)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Images per probe, drawn afresh from the calibration split (an unbiased estimate of the split's
+    # Hessian that costs less per HVP); null uses the whole split for every probe.
+    sub_batch: int | None = Field(128, ge=1)
+
+    @model_validator(mode="after")
+    def _probes(self) -> HessianSection:
+        if self.max_probes < self.min_probes:
+            raise ValueError(f"max_probes ({self.max_probes}) must be >= min_probes ({self.min_probes})")
+        return self
+
+
+class AllocationSection(_Section):
+    """Candidate formats per layer, the cost model and pins (FQN or ``re:`` regex → format)."""
+
+    formats: tuple[str, ...] = ("int4", "int8", "float")
+    cost: Literal["size", "bops"] = "size"
+    pins: dict[str, str] = Field(default_factory=dict)
+    # Bucket width that bounds the frontier's size on very large models; null = exact.
+    cost_grid: float | None = Field(None, gt=0)
+    clip_search: bool = True
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError(f"give at least one format; allowed: {', '.join(KNOWN_FORMATS)}")
+        for f in v:
+            if f not in KNOWN_FORMATS:
+                raise ValueError(f"unknown format {f!r}; allowed: {', '.join(KNOWN_FORMATS)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"formats repeat: {list(v)}")
+        return tuple(sorted(v, key=format_bits))
+
+    @field_validator("pins")
+    @classmethod
+    def _pins(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, f in v.items():
+            if f not in KNOWN_FORMATS:
+                raise ValueError(f"pin {key!r}: unknown format {f!r}; allowed: {', '.join(KNOWN_FORMATS)}")
+        return v
+
+
+class BudgetSection(_Section):
+    """How far the metric may drop: ``mode`` must be stated (``absolute`` or ``relative``)."""
+
+    max_drop: float = Field(ge=0)
+    mode: Literal["absolute", "relative"]
+    min_drop: float | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _range(self) -> BudgetSection:
+        if self.min_drop is not None and self.min_drop > self.max_drop:
+            raise ValueError(f"min_drop ({self.min_drop}) must be <= max_drop ({self.max_drop})")
+        return self
+
+
+class SearchSection(_Section):
+    """Whether inter-layer dependency terms re-score the frontier, and repair failing candidates."""
+
+    dependency: bool = True
+    repair: bool = True
+
+
+class ExportSection(_Section):
+    """QDQ ONNX export: opset, sub-8-bit storage and activation calibration."""
+
+    opset: int = Field(21, ge=13, le=23)
+    # container: b-bit integers in int8 (ORT's fast int8 kernels); packed: opset-21 INT4 (smaller
+    # file, dequantize + float compute on CPU; FACTS.md).
+    int4_storage: Literal["container", "packed"] = "packed"
+    calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
+
+
+class EvaluateSection(_Section):
+    """onnxruntime evaluation settings."""
+
+    threads: int = Field(2, ge=1)
+    latency_runs: int = Field(20, ge=1)
+
+
+class Recipe(_Section):
+    """A whole hawqtool recipe. ``model`` and ``data`` may be absent only when the Python API is
+    handed a model and data directly."""
+
+    name: str = "recipe"
+    model: ModelSection | None = None
+    data: DataSection | None = None
+    task: TaskSection = TaskSection()
+    hessian: HessianSection = HessianSection()
+    allocation: AllocationSection = AllocationSection()
+    budget: BudgetSection = BudgetSection(max_drop=0.01, mode="absolute")
+    search: SearchSection = SearchSection()
+    export: ExportSection = ExportSection()
+    evaluate: EvaluateSection = EvaluateSection()
+
+    @property
+    def budget_spec(self) -> Budget:
+        b = self.budget
+        return Budget(b.max_drop, b.mode, b.min_drop, higher_is_better=self.task.higher_is_better)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+BUILTIN = ("default", "resnet20-digits", "small-cnn-digits", "small-cnn-mnist", "transformer-digits", "tiny")
+
+
+def builtin_path(name: str) -> Path:
+    """Path of a built-in recipe shipped in the package (``default``, ``resnet20-digits``, ...)."""
+    return Path(str(resources.files("hawqtool.recipes").joinpath(f"{name}.yaml")))
+
+
+def _model_at(loc: Sequence[str | int]) -> type[BaseModel] | None:
+    cls: Any = Recipe
+    for part in loc:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        nxt = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if nxt is None:
+            return None
+        cls = nxt
+    return cls  # type: ignore[no-any-return]
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            allowed = ", ".join(parent.model_fields) if parent else "?"
+            lines.append(f"{path}: unknown key; allowed here: {allowed}")
+        elif e["type"] == "missing":
+            lines.append(f"{path}: required key is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{path}: {msg} (got {e.get('input')!r})")
+    return f"{source}: invalid recipe:\n  " + "\n  ".join(lines)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a recipe mapping, in order."""
+    out: dict[str, Any] = dict(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"--set {item!r}: expected dotted.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise RecipeError(f"--set {item!r}: value is not valid YAML: {e}") from e
+        node = out
+        parts = key.strip().split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise RecipeError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node[part] = dict(child)
+            node = node[part]
+        node[parts[-1]] = value
+    return out
+
+
+def parse_recipe(data: Mapping[str, Any], *, source: str = "recipe") -> Recipe:
+    """Validate a recipe mapping.
+
+    Raises:
+        RecipeError: naming each bad key's dotted path and what is allowed.
+    """
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{source}: a recipe is a mapping of sections, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(dict(data))
+    except ValidationError as e:
+        raise RecipeError(_format_errors(e, source)) from None
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a recipe YAML file (or a built-in name such as ``default``) and apply overrides.
+
+    Example:
+        >>> r = load_recipe("default", ["budget.max_drop=0.02"])
+        >>> r.budget.max_drop
+        0.02
+    """
+    p = Path(path)
+    if not p.exists() and str(path) in BUILTIN:
+        p = builtin_path(str(path))
+    if not p.is_file():
+        raise RecipeError(f"recipe {str(path)!r} not found; give a YAML file or one of: {', '.join(BUILTIN)}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise RecipeError(f"{p}: a recipe is a mapping of sections, got {type(data).__name__}")
+    return parse_recipe(apply_overrides(data, overrides), source=str(p))
