@@ -13,14 +13,13 @@ from torch import nn
 
 from hawqtool.zoo.data import digits, load_digits_dataset, load_mnist5k_dataset, mnist5k
 from hawqtool.zoo.models import MLP, ResNet20, SmallCNN, TinyTransformer
-from hawqtool.zoo.train import cache_dir, train_classifier
+from hawqtool.zoo.train import train_classifier
 
 __all__ = [
     "MLP",
     "ResNet20",
     "SmallCNN",
     "TinyTransformer",
-    "cache_dir",
     "digits",
     "mlp_digits",
     "mnist5k",

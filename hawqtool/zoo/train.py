@@ -5,23 +5,17 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hawqtool.cache import cache_dir
 from hawqtool.types import write_bytes_atomic
 from hawqtool.zoo.data import Dataset
 
 log = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    """hawqtool's cache folder: ``$HAWQTOOL_CACHE``, else ``~/.cache/hawqtool``."""
-    return Path(os.environ.get("HAWQTOOL_CACHE") or Path.home() / ".cache" / "hawqtool")
 
 
 def train_classifier(
