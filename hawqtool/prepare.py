@@ -151,17 +151,20 @@ def prepare_model(
     """
     if not isinstance(model, nn.Module):
         raise UsageError(f"the model factory returned {type(model).__name__}, not a torch.nn.Module")
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise UsageError(f"parameter {name!r} has NaN or Inf weights")
     folded = fold_batchnorm(model)
     with torch.no_grad():
         ref = copy.deepcopy(model).eval()(example_input)
         got = folded(example_input)
+    if not torch.isfinite(ref).all():
+        raise UsageError("the model's outputs on the first calibration batch contain NaN or Inf: check the data")
     if not torch.allclose(ref, got, rtol=1e-3, atol=1e-4 * float(ref.abs().max()) + 1e-5):
         raise UsageError("BatchNorm folding changed the model's outputs; unsupported conv/BN layout")
     layers = []
     for name, mod in folded.named_modules():
         if isinstance(mod, QUANTIZABLE):
-            if not torch.isfinite(mod.weight).all():
-                raise UsageError(f"layer {name!r} has NaN or Inf weights")
             layers.append((name, mod))
     if not layers:
         raise UsageError(

@@ -1,0 +1,92 @@
+"""Recipe schema: every built-in validates; bad keys and values are named by dotted path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hawqtool.errors import RecipeError
+from hawqtool.recipe import BUILTIN, Recipe, apply_overrides, builtin_path, load_recipe, parse_recipe
+
+REPO_RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_every_builtin_recipe_validates_and_is_shipped(name: str) -> None:
+    r = load_recipe(name)
+    assert isinstance(r, Recipe)
+    assert r.model is not None and r.data is not None
+    assert builtin_path(name).is_file()
+
+
+def test_repo_recipes_are_the_builtin_ones() -> None:
+    assert {p.stem for p in REPO_RECIPES} == set(BUILTIN)
+    for p in REPO_RECIPES:
+        load_recipe(p)
+
+
+def _write(tmp_path: Path, data: object) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+BASE = {"model": {"factory": "hawqtool.zoo:mlp_digits"}, "data": {"factory": "hawqtool.zoo:digits"}}
+
+
+@pytest.mark.parametrize(
+    ("patch", "needle"),
+    [
+        ({"budget": {"max_dorp": 0.1, "mode": "absolute"}}, "budget.max_dorp: unknown key; allowed here: max_drop"),
+        ({"hesian": {}}, "hesian: unknown key"),
+        ({"budget": {"max_drop": 0.1}}, "budget.mode: required key is missing"),
+        ({"budget": {"max_drop": 0.1, "mode": "percent"}}, "budget.mode"),
+        ({"budget": {"max_drop": 0.01, "min_drop": 0.02, "mode": "absolute"}}, "min_drop (0.02) must be <= max_drop"),
+        ({"allocation": {"formats": ["int4", "fp8"]}}, "unknown format 'fp8'"),
+        ({"allocation": {"pins": {"fc": "int1"}}}, "allocation.pins: pin 'fc': unknown format 'int1'"),
+        ({"hessian": {"rel_tol": 0}}, "hessian.rel_tol"),
+        ({"hessian": {"min_probes": 50, "max_probes": 10}}, "max_probes (10) must be >= min_probes (50)"),
+        ({"hessian": {"device": "tpu"}}, "hessian.device"),
+        ({"export": {"int4_storage": "zip"}}, "export.int4_storage"),
+        ({"model": {"factory": "x:y", "kwarg": {}}}, "model.kwarg: unknown key; allowed here: factory, kwargs, checkpoint"),
+    ],
+)
+def test_bad_recipes_name_the_dotted_path(tmp_path: Path, patch: dict, needle: str) -> None:
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_write(tmp_path, {**BASE, **patch}))
+    assert needle in str(e.value)
+    assert e.value.exit_code == 2
+
+
+def test_overrides_are_parsed_as_yaml_and_validated() -> None:
+    r = load_recipe("tiny", ["budget.max_drop=0.05", "allocation.formats=[int8, float]", "hessian.sub_batch=null"])
+    assert r.budget.max_drop == 0.05
+    assert r.allocation.formats == ("int8", "float")
+    assert r.hessian.sub_batch is None
+    with pytest.raises(RecipeError, match=r"budget\.max_dorp: unknown key"):
+        load_recipe("tiny", ["budget.max_dorp=0.05"])
+    with pytest.raises(RecipeError, match="expected dotted.key=value"):
+        load_recipe("tiny", ["budget.max_drop"])
+    with pytest.raises(RecipeError, match="is not a section"):
+        apply_overrides({"name": "x"}, ["name.sub=1"])
+
+
+def test_formats_are_sorted_by_bits_and_unique() -> None:
+    r = parse_recipe({**BASE, "allocation": {"formats": ["float", "int8", "int2"]}})
+    assert r.allocation.formats == ("int2", "int8", "float")
+    with pytest.raises(RecipeError, match="formats repeat"):
+        parse_recipe({**BASE, "allocation": {"formats": ["int8", "int8"]}})
+
+
+def test_missing_or_bad_file_is_a_recipe_error(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(RecipeError, match="mapping of sections"):
+        load_recipe(bad)
