@@ -1,0 +1,91 @@
+"""evaluate_onnx on tiny hand-written graphs with known answers. Every file lives under tmp_path."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import parser
+
+from hawqtool.errors import ExportError, UsageError
+from hawqtool.evaluate import Evaluation, evaluate_onnx
+from hawqtool.tasks import neg_mse, top1
+
+IDENTITY = """
+<ir_version: 10, opset_import: ["" : 21]>
+identity (float[N, 3] input) => (float[N, 3] output) {
+    output = Identity(input)
+}
+"""
+
+# Parses and passes the checker's light mode, but onnxruntime has no such operator.
+UNKNOWN_OP = """
+<ir_version: 10, opset_import: ["" : 21, "nowhere" : 1]>
+broken (float[N, 3] input) => (float[N, 3] output) {
+    output = nowhere.NoSuchOp(input)
+}
+"""
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    # Row arg-maxes 0, 1, 2 | 0, 2 against targets 0, 1, 1 | 0, 2: 4 of 5 right.
+    x1 = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1]])
+    x2 = torch.tensor([[5.0, 1, 1], [0, 0, 3]])
+    return [(x1, torch.tensor([0, 1, 1])), (x2, torch.tensor([0, 2]))]
+
+
+def test_metric_over_the_whole_split_and_file_size(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = parser.parse_model(IDENTITY)
+    ev = evaluate_onnx(model, _batches(), top1, latency_runs=5)
+    assert isinstance(ev, Evaluation)
+    assert ev.metric == pytest.approx(0.8) and ev.samples == 5
+    assert ev.size_bytes == len(model.SerializeToString())
+    assert ev.latency_ms > 0 and ev.seconds >= ev.latency_ms / 1e3
+    path = tmp_path / "identity.onnx"
+    onnx.save(model, path)
+    from_file = evaluate_onnx(path, _batches(), top1, latency_runs=1, warmup=0)
+    assert from_file.metric == ev.metric and from_file.size_bytes == path.stat().st_size
+    assert set(ev.to_dict()) == {"metric", "latency_ms", "size_bytes", "samples", "seconds"}
+
+
+def test_numpy_batches_other_metrics_and_a_larger_latency_batch() -> None:
+    batches = [(x.numpy(), x.numpy()) for x, _ in _batches()]  # identity: outputs == targets
+    ev = evaluate_onnx(parser.parse_model(IDENTITY), batches, neg_mse, latency_batch=64, threads=1)
+    assert ev.metric == 0.0 and ev.samples == 5
+
+
+def test_onnxruntime_failures_are_export_errors() -> None:
+    with pytest.raises(ExportError, match="cannot load"):
+        evaluate_onnx(parser.parse_model(UNKNOWN_OP), _batches(), top1)
+    wrong_width = [(torch.ones(2, 4), torch.zeros(2))]
+    with pytest.raises(ExportError, match="failed to run"):
+        evaluate_onnx(parser.parse_model(IDENTITY), wrong_width, top1)
+
+
+def test_bad_input_is_a_usage_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = parser.parse_model(IDENTITY)
+    with pytest.raises(UsageError, match="empty split"):
+        evaluate_onnx(model, [], top1)
+    with pytest.raises(UsageError, match="cannot read model"):
+        evaluate_onnx(tmp_path / "missing.onnx", _batches(), top1)
+    with pytest.raises(UsageError, match="threads=0"):
+        evaluate_onnx(model, _batches(), top1, threads=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quantized_zoo_model_end_to_end(small_cnn_digits, digits_splits, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A written QDQ file evaluates like its in-memory model, and the torch baseline agrees."""
+    from hawqtool.export import QDQExporter
+    from hawqtool.prepare import prepare_model
+
+    prepared = prepare_model(small_cnn_digits, digits_splits.calibration[0][0][:1])
+    exporter = QDQExporter.build(prepared, digits_splits.calibration, max_calibration_batches=1)
+    path = exporter.export({f: "int8" for f in exporter.fqns}, tmp_path / "int8.onnx")
+    ev = evaluate_onnx(path, digits_splits.evaluation, top1, latency_runs=3, latency_batch=64)
+    assert ev.samples == sum(len(y) for _, y in digits_splits.evaluation)
+    assert ev.size_bytes == path.stat().st_size
+    with torch.no_grad():
+        outs = np.concatenate([prepared.model(x).numpy() for x, _ in digits_splits.evaluation])
+    ref = top1(outs, np.concatenate([y.numpy() for _, y in digits_splits.evaluation]))
+    assert abs(ev.metric - ref) <= 0.01

@@ -1,0 +1,467 @@
+"""QDQ export: graph structure, bit-exact weights, agreement with a torch simulation, accuracy,
+integer kernels, file size, and errors. Every file lives under ``tmp_path``."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from hawqtool.errors import ExportError, UsageError
+from hawqtool.evaluate import evaluate_onnx, make_session
+from hawqtool.export import (
+    INT4_STORAGES,
+    METADATA_ALLOCATION,
+    METADATA_VERSION,
+    QDQExporter,
+    pack_int4,
+    quantization_plan,
+    uint8_qparams,
+)
+from hawqtool.prepare import prepare_model, swapped_weights
+from hawqtool.quantizer import int_range, quantize_weight
+from hawqtool.sensitivity import STORAGES, layer_cost, storage_bits
+from hawqtool.tasks import top1
+from hawqtool.types import format_bits, is_quantized
+
+INTEGER_KERNELS = {
+    "QLinearConv",
+    "QLinearMatMul",
+    "QGemm",
+    "MatMulIntegerToFloat",
+    "ConvInteger",
+    "MatMulInteger",
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixtures: one exporter per model for the whole module (the float export and calibration are
+# the expensive part; every allocation after that is graph surgery).
+# ------------------------------------------------------------------------------------------------
+
+
+def _build(model: torch.nn.Module, splits, **kwargs) -> QDQExporter:  # type: ignore[no-untyped-def]
+    prepared = prepare_model(model, splits.calibration[0][0][:1])
+    return QDQExporter.build(prepared, splits.calibration, max_calibration_batches=2, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def cnn(small_cnn_digits, digits_splits) -> QDQExporter:  # type: ignore[no-untyped-def]
+    return _build(small_cnn_digits, digits_splits)
+
+
+@pytest.fixture(scope="module")
+def mlp(mlp_digits, digits_splits) -> QDQExporter:  # type: ignore[no-untyped-def]
+    return _build(mlp_digits, digits_splits)
+
+
+@pytest.fixture(scope="module")
+def resnet(resnet20_digits, digits_splits) -> QDQExporter:  # type: ignore[no-untyped-def]
+    return _build(resnet20_digits, digits_splits)
+
+
+class TokenMLP(torch.nn.Module):
+    """Image rows as 8 tokens through Linear layers on a 3-D input, which the dynamo exporter
+    turns into MatMul with a renamed, pre-transposed weight (as in the zoo's transformer), and a
+    2-D head that stays a Gemm. Untrained: layout and numerics do not need a trained model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tok = torch.nn.Linear(8, 16)
+        self.mix = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.tok(x.flatten(1, 2)))
+        h = torch.relu(self.mix(h))
+        return self.head(h.mean(dim=1))
+
+
+@pytest.fixture(scope="module")
+def tokens(digits_splits) -> QDQExporter:  # type: ignore[no-untyped-def]
+    return _build(TokenMLP(), digits_splits)
+
+
+def _test_inputs(splits) -> np.ndarray:  # type: ignore[no-untyped-def]
+    return np.concatenate([x.numpy() for x, _ in splits.test])
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return np.asarray(make_session(model.SerializeToString()).run(None, {"input": x})[0])
+
+
+def _weight_dequantizers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """DequantizeLinear nodes whose input is an initializer (weights), by output name."""
+    inits = {t.name for t in model.graph.initializer}
+    return {
+        n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+    }
+
+
+def _initializer(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
+    return next(t for t in model.graph.initializer if t.name == name)
+
+
+def _mixed(exporter: QDQExporter) -> dict[str, str]:
+    """int8, float, int4 and int3 in turn over the layers (every kind of entry)."""
+    formats = ("int8", "float", "int4", "int3")
+    return {f: formats[i % 4] for i, f in enumerate(exporter.fqns)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Float export
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet", "tokens"])
+def test_float_export_matches_torch_at_any_batch(name, request, digits_splits) -> None:  # type: ignore[no-untyped-def]
+    exporter: QDQExporter = request.getfixturevalue(name)
+    x = _test_inputs(digits_splits)
+    for n in (1, 7, len(x)):  # the batch axis is dynamic
+        with torch.no_grad():
+            ref = exporter.prepared.model(torch.from_numpy(x[:n])).numpy()
+        np.testing.assert_allclose(_run(exporter.float_model, x[:n]), ref, atol=1e-4, rtol=0)
+
+
+def test_layers_map_to_weight_initializers_in_their_layout(cnn, tokens) -> None:  # type: ignore[no-untyped-def]
+    for exporter in (cnn, tokens):
+        assert set(exporter.layer_weights) == set(exporter.prepared.fqns)
+        for fqn, site in exporter.sites.items():
+            w = exporter.prepared.module(fqn).weight.detach().numpy()
+            init = numpy_helper.to_array(_initializer(exporter.float_model, site.weight))
+            np.testing.assert_array_equal(init, w.T if site.transposed else w)
+            assert init.shape[site.axis] == w.shape[0]
+    # The dynamo exporter turns the 3-D Linear layers into MatMul with renamed, transposed weights.
+    assert [s.op_type for s in tokens.sites.values()] == ["MatMul", "MatMul", "Gemm"]
+    assert any(s.transposed and s.axis == 1 for s in tokens.sites.values())
+
+
+# ------------------------------------------------------------------------------------------------
+# Graph structure and weights
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("storage", ["packed", "container"])
+def test_one_dequantize_per_quantized_weight_with_allocated_dtype(cnn, storage) -> None:  # type: ignore[no-untyped-def]
+    exporter = cnn.with_int4_storage(storage)
+    allocation = _mixed(exporter)
+    model = exporter.quantized_model(allocation)
+    dqs = _weight_dequantizers(model)
+    inits = {t.name for t in model.graph.initializer}
+    for fqn, fmt in allocation.items():
+        site = exporter.sites[fqn]
+        if not is_quantized(fmt):
+            assert site.weight not in dqs and site.weight in inits  # float weight untouched
+            continue
+        node = dqs[site.weight]
+        assert sum(1 for n in model.graph.node if n.output[0] == site.weight) == 1
+        q = _initializer(model, node.input[0])
+        bits = format_bits(fmt)
+        want = TensorProto.INT4 if (bits <= 4 and storage == "packed") else TensorProto.INT8
+        assert q.data_type == want
+        values = numpy_helper.to_array(q).astype(np.int64)
+        lo, hi = int_range(bits)
+        assert values.min() >= lo and values.max() <= hi  # e.g. int4 in an INT8 container: [-8, 7]
+        scale = numpy_helper.to_array(_initializer(model, node.input[1]))
+        assert scale.dtype == np.float32 and scale.shape == (q.dims[site.axis],)
+        assert helper.get_attribute_value(node.attribute[0]) == site.axis
+    n_quantized = sum(is_quantized(f) for f in allocation.values())
+    assert len(dqs) == n_quantized
+
+
+@pytest.mark.parametrize("storage", ["packed", "container"])
+def test_onnxruntime_dequantizes_weights_bit_exactly(cnn, tokens, storage) -> None:  # type: ignore[no-untyped-def]
+    """What onnxruntime's DequantizeLinear computes equals the quantizer's ``dequantized``."""
+    for exporter in (cnn.with_int4_storage(storage), tokens.with_int4_storage(storage)):
+        allocation = {f: ("int4", "int8", "int2")[i % 3] for i, f in enumerate(exporter.fqns)}
+        model = exporter.quantized_model(allocation)
+        dqs = _weight_dequantizers(model)
+        nodes = [dqs[exporter.sites[f].weight] for f in exporter.fqns]
+        needed = {i for n in nodes for i in n.input}
+        probe = helper.make_model(
+            helper.make_graph(
+                nodes,
+                "weights",
+                [],
+                [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, None) for n in nodes],
+                initializer=[t for t in model.graph.initializer if t.name in needed],
+            ),
+            opset_imports=[helper.make_opsetid("", 21)],
+        )
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        got = ort.InferenceSession(
+            probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        ).run(None, {})
+        for fqn, value in zip(exporter.fqns, got, strict=True):
+            site = exporter.sites[fqn]
+            w = exporter.prepared.module(fqn).weight
+            ref = quantize_weight(w, format_bits(allocation[fqn])).dequantized.numpy()
+            np.testing.assert_array_equal(value, ref.T if site.transposed else ref)
+
+
+def test_storage_modes_are_the_cost_models() -> None:
+    assert INT4_STORAGES == STORAGES
+
+
+def test_pack_int4_round_trips_through_onnx() -> None:
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 64):
+        v = rng.integers(-8, 8, size=n).astype(np.int8)
+        t = helper.make_tensor("t", TensorProto.INT4, [n], pack_int4(v), raw=True)
+        assert len(t.raw_data) == math.ceil(n / 2)
+        np.testing.assert_array_equal(numpy_helper.to_array(t).astype(np.int8), v)
+    with pytest.raises(ValueError, match="int4"):
+        pack_int4(np.array([8], np.int8))
+
+
+def test_uint8_qparams_follow_onnxruntime() -> None:
+    from onnxruntime.quantization.quant_utils import compute_scale_zp
+
+    for lo, hi in [(0.0, 3.7), (-1.25, 2.5), (-0.3, 0.0), (0.2, 0.9), (0.0, 0.0)]:
+        lo32, hi32 = np.float32(lo), np.float32(hi)  # calibrators return float32 ranges
+        zp, scale = compute_scale_zp(lo32, hi32, np.uint8(0), np.uint8(255))
+        s, z = uint8_qparams(float(lo32), float(hi32))
+        assert (float(s), int(z)) == (float(scale), int(zp))
+
+
+def test_metadata_and_checker(cnn, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    allocation = {cnn.fqns[0]: "int4"}
+    path = cnn.export(allocation, tmp_path / "out" / "m.onnx", metadata={"recipe": "demo"})
+    model = onnx.load(path)
+    onnx.checker.check_model(model, full_check=True)
+    props = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(props[METADATA_ALLOCATION]) == cnn.full_allocation(allocation)
+    assert props[METADATA_VERSION] and props["recipe"] == "demo"
+    assert [p.name for p in tmp_path.joinpath("out").iterdir()] == ["m.onnx"]  # no temporary left
+    float_path = cnn.export_float(tmp_path / "float.onnx")
+    assert not _weight_dequantizers(onnx.load(float_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# onnxruntime against a torch simulation of the same allocation
+# ------------------------------------------------------------------------------------------------
+
+
+def _fake_quant(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    q = torch.clamp(torch.round(x / scale) + zero_point, 0, 255)
+    return (q - zero_point) * scale
+
+
+def _torch_simulation(exporter: QDQExporter, allocation: dict[str, str], x: torch.Tensor) -> np.ndarray:
+    """The prepared model with the quantizer's dequantized weights and uint8 fake quantization of
+    each quantized layer's input and output, with the exporter's scales and zero points."""
+    full = exporter.full_allocation(allocation)
+    sites = [exporter.sites[f] for f, fmt in full.items() if is_quantized(fmt)]
+    plan = quantization_plan(exporter.float_model.graph, sites)
+
+    def qparams(tensor: str) -> tuple[float, int]:
+        aq = exporter.activations[plan[tensor] or tensor]
+        return aq.scale, aq.zero_point
+
+    weights = {
+        s.fqn: quantize_weight(exporter.prepared.module(s.fqn).weight, format_bits(full[s.fqn])).dequantized
+        for s in sites
+    }
+
+    def quantize_input(params: tuple[float, int]):  # type: ignore[no-untyped-def]
+        return lambda module, args: (_fake_quant(args[0], *params),)
+
+    def quantize_output(params: tuple[float, int]):  # type: ignore[no-untyped-def]
+        # The output Q sits after the Relu the layer feeds; its zero point is 0 (a Relu output's
+        # range starts at 0), so fake-quantizing before the Relu gives the same values.
+        return lambda module, args, out: _fake_quant(out, *params)
+
+    hooks = []
+    for s in sites:
+        module = exporter.prepared.module(s.fqn)
+        hooks.append(module.register_forward_pre_hook(quantize_input(qparams(s.input))))
+        hooks.append(module.register_forward_hook(quantize_output(qparams(s.output))))
+    try:
+        with swapped_weights(exporter.prepared, weights) as model, torch.no_grad():
+            return model(x).numpy()  # type: ignore[no-any-return]
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("name", ["cnn", "mlp", "tokens"])
+@pytest.mark.parametrize("kind", ["int8", "int4", "mixed"])
+def test_onnxruntime_matches_torch_fake_quant(name, kind, request, digits_splits) -> None:  # type: ignore[no-untyped-def]
+    exporter: QDQExporter = request.getfixturevalue(name)
+    allocation = _mixed(exporter) if kind == "mixed" else {f: kind for f in exporter.fqns}
+    x = _test_inputs(digits_splits)
+    got = _run(exporter.quantized_model(allocation), x)
+    ref = _torch_simulation(exporter, allocation, torch.from_numpy(x))
+    # Tolerance in steps of the logits' uint8 grid: integer kernels may round an activation the
+    # other way than float torch, which moves an output by at most one step here.
+    step = exporter.activations[exporter.sites[exporter.fqns[-1]].output].scale
+    err = np.abs(got - ref) / step
+    assert err.max() <= 1.0 + 1e-4, err.max()
+    assert err.mean() <= 0.25
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.98
+
+
+# ------------------------------------------------------------------------------------------------
+# Accuracy and integer kernels
+# ------------------------------------------------------------------------------------------------
+
+
+def _optimized_ops(model: onnx.ModelProto, tmp_path: Path) -> Counter[str]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node)
+
+
+def test_resnet20_uniform_int8_keeps_accuracy_on_integer_kernels(resnet, digits_splits, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    int8 = resnet.quantized_model({f: "int8" for f in resnet.fqns})
+    base = evaluate_onnx(resnet.float_model, digits_splits.test, top1, latency_runs=1, warmup=0)
+    quant = evaluate_onnx(int8, digits_splits.test, top1, latency_runs=1, warmup=0)
+    assert quant.metric >= base.metric - 0.005, (base.metric, quant.metric)
+    ops = _optimized_ops(int8, tmp_path)
+    assert ops["QLinearConv"] == 21 and ops["QGemm"] == 1, ops  # every layer on an integer kernel
+    assert ops["QLinearAdd"] == 9, ops  # residual adds stay in uint8 too
+    assert ops["Conv"] == ops["Gemm"] == 0, ops
+
+
+def test_transformer_int8_uses_integer_matmuls(tokens, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ops = _optimized_ops(tokens.quantized_model({f: "int8" for f in tokens.fqns}), tmp_path)
+    n_matmul = sum(s.op_type == "MatMul" for s in tokens.sites.values())
+    assert ops["MatMulIntegerToFloat"] + ops["QLinearMatMul"] == n_matmul, ops
+    assert ops["QGemm"] == 1, ops
+
+
+# ------------------------------------------------------------------------------------------------
+# File size against the size cost model
+# ------------------------------------------------------------------------------------------------
+
+
+def _cost_model_bytes(exporter: QDQExporter, allocation: dict[str, str]) -> int:
+    """The size cost model of the sensitivity stage, summed over the layers."""
+    full = exporter.full_allocation(allocation)
+    costs = [
+        layer_cost(info, full[info.fqn], storage=exporter.int4_storage) for info in exporter.prepared.layers
+    ]
+    return int(sum(costs))
+
+
+@pytest.mark.parametrize("storage", ["packed", "container"])
+@pytest.mark.parametrize("kind", ["float", "int8", "int4", "mixed"])
+def test_file_size_matches_size_cost_model(resnet, cnn, storage, kind, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    for exporter in (resnet.with_int4_storage(storage), cnn.with_int4_storage(storage)):
+        allocation = _mixed(exporter) if kind == "mixed" else {f: kind for f in exporter.fqns}
+        size = exporter.export(allocation, tmp_path / f"{kind}.onnx").stat().st_size
+        model = onnx.load(tmp_path / f"{kind}.onnx")
+        # Weight bytes actually in the file: float weights, or integers + scales (+ zero point).
+        inits = {t.name: t for t in model.graph.initializer}
+        dqs = _weight_dequantizers(model)
+        stored = 0
+        for site in exporter.sites.values():
+            tensors = (
+                [inits[i] for i in dqs[site.weight].input] if site.weight in dqs else [inits[site.weight]]
+            )
+            assert all(t.raw_data for t in tensors)  # raw little-endian bytes, nothing varint-coded
+            stored += sum(len(t.raw_data) for t in tensors)
+        # Exactly what differs from the size cost model: INT8 Gemm weights carry a 1-byte zero
+        # point per output channel (onnxruntime fuses QGemm only with one).
+        gemm_zp = sum(
+            info.out_channels
+            for info in exporter.prepared.layers
+            if exporter.sites[info.fqn].op_type == "Gemm"
+            and is_quantized(exporter.full_allocation(allocation)[info.fqn])
+            and storage_bits(allocation[info.fqn], storage=exporter.int4_storage) == 8
+        )
+        assert (
+            stored == _cost_model_bytes(exporter, allocation) + gemm_zp == exporter.weight_bytes(allocation)
+        )
+        # The rest of the file: float32 biases, then protobuf framing: every node (names, attributes)
+        # and every initializer's header (name, dims), activation scales and zero points included.
+        # Measured on ResNet-20 int8: 133 B per node, 28 B per initializer header.
+        biases = sum(4 * exporter.prepared.module(f).bias.numel() for f in exporter.fqns)
+        framing = 160 * len(model.graph.node) + 64 * len(model.graph.initializer) + 2048
+        assert 0 < size - stored - biases <= framing, (size - stored - biases, framing)
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors
+# ------------------------------------------------------------------------------------------------
+
+
+def test_unknown_layer_or_format_is_a_usage_error(cnn, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(UsageError, match=r"'nope'.*layers are: conv1, conv2, fc1, fc2"):
+        cnn.export({"nope": "int8"}, tmp_path / "a.onnx")
+    with pytest.raises(UsageError, match=r"'int9'.*allowed: int2, .*int8, float"):
+        cnn.export({"conv1": "int9"}, tmp_path / "b.onnx")
+    with pytest.raises(UsageError, match="reserved"):
+        cnn.quantized_model({}, metadata={METADATA_ALLOCATION: "{}"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_build_options_are_usage_errors(cnn, digits_splits) -> None:  # type: ignore[no-untyped-def]
+    for kwargs, match in [
+        ({"calibration_method": "kl"}, "minmax, percentile, entropy"),
+        ({"int4_storage": "nibbles"}, "packed, container"),
+        ({"opset": 13}, ">= 18"),
+        ({"max_calibration_batches": 0}, ">= 1"),
+    ]:
+        with pytest.raises(UsageError, match=match):
+            QDQExporter.build(cnn.prepared, digits_splits.calibration, **kwargs)
+    with pytest.raises(UsageError, match="empty"):
+        QDQExporter.build(cnn.prepared, [])
+
+
+def test_packed_int4_below_opset_21_is_a_usage_error(mlp_digits, digits_splits, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    exporter = _build(mlp_digits, digits_splits, opset=20)
+    assert exporter.float_model.opset_import[0].version == 20
+    with pytest.raises(UsageError, match="opset >= 21"):
+        exporter.export({"head": "int4"}, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+    # int8, and int4 values in an INT8 container, need no INT4 type.
+    exporter.export({"head": "int8"}, tmp_path / "ok.onnx")
+    exporter.with_int4_storage("container").export({"head": "int4"}, tmp_path / "ok4.onnx")
+
+
+def test_unwritable_output_is_an_export_error_leaving_nothing(cnn, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ExportError, match="cannot write"):
+        cnn.export({"conv1": "int8"}, blocker / "model.onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
+    assert blocker.read_text() == "not a folder"
+
+
+def test_calibration_methods_give_usable_ranges(mlp, digits_splits) -> None:  # type: ignore[no-untyped-def]
+    from hawqtool.export import _calibrate
+
+    inputs = [x.numpy() for x, _ in digits_splits.calibration[:2]]
+    relu = mlp.sites["hidden.0"].output
+    minmax = _calibrate(mlp.float_model, [relu], inputs, "minmax")[relu]
+    assert minmax[0] == 0.0 and minmax[1] == pytest.approx(mlp.activations[relu].rmax)
+    for method in ("percentile", "entropy"):
+        lo, hi = _calibrate(mlp.float_model, [relu], inputs, method)[relu]
+        assert lo <= 0.0 < hi <= minmax[1] * 1.001, (method, lo, hi)
+
+
+def test_import_is_cheap() -> None:
+    code = (
+        "import sys, hawqtool.export, hawqtool.evaluate; "
+        "print('onnxruntime' in sys.modules, 'onnx' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
