@@ -1,0 +1,240 @@
+"""Bisection along cost-ordered candidates under an accuracy budget (DESIGN.md §6).
+
+Each probe is expensive in the real pipeline (export a QDQ ONNX model, evaluate it in onnxruntime),
+so the search spends at most ⌈log2 N⌉ + 1 evaluations on N candidates, plus one optional repair
+probe, and never evaluates the same allocation twice.
+
+Order of probes: the most precise (most expensive) candidate first. If even it misses the budget,
+no candidate can be trusted to meet it: the search stops with ``budget_met = False`` and the
+trial that proves it. Otherwise it keeps an interval (lo, hi] with hi known to pass and lo known to
+fail (or −1), and halves it. With a ``min_drop`` range it stops at the first probe inside the range.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from hawqtool.errors import UsageError
+from hawqtool.types import Budget, FrontierPoint, Trial
+
+log = logging.getLogger(__name__)
+
+Evaluate = Callable[[FrontierPoint], float]
+Repair = Callable[[FrontierPoint], FrontierPoint | None]
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """What the search found.
+
+    Attributes:
+        chosen: the cheapest point found that meets the budget (``None`` when none does).
+        chosen_index: its index in the candidates; ``None`` when nothing was chosen or the chosen
+            point is a repaired allocation that is not among the candidates.
+        trials: every evaluation, in order.
+        budget_met: whether ``chosen`` meets ``max_drop``.
+        baseline: the reference metric the drops are measured from.
+        reason: why the search stopped: ``impossible`` (the most precise candidate fails),
+            ``in_range`` (a probe fell inside ``[min_drop, max_drop]``), ``converged`` or
+            ``repaired`` (the repair probe passed and is cheaper).
+    """
+
+    chosen: FrontierPoint | None
+    chosen_index: int | None
+    trials: tuple[Trial, ...]
+    budget_met: bool
+    baseline: float
+    reason: str = ""
+
+    @property
+    def evaluations(self) -> int:
+        return len(self.trials)
+
+    def to_dict(self) -> dict[str, Any]:
+        chosen = None
+        if self.chosen is not None:
+            chosen = {**asdict(self.chosen), "allocation": dict(self.chosen.allocation)}
+        return {
+            "chosen": chosen,
+            "chosen_index": self.chosen_index,
+            "budget_met": self.budget_met,
+            "baseline": self.baseline,
+            "reason": self.reason,
+            "evaluations": self.evaluations,
+            "trials": [{**asdict(t), "allocation": dict(t.allocation)} for t in self.trials],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SearchResult:
+        chosen = FrontierPoint(**d["chosen"]) if d.get("chosen") is not None else None
+        return cls(
+            chosen=chosen,
+            chosen_index=d.get("chosen_index"),
+            trials=tuple(Trial(**t) for t in d["trials"]),
+            budget_met=bool(d["budget_met"]),
+            baseline=float(d["baseline"]),
+            reason=str(d.get("reason", "")),
+        )
+
+
+def max_evaluations(n: int, *, repair: bool = True) -> int:
+    """The most evaluations :func:`bisect` spends on ``n`` candidates: ⌈log2 n⌉ + 1 (+1 repair)."""
+    return (math.ceil(math.log2(n)) if n > 1 else 0) + 1 + int(repair)
+
+
+def _key(point: FrontierPoint) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(point.allocation.items()))
+
+
+def bisect(
+    candidates: Sequence[FrontierPoint] | Iterable[FrontierPoint],
+    evaluate: Evaluate,
+    *,
+    baseline: float,
+    budget: Budget,
+    repair: Repair | None = None,
+    progress: bool = True,
+) -> SearchResult:
+    """Find the cheapest candidate whose measured metric meets ``budget``, by bisection.
+
+    Assumes the metric is (roughly) monotone along the candidates; whatever it returns was measured
+    to meet the budget. A non-finite metric counts as a miss.
+
+    Args:
+        candidates: points sorted by increasing cost (cheapest first), e.g. a frontier.
+        evaluate: measures a point's metric (export + ORT in the pipeline); called once per
+            distinct allocation.
+        baseline: the metric of the unquantized model.
+        budget: the allowed drop (and optional range).
+        repair: optional; given the failing candidate just below the chosen one, returns a
+            promoted allocation (or ``None``). It is evaluated once, and chosen if it passes and
+            costs less than the chosen candidate.
+        progress: show a tqdm bar over the evaluations.
+
+    Returns:
+        A :class:`SearchResult` with every trial.
+
+    Raises:
+        UsageError: no candidates, or candidates not sorted by cost.
+
+    Example:
+        >>> pts = [FrontierPoint(cost=c, omega=0.0, allocation={"fc": f"int{c}"}) for c in (2, 4, 8)]
+        >>> acc = {2: 0.5, 4: 0.95, 8: 0.97}
+        >>> r = bisect(pts, lambda p: acc[int(p.cost)], baseline=0.97, budget=Budget(0.03),
+        ...            progress=False)
+        >>> r.chosen_index, r.evaluations
+        (1, 3)
+    """
+    candidates = tuple(candidates)  # any sized iterable of points (a Frontier too)
+    n = len(candidates)
+    if n == 0:
+        raise UsageError("the search got no candidates: the frontier is empty")
+    costs = [p.cost for p in candidates]
+    bad = next((i for i in range(1, n) if costs[i] < costs[i - 1]), None)
+    if bad is not None:
+        raise UsageError(
+            f"candidates must be sorted by increasing cost; #{bad} costs {costs[bad]} < "
+            f"#{bad - 1} at {costs[bad - 1]}"
+        )
+
+    trials: list[Trial] = []
+    memo: dict[tuple[tuple[str, str], ...], Trial] = {}
+    bar = tqdm(
+        total=max_evaluations(n, repair=repair is not None),
+        desc="search",
+        unit="eval",
+        disable=not progress,
+        leave=False,
+    )
+
+    def probe(index: int, point: FrontierPoint, note: str) -> Trial:
+        key = _key(point)
+        if key in memo:
+            return memo[key]
+        t0 = time.perf_counter()
+        metric = float(evaluate(point))
+        seconds = time.perf_counter() - t0
+        if not math.isfinite(metric):
+            log.warning("candidate #%d has a non-finite metric (%s); counted as a miss", index, metric)
+        drop = budget.drop(baseline, metric)
+        trial = Trial(
+            index=index,
+            cost=point.cost,
+            avg_bits=point.avg_bits,
+            metric=metric,
+            drop=drop,
+            met=budget.meets(baseline, metric),
+            seconds=seconds,
+            allocation=dict(point.allocation),
+            note=note,
+        )
+        memo[key] = trial
+        trials.append(trial)
+        bar.update(1)
+        bar.set_postfix(index=index, metric=f"{metric:.4g}", met=trial.met)
+        log.info(
+            "search probe #%d (%s): cost %.6g, %.2f avg bits, metric %.6g, drop %.4g -> %s",
+            index,
+            note,
+            point.cost,
+            point.avg_bits,
+            metric,
+            drop,
+            "meets" if trial.met else "misses",
+        )
+        return trial
+
+    def in_range(t: Trial) -> bool:
+        return budget.min_drop is not None and budget.inside_range(baseline, t.metric)
+
+    def done(chosen: int | None, reason: str, point: FrontierPoint | None = None) -> SearchResult:
+        if point is None and chosen is not None:
+            point = candidates[chosen]
+        return SearchResult(
+            chosen=point,
+            chosen_index=chosen,
+            trials=tuple(trials),
+            budget_met=point is not None,
+            baseline=baseline,
+            reason=reason,
+        )
+
+    try:
+        top = probe(n - 1, candidates[n - 1], "most precise")
+        if not top.met:
+            log.warning(
+                "budget impossible: the most precise candidate drops %.4g (> max_drop %.4g)",
+                top.drop,
+                budget.max_drop,
+            )
+            return done(None, "impossible")
+        if in_range(top):
+            return done(n - 1, "in_range")
+
+        lo, hi = -1, n - 1  # candidates[hi] passes; candidates[lo] fails (-1: nothing cheaper is known)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            t = probe(mid, candidates[mid], "bisect")
+            if t.met:
+                hi = mid
+                if in_range(t):
+                    return done(hi, "in_range")
+            else:
+                lo = mid
+
+        if repair is not None and lo >= 0:
+            fixed = repair(candidates[lo])
+            if fixed is not None and fixed.cost < candidates[hi].cost:
+                t = probe(lo, fixed, f"repair of #{lo}")
+                if t.met:
+                    return done(None, "repaired", fixed)
+        return done(hi, "converged")
+    finally:
+        bar.close()

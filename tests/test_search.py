@@ -1,0 +1,178 @@
+"""Bisection under an accuracy budget, against planted monotone accuracy curves with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, seed, settings
+from hypothesis import strategies as st
+
+from hawqtool.errors import UsageError
+from hawqtool.search import SearchResult, bisect, max_evaluations
+from hawqtool.types import Budget, FrontierPoint
+
+
+def points(n: int) -> list[FrontierPoint]:
+    return [
+        FrontierPoint(cost=float(i + 1), omega=float(n - i), allocation={"fc": f"p{i}"}, avg_bits=2 + i)
+        for i in range(n)
+    ]
+
+
+class Planted:
+    """Accuracy rises with the candidate index (cost); counts every call."""
+
+    def __init__(self, curve: list[float]) -> None:
+        self.curve = curve
+        self.calls: list[int] = []
+
+    def __call__(self, p: FrontierPoint) -> float:
+        i = int(p.cost) - 1 if p.allocation["fc"].startswith("p") else -1
+        self.calls.append(i)
+        return self.curve[i] if i >= 0 else self.repaired
+
+    repaired = 0.0
+
+
+def curve_from_threshold(n: int, first_ok: int, baseline: float = 0.9) -> list[float]:
+    """Monotone accuracies: index ≥ first_ok drops ≤ 0.01 from baseline, earlier ones more."""
+    return [baseline - (0.005 if i >= first_ok else 0.02 + 0.01 * (first_ok - i)) for i in range(n)]
+
+
+@seed(1234)
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 300), st.data())
+def test_bisection_finds_cheapest_feasible_point(n: int, data: st.DataObject) -> None:
+    first_ok = data.draw(st.integers(0, n - 1))
+    ev = Planted(curve_from_threshold(n, first_ok))
+    r = bisect(points(n), ev, baseline=0.9, budget=Budget(0.01), progress=False)
+    assert r.budget_met and r.chosen_index == first_ok and r.reason == "converged"
+    assert r.chosen is not None and r.chosen.cost == first_ok + 1
+    assert r.evaluations == len(ev.calls) <= math.ceil(math.log2(n)) + 2
+    assert len(set(ev.calls)) == len(ev.calls)  # never the same candidate twice
+    assert ev.calls[0] == n - 1  # the most precise point first
+    assert all(t.met == (t.index >= first_ok) for t in r.trials)
+
+
+@seed(99)
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 100))
+def test_impossible_budget_is_reported_with_the_trial(n: int) -> None:
+    ev = Planted([0.5] * n)
+    r = bisect(points(n), ev, baseline=0.9, budget=Budget(0.01), progress=False)
+    assert not r.budget_met and r.chosen is None and r.chosen_index is None
+    assert r.reason == "impossible" and len(r.trials) == 1
+    t = r.trials[0]
+    assert t.index == n - 1 and not t.met and t.drop == pytest.approx(0.4)
+    assert t.allocation == {"fc": f"p{n - 1}"} and t.note == "most precise"
+
+
+@seed(7)
+@settings(max_examples=100, deadline=None)
+@given(st.integers(2, 200), st.data())
+def test_min_drop_range_stops_at_first_probe_inside(n: int, data: st.DataObject) -> None:
+    # Drops decrease linearly with cost: 0.5 at the cheapest down to 0 at the most precise.
+    curve = [0.9 - 0.5 * (n - 1 - i) / (n - 1) for i in range(n)]
+    lo = data.draw(st.floats(0.0, 0.4))
+    hi = lo + data.draw(st.floats(0.02, 0.1))
+    ev = Planted(curve)
+    budget = Budget(max_drop=hi, min_drop=lo)
+    r = bisect(points(n), ev, baseline=0.9, budget=budget, progress=False)
+    assert r.budget_met and r.chosen_index is not None
+    inside = [budget.inside_range(0.9, m) for m in curve]
+    if r.reason == "in_range":
+        assert r.trials[-1].index == r.chosen_index and inside[r.chosen_index]
+        assert sum(budget.inside_range(0.9, t.metric) for t in r.trials) == 1  # stopped at the first
+    else:  # no probe fell inside: the cheapest feasible point, which drops less than min_drop
+        assert r.reason == "converged" and not any(inside[t.index] for t in r.trials)
+        assert r.chosen_index == min(i for i in range(n) if budget.meets(0.9, curve[i]))
+    assert r.evaluations <= math.ceil(math.log2(n)) + 2
+
+
+def test_min_drop_when_most_precise_is_already_inside() -> None:
+    ev = Planted([0.5, 0.6, 0.88])
+    r = bisect(points(3), ev, baseline=0.9, budget=Budget(0.05, min_drop=0.01), progress=False)
+    assert r.reason == "in_range" and r.chosen_index == 2 and r.evaluations == 1
+
+
+def test_relative_budget_differs_from_absolute() -> None:
+    # Baseline 0.5: an absolute 0.02 drop is a relative 4 % drop.
+    curve = [0.40, 0.47, 0.485, 0.495, 0.5]
+    rel = bisect(
+        points(5), Planted(curve), baseline=0.5, budget=Budget(0.02, mode="relative"), progress=False
+    )
+    ab = bisect(points(5), Planted(curve), baseline=0.5, budget=Budget(0.02), progress=False)
+    assert rel.chosen_index == 3  # 0.485 is a 3 % relative drop > 2 %
+    assert ab.chosen_index == 2  # 0.485 is a 0.015 absolute drop
+    last = rel.trials[-1]
+    assert last.drop == pytest.approx((0.5 - curve[last.index]) / 0.5)
+
+
+def test_lower_is_better_metric() -> None:
+    # A loss-like metric (e.g. perplexity): quantization raises it.
+    curve = [3.0, 2.4, 2.15, 2.05, 2.0]
+    budget = Budget(0.1, higher_is_better=False)
+    r = bisect(points(5), Planted(curve), baseline=2.0, budget=budget, progress=False)
+    assert r.chosen_index == 3 and r.budget_met
+    assert all(t.drop == pytest.approx(t.metric - 2.0) for t in r.trials)
+
+
+def test_non_finite_metric_is_a_miss() -> None:
+    curve = [float("nan"), 0.895, 0.9]
+    r = bisect(points(3), Planted(curve), baseline=0.9, budget=Budget(0.01), progress=False)
+    assert r.chosen_index == 1
+
+
+def test_repair_adds_one_evaluation_and_wins_when_cheaper() -> None:
+    n = 16
+    curve = curve_from_threshold(n, 9)
+    ev = Planted(curve)
+    ev.repaired = 0.898
+
+    def repair(p: FrontierPoint) -> FrontierPoint:
+        assert p.allocation == {"fc": "p8"}  # the cheapest failing neighbour of the chosen #9
+        return FrontierPoint(cost=9.5, omega=0.0, allocation={"fc": "fixed"})
+
+    r = bisect(points(n), ev, baseline=0.9, budget=Budget(0.01), repair=repair, progress=False)
+    assert r.reason == "repaired" and r.chosen is not None and r.chosen.cost == 9.5
+    assert r.chosen_index is None and r.trials[-1].note == "repair of #8"
+    assert r.evaluations <= max_evaluations(n) == math.ceil(math.log2(n)) + 2
+
+    ev2 = Planted(curve)
+    ev2.repaired = 0.5  # repair probed but fails: keep the bisection's answer
+    r2 = bisect(points(n), ev2, baseline=0.9, budget=Budget(0.01), repair=repair, progress=False)
+    assert r2.reason == "converged" and r2.chosen_index == 9 and r2.trials[-1].note == "repair of #8"
+
+    ev3 = Planted(curve)
+    too_dear = bisect(
+        points(n),
+        ev3,
+        baseline=0.9,
+        budget=Budget(0.01),
+        progress=False,
+        repair=lambda p: FrontierPoint(cost=99.0, omega=0.0, allocation={"fc": "fixed"}),
+    )
+    assert too_dear.chosen_index == 9 and -1 not in ev3.calls  # not cheaper: not evaluated
+
+
+def test_repair_returning_a_known_allocation_is_not_reevaluated() -> None:
+    ev = Planted(curve_from_threshold(8, 5))
+    r = bisect(
+        points(8), ev, baseline=0.9, budget=Budget(0.01), progress=False, repair=lambda p: points(8)[3]
+    )  # already evaluated, and failing
+    assert r.chosen_index == 5 and len(ev.calls) == len(set(ev.calls)) == r.evaluations
+
+
+def test_result_round_trips_and_rejects_bad_input() -> None:
+    r = bisect(
+        points(10), Planted(curve_from_threshold(10, 4)), baseline=0.9, budget=Budget(0.01), progress=False
+    )
+    d = r.to_dict()
+    assert d["evaluations"] == r.evaluations and d["chosen"]["allocation"] == {"fc": "p4"}
+    back = SearchResult.from_dict(d)
+    assert back.chosen == r.chosen and back.trials == r.trials and back.reason == r.reason
+    with pytest.raises(UsageError, match="no candidates"):
+        bisect([], Planted([]), baseline=0.9, budget=Budget(0.01), progress=False)
+    with pytest.raises(UsageError, match="sorted by increasing cost"):
+        bisect(points(3)[::-1], Planted([0.9] * 3), baseline=0.9, budget=Budget(0.01), progress=False)
