@@ -223,6 +223,7 @@ class Frontier:
     cost_model: str
     cost_grid: float | None = None  # bucket width when the frontier was bounded by a grid
     float_cost: float = 0.0  # cost of the all-float allocation, for fractions
+    omega_grid: float | None = None  # log-ΣΩ bucket width when the frontier was bounded by one
 
     def __len__(self) -> int:
         return len(self.points)
@@ -238,6 +239,7 @@ class Frontier:
             "cost_model": self.cost_model,
             "cost_grid": self.cost_grid,
             "float_cost": self.float_cost,
+            "omega_grid": self.omega_grid,
         }
 
     @classmethod
@@ -247,6 +249,7 @@ class Frontier:
             cost_model=d["cost_model"],
             cost_grid=d.get("cost_grid"),
             float_cost=d.get("float_cost", 0.0),
+            omega_grid=d.get("omega_grid"),
         )
 
 

@@ -1,0 +1,184 @@
+"""Cost models by hand, and options (Ω = avg trace · ‖Q(W) − W‖²) on a real zoo model."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from hawqtool.errors import UsageError
+from hawqtool.frontier import pareto_frontier
+from hawqtool.prepare import prepare_model
+from hawqtool.quantizer import quantize_weight
+from hawqtool.sensitivity import build_options, layer_cost, storage_bits
+from hawqtool.types import LayerInfo, LayerTrace, SensitivityTable
+
+CONV = LayerInfo("conv", "conv2d", (32, 16, 3, 3), params=4608, macs=0)
+
+
+def made_up_traces(layers: tuple[LayerInfo, ...], avg: dict[str, float]) -> SensitivityTable:
+    rows = tuple(
+        LayerTrace(
+            layer=x.fqn,
+            trace=avg[x.fqn] * x.params,
+            avg_trace=avg[x.fqn],
+            stderr=0.01 * abs(avg[x.fqn] * x.params),
+            probes=32,
+            converged=True,
+            params=x.params,
+        )
+        for x in layers
+    )
+    return SensitivityTable(layers=rows, seed=0, device="cpu", rel_tol=0.05, hvps=0, seconds=0.0)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "packed", "container"),
+    [("int2", 4, 8), ("int3", 4, 8), ("int4", 4, 8), ("int5", 8, 8), ("int8", 8, 8), ("float", 32, 32)],
+)
+def test_storage_bits(fmt: str, packed: int, container: int) -> None:
+    assert storage_bits(fmt) == packed
+    assert storage_bits(fmt, storage="container") == container
+
+
+def test_size_of_a_conv_by_hand() -> None:
+    scales = 32 * 4  # one float32 scale per output channel
+    assert layer_cost(CONV, "int4") == 4608 / 2 + scales == 2432
+    assert layer_cost(CONV, "int2") == 2432  # packed into int4 too
+    assert layer_cost(CONV, "int4", storage="container") == 4608 + scales
+    assert layer_cost(CONV, "int8") == 4608 + scales
+    assert layer_cost(CONV, "float") == 4608 * 4
+    odd = LayerInfo("fc", "linear", (3, 5), params=15)
+    assert layer_cost(odd, "int4") == 8 + 3 * 4  # 7.5 bytes round up to whole bytes
+
+
+def test_bops_of_a_conv_from_a_real_forward_pass() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(2048, 10)
+    )
+    prepared = prepare_model(model, torch.zeros(2, 16, 8, 8))
+    conv, fc = prepared.layers
+    macs = 32 * 8 * 8 * (16 * 3 * 3)  # output elements × one filter's size
+    assert conv.macs == macs and fc.macs == 2048 * 10
+    assert layer_cost(conv, "int4", cost="bops") == macs * 4 * 8
+    assert layer_cost(conv, "int8", cost="bops") == macs * 8 * 8
+    assert layer_cost(conv, "float", cost="bops") == macs * 32 * 32
+    assert layer_cost(conv, "int4", cost="bops", activation_bits=16) == macs * 4 * 16
+    # Nominal bits: int4 in an int8 container still counts 4.
+    assert layer_cost(conv, "int4", cost="bops", storage="container") == macs * 4 * 8
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"fmt": "int9"}, r"unknown format 'int9'; allowed: int2, .*float"),
+        ({"fmt": "fp16"}, r"unknown format 'fp16'"),
+        ({"fmt": "int4", "cost": "latency"}, r"unknown cost model 'latency'; allowed: size, bops"),
+        ({"fmt": "int4", "storage": "nibbles"}, r"unknown storage 'nibbles'; allowed: packed, container"),
+        ({"fmt": "int4", "cost": "bops", "activation_bits": 0}, r"activation_bits must be in 1\.\.32"),
+    ],
+)
+def test_layer_cost_bad_input(kwargs: dict[str, object], match: str) -> None:
+    fmt = kwargs.pop("fmt")
+    with pytest.raises(UsageError, match=match):
+        layer_cost(CONV, fmt, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def small_cnn() -> nn.Module:
+    """The zoo's small CNN with seeded initial weights: the real layer set, without the training
+    time (the made-up traces do not need trained weights)."""
+    from hawqtool.zoo import SmallCNN
+
+    torch.manual_seed(0)
+    return SmallCNN().eval()
+
+
+@pytest.fixture(scope="module")
+def prepared_cnn(small_cnn: nn.Module):  # type: ignore[no-untyped-def]
+    return prepare_model(small_cnn, torch.zeros(4, 1, 8, 8), pins={"fc2": "int2"})
+
+
+def _weights(prepared) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    return {f: prepared.module(f).weight for f in prepared.fqns}
+
+
+def test_build_options_on_a_real_model(prepared_cnn, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    layers = prepared_cnn.layers
+    assert [x.fqn for x in layers] == ["conv1", "conv2", "fc1", "fc2"]
+    avg = {"conv1": 0.5, "conv2": 2e-3, "fc1": -1e-4, "fc2": 0.3}
+    weights = _weights(prepared_cnn)
+    with caplog.at_level(logging.WARNING, logger="hawqtool.sensitivity"):
+        table = build_options(layers, made_up_traces(layers, avg), weights, formats=("int4", "int8", "float"))
+    assert "fc1" in caplog.text and "clamped" in caplog.text
+
+    assert table.layers == ("conv1", "conv2", "fc1", "fc2") and table.cost_model == "size"
+    assert table.params == {x.fqn: x.params for x in layers}
+    # The pinned layer has exactly its pinned format, although int2 is not among the formats.
+    assert [o.format for o in table.options["fc2"]] == ["int2"]
+    for layer in layers[:3]:
+        assert [o.format for o in table.options[layer.fqn]] == ["int4", "int8", "float"]
+        for opt in table.options[layer.fqn]:
+            assert opt.cost == layer_cost(layer, opt.format)
+            if opt.format == "float":
+                assert opt.sq_error == 0.0 and opt.omega == 0.0
+            else:
+                sq = quantize_weight(weights[layer.fqn], int(opt.format[3:])).sq_error
+                assert opt.sq_error == sq
+                assert opt.omega == max(avg[layer.fqn], 0.0) * sq
+        o4, o8, _ = table.options[layer.fqn]
+        assert o4.cost < o8.cost and o4.sq_error > o8.sq_error
+    # Negative trace: Ω clamped at 0 in every format.
+    assert all(o.omega == 0.0 for o in table.options["fc1"])
+    assert table.options["conv1"][0].omega > table.options["conv1"][1].omega > 0
+
+    frontier = pareto_frontier(table)
+    first, last = frontier.points[0], frontier.points[-1]
+    assert dict(first.allocation) == {"conv1": "int4", "conv2": "int4", "fc1": "int4", "fc2": "int2"}
+    # fc1 is "free" (Ω = 0), so even the most precise point keeps it at int4.
+    assert dict(last.allocation) == {"conv1": "float", "conv2": "float", "fc1": "int4", "fc2": "int2"}
+    assert frontier.float_cost == sum(layer_cost(x, "float") for x in layers[:3]) + layer_cost(
+        layers[3], "int2"
+    )
+
+
+def test_build_options_bops_and_container(prepared_cnn) -> None:  # type: ignore[no-untyped-def]
+    layers = prepared_cnn.layers
+    traces = made_up_traces(layers, dict.fromkeys(prepared_cnn.fqns, 1.0))
+    bops = build_options(layers, traces, _weights(prepared_cnn), cost="bops", formats=("int8", "int4"))
+    assert bops.cost_model == "bops"
+    conv1 = layers[0]
+    assert bops.option("conv1", "int4").cost == conv1.macs * 4 * 8 > 0
+    assert [o.format for o in bops.options["conv1"]] == ["int8", "int4"]
+    cont = build_options(layers, traces, _weights(prepared_cnn), storage="container", formats=("int4",))
+    assert cont.option("conv2", "int4").cost == layers[1].params + 4 * layers[1].out_channels
+
+
+def test_build_options_bad_input(prepared_cnn) -> None:  # type: ignore[no-untyped-def]
+    layers = prepared_cnn.layers
+    traces = made_up_traces(layers, dict.fromkeys(prepared_cnn.fqns, 1.0))
+    weights = _weights(prepared_cnn)
+    with pytest.raises(UsageError, match=r"unknown format 'int16'; allowed: int2, int3"):
+        build_options(layers, traces, weights, formats=("int4", "int16"))
+    with pytest.raises(UsageError, match=r"no candidate formats"):
+        build_options(layers, traces, weights, formats=())
+    with pytest.raises(UsageError, match=r"unknown cost model 'latency'; allowed: size, bops"):
+        build_options(layers, traces, weights, cost="latency")
+    with pytest.raises(UsageError, match=r"unknown storage 'int4'; allowed: packed, container"):
+        build_options(layers, traces, weights, storage="int4")
+    partial = SensitivityTable(traces.layers[:2], 0, "cpu", 0.05, 0, 0.0)
+    with pytest.raises(UsageError, match=r"no trace for layer 'fc1'; it covers: conv1, conv2"):
+        build_options(layers, partial, weights)
+    with pytest.raises(UsageError, match=r"no weight given for layer 'conv2'"):
+        build_options(layers, traces, {"conv1": weights["conv1"]})
+    with pytest.raises(UsageError, match=r"layer 'conv1': weight shape \(3, 3\)"):
+        build_options(layers, traces, {**weights, "conv1": torch.zeros(3, 3)})
+
+
+def test_pins_to_unknown_layers_are_rejected(small_cnn: nn.Module) -> None:
+    with pytest.raises(UsageError, match=r"pin 'conv9' matches no quantizable layer; layers are: conv1"):
+        prepare_model(small_cnn, torch.zeros(2, 1, 8, 8), pins={"conv9": "int8"})
+    with pytest.raises(UsageError, match=r"unknown format 'int1'"):
+        prepare_model(small_cnn, torch.zeros(2, 1, 8, 8), pins={"conv1": "int1"})
