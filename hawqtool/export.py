@@ -14,7 +14,8 @@ integer kernels; measured, see ``tests/test_export.py`` and ``scripts/bench_expo
 
 - weights: the integers and per-output-channel float32 scales of
   :func:`hawqtool.quantizer.quantize_weight` (the function sensitivity scores), stored as ONNX
-  ``INT4`` (``int4_storage="packed"``, b ≤ 4, opset ≥ 21) or ``INT8`` (``"container"`` or b > 4).
+  ``INT2`` (``int4_storage="packed"``, b = 2, opset ≥ 25), ``INT4`` (packed, b ≤ 4, opset ≥ 21) or
+  ``INT8`` (``"container"`` or b > 4).
   No zero point (symmetric), except an all-zero int8 one on INT8 Gemm weights: QGemm fusion
   needs it. Biases stay float: onnxruntime quantizes them to int32 itself when it fuses.
 - activations: the tensor entering the layer and the tensor leaving it (after a Relu/Clip that is
@@ -47,7 +48,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hawqtool.errors import ExportError, UsageError
-from hawqtool.types import FLOAT, KNOWN_FORMATS, format_bits, is_quantized, write_bytes_atomic
+from hawqtool.types import (
+    DEFAULT_OPSET,
+    FLOAT,
+    INT4_MIN_OPSET,
+    KNOWN_FORMATS,
+    format_bits,
+    is_quantized,
+    write_bytes_atomic,
+)
 
 if TYPE_CHECKING:
     import onnx
@@ -61,8 +70,9 @@ CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 #: Storage modes of sub-5-bit weights, as :data:`hawqtool.sensitivity.STORAGES` (not imported here:
 #: that module imports torch).
 INT4_STORAGES = ("packed", "container")
-#: The opset that first has INT4 ``DequantizeLinear`` (packed storage of b ≤ 4 bits).
-INT4_MIN_OPSET = 21
+#: The newest opset torch's dynamo exporter emits; higher opsets are reached with onnx's
+#: version converter (measured on ResNet-20: identical outputs and integer kernels at 25).
+TORCH_MAX_OPSET = 21
 #: Oldest opset the dynamo exporter emits (it silently raises anything lower to 18).
 MIN_OPSET = 18
 INPUT_NAME = "input"
@@ -86,11 +96,11 @@ def hawqtool_version() -> str:
         return "0+unknown"
 
 
-def _storage_bits(fmt: str, int4_storage: str) -> int:
+def _storage_bits(fmt: str, int4_storage: str, opset: int) -> int:
     """Bits one weight of ``fmt`` occupies in the file: the size cost model's own function."""
     from hawqtool.sensitivity import storage_bits  # imports torch: kept out of ``import hawqtool.export``
 
-    return storage_bits(fmt, storage=int4_storage)
+    return storage_bits(fmt, storage=int4_storage, opset=opset)
 
 
 @dataclass(frozen=True)
@@ -204,7 +214,7 @@ class QDQExporter:
         prepared: PreparedModel,
         calibration: Sequence[tuple[torch.Tensor, torch.Tensor]],
         *,
-        opset: int = 21,
+        opset: int = DEFAULT_OPSET,
         calibration_method: str = "minmax",
         int4_storage: str = "packed",
         clip_search: bool = True,
@@ -215,7 +225,8 @@ class QDQExporter:
         Args:
             prepared: the BN-folded model from :func:`hawqtool.prepare.prepare_model`.
             calibration: ``(inputs, targets)`` batches; only the inputs are used.
-            opset: ONNX opset of the exported model (≥ 18; packed int4 weights need 21).
+            opset: ONNX opset of the exported model (≥ 18; packed int4 weights need 21, packed
+                int2 weights 25, below which int2 is packed as INT4).
             calibration_method: ``minmax``, ``percentile`` or ``entropy`` (onnxruntime's
                 ``CalibrationMethod``; percentile at 99.999 %, asymmetric).
             int4_storage: ``packed`` stores b ≤ 4-bit weights as ONNX INT4 (half the bytes,
@@ -323,7 +334,7 @@ class QDQExporter:
                 raise UsageError(
                     f"layer {fqn!r}: unknown format {fmt!r}; allowed: {', '.join(KNOWN_FORMATS)}"
                 )
-            if self.opset < INT4_MIN_OPSET and _storage_bits(fmt, self.int4_storage) == 4:
+            if self.opset < INT4_MIN_OPSET and _storage_bits(fmt, self.int4_storage, self.opset) == 4:
                 raise UsageError(
                     f"layer {fqn!r}: {fmt} weights stored packed as ONNX INT4 need opset >= "
                     f"{INT4_MIN_OPSET}, the exporter was built with opset {self.opset}; "
@@ -347,7 +358,7 @@ class QDQExporter:
         for info in self.prepared.layers:
             fmt = full[info.fqn]
             total += int(layer_cost(info, fmt, cost="size", storage=self.int4_storage))
-            if self.sites[info.fqn].op_type == "Gemm" and _storage_bits(fmt, self.int4_storage) == 8:
+            if self.sites[info.fqn].op_type == "Gemm" and _storage_bits(fmt, self.int4_storage, self.opset) == 8:
                 total += info.out_channels
         return total
 
@@ -481,7 +492,7 @@ class QDQExporter:
     # ----------------------------------------------------------------------------------------
 
     def _quantized_weight(self, site: LayerSite, bits: int) -> tuple[onnx.TensorProto, ...]:
-        storage = _storage_bits(f"int{bits}", self.int4_storage)
+        storage = _storage_bits(f"int{bits}", self.int4_storage, self.opset)
         key = (site.fqn, bits, storage)
         if key not in self._weight_cache:
             with _torch_threads(1):
@@ -534,7 +545,7 @@ def export_float_onnx(model: torch.nn.Module, example_input: torch.Tensor, *, op
                 model,
                 (x,),
                 dynamo=True,
-                opset_version=opset,
+                opset_version=min(opset, TORCH_MAX_OPSET),
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
                 dynamic_shapes=({0: batch},),
@@ -547,8 +558,15 @@ def export_float_onnx(model: torch.nn.Module, example_input: torch.Tensor, *, op
         raise ExportError("torch.onnx.export returned no program")
     proto = program.model_proto
     got = {o.domain: o.version for o in proto.opset_import}.get("")
-    if got != opset:
-        raise ExportError(f"torch.onnx exported opset {got}, asked for {opset}")
+    if got != min(opset, TORCH_MAX_OPSET):
+        raise ExportError(f"torch.onnx exported opset {got}, asked for {min(opset, TORCH_MAX_OPSET)}")
+    if opset > TORCH_MAX_OPSET:
+        from onnx import version_converter
+
+        try:
+            proto = version_converter.convert_version(proto, opset)
+        except Exception as e:  # the converter raises bare RuntimeError/ValidationError per adapter
+            raise ExportError(f"cannot convert the exported model from opset {got} to {opset}: {e}") from e
     _name_nodes(proto)
     _strip_debug_info(proto)
     return proto
@@ -776,6 +794,8 @@ def _weight_initializers(
     q_name, s_name = f"{site.weight}_quantized", f"{site.weight}_scale"
     if storage_bits == 4:
         q_init = helper.make_tensor(q_name, TensorProto.INT4, q.shape, pack_int4(q), raw=True)
+    elif storage_bits == 2:
+        q_init = helper.make_tensor(q_name, TensorProto.INT2, q.shape, pack_int2(q), raw=True)
     else:
         q_init = numpy_helper.from_array(q, q_name)
     s_init = numpy_helper.from_array(qw.scale.cpu().numpy().astype(np.float32), s_name)
@@ -783,6 +803,21 @@ def _weight_initializers(
         zp = numpy_helper.from_array(np.zeros(q.shape[site.axis], np.int8), f"{site.weight}_zero_point")
         return q_init, s_init, zp
     return q_init, s_init
+
+
+def pack_int2(values: np.ndarray) -> bytes:
+    """Pack signed 2-bit integers four per byte, first element in the lowest two bits (ONNX INT2).
+
+    Example:
+        >>> pack_int2(np.array([1, -2, 0, -1, 1], dtype=np.int8)).hex()
+        'c901'
+    """
+    flat = np.asarray(values, dtype=np.int8).reshape(-1)
+    if flat.size and (flat.min() < -2 or flat.max() > 1):
+        raise ValueError("int2 values must lie in [-2, 1]")
+    flat = np.concatenate([flat, np.zeros(-flat.size % 4, np.int8)]).view(np.uint8) & 0x03
+    crumbs = flat.reshape(-1, 4)
+    return (crumbs[:, 0] | crumbs[:, 1] << 2 | crumbs[:, 2] << 4 | crumbs[:, 3] << 6).astype(np.uint8).tobytes()
 
 
 def pack_int4(values: np.ndarray) -> bytes:

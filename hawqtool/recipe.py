@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hawqtool.errors import RecipeError
-from hawqtool.types import KNOWN_FORMATS, Budget, format_bits
+from hawqtool.types import DEFAULT_OPSET, KNOWN_FORMATS, Budget, format_bits
 
 
 class _Section(BaseModel):
@@ -121,9 +121,11 @@ class SearchSection(_Section):
 class ExportSection(_Section):
     """QDQ ONNX export: opset, sub-8-bit storage and activation calibration."""
 
-    opset: int = Field(21, ge=13, le=23)
-    # container: b-bit integers in int8 (ORT's fast int8 kernels); packed: opset-21 INT4 (smaller
-    # file, dequantize + float compute on CPU; FACTS.md).
+    # 25 is the first opset with INT2 (packed int2 weights); torch exports 21 and onnx's version
+    # converter lifts it. Packed int4 needs >= 21.
+    opset: int = Field(DEFAULT_OPSET, ge=18, le=25)
+    # container: b-bit integers in int8 (ORT's fast int8 kernels); packed: INT2/INT4 initializers
+    # (smaller file, dequantize + float compute on CPU; FACTS.md).
     int4_storage: Literal["container", "packed"] = "packed"
     calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
 

@@ -24,7 +24,9 @@ import torch
 from hawqtool.errors import UsageError
 from hawqtool.quantizer import quantize_weight
 from hawqtool.types import (
+    DEFAULT_OPSET,
     FLOAT,
+    INT2_MIN_OPSET,
     KNOWN_FORMATS,
     LayerInfo,
     LayerOption,
@@ -52,13 +54,14 @@ def _check_choice(value: str, allowed: Sequence[str], what: str) -> None:
         raise UsageError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
 
 
-def storage_bits(fmt: str, *, storage: str = "packed") -> int:
+def storage_bits(fmt: str, *, storage: str = "packed", opset: int = DEFAULT_OPSET) -> int:
     """Bits one weight occupies in the exported model.
 
     Args:
         fmt: a format of :data:`hawqtool.types.KNOWN_FORMATS`.
-        storage: ``packed`` (2–4-bit integers as ONNX int4, 5–8-bit as int8) or ``container``
-            (every integer format in int8).
+        storage: ``packed`` (2-bit integers as ONNX INT2 from opset 25, 3–4-bit as INT4, 5–8-bit
+            as INT8) or ``container`` (every integer format in INT8).
+        opset: the exported model's opset; below 25 there is no INT2, so int2 is packed as INT4.
 
     Raises:
         UsageError: unknown format or storage.
@@ -66,6 +69,8 @@ def storage_bits(fmt: str, *, storage: str = "packed") -> int:
     Example:
         >>> storage_bits("int3"), storage_bits("int3", storage="container"), storage_bits("float")
         (4, 8, 32)
+        >>> storage_bits("int2"), storage_bits("int2", opset=21)
+        (2, 4)
     """
     bits = _check_format(fmt)
     _check_choice(storage, STORAGES, "storage")
@@ -73,6 +78,8 @@ def storage_bits(fmt: str, *, storage: str = "packed") -> int:
         return 32
     if storage == "container":
         return 8
+    if bits <= 2 and opset >= INT2_MIN_OPSET:
+        return 2
     return 4 if bits <= 4 else 8
 
 
@@ -83,6 +90,7 @@ def layer_cost(
     cost: str = "size",
     storage: str = "packed",
     activation_bits: int = 8,
+    opset: int = DEFAULT_OPSET,
 ) -> float:
     """Cost of one layer in one format: bytes (``size``) or bit operations per sample (``bops``).
 
@@ -92,6 +100,7 @@ def layer_cost(
         cost: ``size`` or ``bops``.
         storage: ``packed`` or ``container`` (``size`` only; see :func:`storage_bits`).
         activation_bits: bits of a quantized layer's input activations (``bops`` only).
+        opset: the exported model's opset (``size`` only; see :func:`storage_bits`).
 
     Raises:
         UsageError: unknown format, cost model or storage, or ``activation_bits`` not in 1..32.
@@ -113,8 +122,8 @@ def layer_cost(
         return float(layer.macs * bits * act)
     if fmt == FLOAT:
         return float(layer.params * 4)
-    # Packed int4 holds two weights per byte; an odd count leaves half a byte of padding.
-    weight_bytes = math.ceil(layer.params * storage_bits(fmt, storage=storage) / 8)
+    # Packed int4/int2 hold two/four weights per byte; a partial last byte is padding.
+    weight_bytes = math.ceil(layer.params * storage_bits(fmt, storage=storage, opset=opset) / 8)
     return float(weight_bytes + SCALE_BYTES * layer.out_channels)
 
 
@@ -128,6 +137,7 @@ def build_options(
     storage: str = "packed",
     clip_search: bool = True,
     activation_bits: int = 8,
+    opset: int = DEFAULT_OPSET,
 ) -> OptionTable:
     """One :class:`~hawqtool.types.LayerOption` per allowed format per layer: the frontier's input.
 
@@ -150,6 +160,7 @@ def build_options(
         storage: integer storage for ``size``, ``packed`` or ``container``.
         clip_search: passed to the quantizer (the export must use the same setting).
         activation_bits: bits of quantized activations for ``bops``.
+        opset: the exported model's opset, which decides packed int2 storage for ``size``.
 
     Raises:
         UsageError: unknown format, cost model or storage; no formats; a layer without a trace or
@@ -201,7 +212,9 @@ def build_options(
             row.append(
                 LayerOption(
                     format=fmt,
-                    cost=layer_cost(layer, fmt, cost=cost, storage=storage, activation_bits=activation_bits),
+                    cost=layer_cost(
+                        layer, fmt, cost=cost, storage=storage, activation_bits=activation_bits, opset=opset
+                    ),
                     sq_error=sq_error,
                     omega=avg_trace * sq_error,
                 )

@@ -26,6 +26,12 @@ FLOAT = "float"
 INT_FORMATS = tuple(f"int{b}" for b in range(2, 9))
 KNOWN_FORMATS = (*INT_FORMATS, FLOAT)
 
+#: First opsets with INT4 / INT2 ``DequantizeLinear`` inputs (packed sub-byte storage).
+INT4_MIN_OPSET = 21
+INT2_MIN_OPSET = 25
+#: The exporter's default opset: the lowest that stores int2 packed (onnxruntime 1.32 runs it).
+DEFAULT_OPSET = 25
+
 
 def format_bits(fmt: str) -> int:
     """Storage bits per weight of a format: ``int4`` -> 4, ``float`` -> 32.

@@ -23,6 +23,7 @@ from hawqtool.export import (
     METADATA_ALLOCATION,
     METADATA_VERSION,
     QDQExporter,
+    pack_int2,
     pack_int4,
     quantization_plan,
     uint8_qparams,
@@ -196,7 +197,7 @@ def test_onnxruntime_dequantizes_weights_bit_exactly(cnn, tokens, storage) -> No
                 [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, None) for n in nodes],
                 initializer=[t for t in model.graph.initializer if t.name in needed],
             ),
-            opset_imports=[helper.make_opsetid("", 21)],
+            opset_imports=list(model.opset_import),
         )
         import onnxruntime as ort
 
@@ -225,6 +226,28 @@ def test_pack_int4_round_trips_through_onnx() -> None:
         np.testing.assert_array_equal(numpy_helper.to_array(t).astype(np.int8), v)
     with pytest.raises(ValueError, match="int4"):
         pack_int4(np.array([8], np.int8))
+
+
+def test_pack_int2_round_trips_through_onnx() -> None:
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 4, 9, 64):
+        v = rng.integers(-2, 2, size=n).astype(np.int8)
+        t = helper.make_tensor("t", TensorProto.INT2, [n], pack_int2(v), raw=True)
+        assert len(t.raw_data) == math.ceil(n / 4)
+        np.testing.assert_array_equal(numpy_helper.to_array(t).astype(np.int8), v)
+    with pytest.raises(ValueError, match="int2"):
+        pack_int2(np.array([2], np.int8))
+
+
+def test_packed_int2_needs_opset_25_else_it_is_int4(mlp_digits, digits_splits) -> None:  # type: ignore[no-untyped-def]
+    """At opset 25 an int2 weight is an INT2 initializer (a quarter byte each); below, INT4."""
+    alloc = {"hidden.0": "int2"}
+    for opset, dtype, nbytes in ((25, TensorProto.INT2, 64 * 64 // 4), (21, TensorProto.INT4, 64 * 64 // 2)):
+        exporter = _build(mlp_digits, digits_splits, opset=opset)
+        model = exporter.quantized_model(alloc)
+        name = f"{exporter.sites['hidden.0'].weight}_quantized"
+        (q,) = [t for t in model.graph.initializer if t.name == name]
+        assert (q.data_type, len(q.raw_data)) == (dtype, nbytes)
 
 
 def test_uint8_qparams_follow_onnxruntime() -> None:

@@ -36,17 +36,20 @@ def made_up_traces(layers: tuple[LayerInfo, ...], avg: dict[str, float]) -> Sens
 
 @pytest.mark.parametrize(
     ("fmt", "packed", "container"),
-    [("int2", 4, 8), ("int3", 4, 8), ("int4", 4, 8), ("int5", 8, 8), ("int8", 8, 8), ("float", 32, 32)],
+    [("int2", 2, 8), ("int3", 4, 8), ("int4", 4, 8), ("int5", 8, 8), ("int8", 8, 8), ("float", 32, 32)],
 )
 def test_storage_bits(fmt: str, packed: int, container: int) -> None:
     assert storage_bits(fmt) == packed
     assert storage_bits(fmt, storage="container") == container
+    # Before opset 25 there is no INT2: int2 is packed as INT4.
+    assert storage_bits(fmt, opset=21) == (4 if fmt == "int2" else packed)
 
 
 def test_size_of_a_conv_by_hand() -> None:
     scales = 32 * 4  # one float32 scale per output channel
     assert layer_cost(CONV, "int4") == 4608 / 2 + scales == 2432
-    assert layer_cost(CONV, "int2") == 2432  # packed into int4 too
+    assert layer_cost(CONV, "int2") == 4608 / 4 + scales  # INT2 at the default opset 25
+    assert layer_cost(CONV, "int2", opset=21) == 2432  # packed into INT4 before opset 25
     assert layer_cost(CONV, "int4", storage="container") == 4608 + scales
     assert layer_cost(CONV, "int8") == 4608 + scales
     assert layer_cost(CONV, "float") == 4608 * 4
