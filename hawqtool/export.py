@@ -587,9 +587,22 @@ def _strip_debug_info(model: onnx.ModelProto) -> None:
 
 @contextlib.contextmanager
 def _quiet_torch_onnx() -> Iterator[None]:
-    # The dynamo exporter prints progress lines on stdout; a library must not.
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
+    # The dynamo exporter prints progress lines on stdout, warns that torchvision's ops are not
+    # registered and logs its optimizer passes at INFO: none of it is news to a hawqtool user.
+    import warnings
+
+    noisy = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in noisy]
+    try:
+        for lg in noisy:
+            lg.setLevel(logging.ERROR)
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        for lg, level in zip(noisy, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _name_nodes(model: onnx.ModelProto) -> None:
