@@ -45,22 +45,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="the main job: analyze, allocate, search, export, verify")
     _common(p)
-    p.add_argument("--out", type=Path, default=Path("hawqtool-out"), help="output folder (default: %(default)s)")
+    p.add_argument(
+        "--out", type=Path, default=Path("hawqtool-out"), help="output folder (default: %(default)s)"
+    )
 
     p = sub.add_parser("analyze", help="per-layer Hessian traces: sensitivity.csv / .json")
     _common(p)
-    p.add_argument("--out", type=Path, default=Path("hawqtool-out"), help="output folder (default: %(default)s)")
+    p.add_argument(
+        "--out", type=Path, default=Path("hawqtool-out"), help="output folder (default: %(default)s)"
+    )
 
     p = sub.add_parser("frontier", help="exact Pareto frontier of (cost, ΣΩ): frontier.csv / .png")
     _common(p)
-    p.add_argument("--out", type=Path, default=Path("hawqtool-out"), help="output folder (default: %(default)s)")
+    p.add_argument(
+        "--out", type=Path, default=Path("hawqtool-out"), help="output folder (default: %(default)s)"
+    )
 
     p = sub.add_parser("export", help="export one allocation (or a uniform format) as QDQ ONNX")
     _common(p)
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--allocation", type=Path, help="JSON file: {layer fqn: format} (or a report.json)")
-    group.add_argument("--uniform", metavar="FORMAT", help="one format for every layer (int8, int4, float, ...)")
-    p.add_argument("--out", type=Path, default=Path("model.onnx"), help="ONNX file to write (default: %(default)s)")
+    group.add_argument(
+        "--uniform", metavar="FORMAT", help="one format for every layer (int8, int4, float, ...)"
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("model.onnx"), help="ONNX file to write (default: %(default)s)"
+    )
 
     p = sub.add_parser("eval", help="evaluate an ONNX model in onnxruntime on a recipe's split")
     p.add_argument("model", type=Path, help="ONNX model file")
@@ -74,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _configure_logging(args: argparse.Namespace) -> None:
     # hawqtool's own progress at INFO; other libraries only when they warn.
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     logging.getLogger("hawqtool").setLevel(level)
 
 

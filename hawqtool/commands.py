@@ -55,11 +55,17 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     for fmt in ws.recipe.allocation.formats:
         alloc = pipeline.uniform_allocation(ws, fmt)
         uniform[fmt] = (options.cost(alloc), options.omega(alloc))
-    plot_frontier(front, out / "frontier.png", uniform=uniform,
-                  title=f"{ws.recipe.name}: Pareto frontier ({front.cost_model} vs ΣΩ)")
+    plot_frontier(
+        front,
+        out / "frontier.png",
+        uniform=uniform,
+        title=f"{ws.recipe.name}: Pareto frontier ({front.cost_model} vs ΣΩ)",
+    )
     unit = "bytes" if front.cost_model == "size" else "BOPs"
-    _say(f"{len(front)} Pareto points, cost {front.points[0].cost:.4g}–{front.points[-1].cost:.4g} {unit}, "
-         f"average bits {front.points[0].avg_bits:.2f}–{front.points[-1].avg_bits:.2f}")
+    _say(
+        f"{len(front)} Pareto points, cost {front.points[0].cost:.4g}–{front.points[-1].cost:.4g} {unit}, "
+        f"average bits {front.points[0].avg_bits:.2f}–{front.points[-1].avg_bits:.2f}"
+    )
     _say(f"wrote {out / 'frontier.csv'} and {out / 'frontier.png'}")
     return 0
 
@@ -80,7 +86,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     ws = pipeline.load(args.recipe, overrides=args.overrides)
     if args.uniform is not None:
         if args.uniform not in KNOWN_FORMATS:
-            raise UsageError(f"--uniform {args.uniform!r}: unknown format; allowed: {', '.join(KNOWN_FORMATS)}")
+            raise UsageError(
+                f"--uniform {args.uniform!r}: unknown format; allowed: {', '.join(KNOWN_FORMATS)}"
+            )
         allocation = pipeline.uniform_allocation(ws, args.uniform)
     else:
         allocation = _read_allocation(args.allocation)
@@ -93,14 +101,26 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     ws = pipeline.load(args.recipe, overrides=args.overrides)
     ev = pipeline.evaluate(args.model, ws, split=args.split)
-    _say(json.dumps({"model": str(args.model), "split": args.split, "metric": ev.metric,
-                     "latency_ms": ev.latency_ms, "size_bytes": ev.size_bytes, "samples": ev.samples}, indent=2))
+    _say(
+        json.dumps(
+            {
+                "model": str(args.model),
+                "split": args.split,
+                "metric": ev.metric,
+                "latency_ms": ev.latency_ms,
+                "size_bytes": ev.size_bytes,
+                "samples": ev.samples,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    result = pipeline.quantize(recipe=args.recipe, out=args.out, overrides=args.overrides,
-                               progress=_progress(args))
+    result = pipeline.quantize(
+        recipe=args.recipe, out=args.out, overrides=args.overrides, progress=_progress(args)
+    )
     rep = result.report
     b, r = rep["baseline"], rep["result"]
     _say(

@@ -71,6 +71,14 @@ class SplitHessian:
             raise UsageError(f"the loss is {loss.item()} on a calibration batch: check the model and data")
         return loss
 
+    def batch_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean loss of one batch already on :attr:`device`, differentiable twice.
+
+        Raises:
+            UsageError: the loss is NaN or infinite.
+        """
+        return self._loss(x, y)
+
     def hvp(
         self,
         v: Mapping[str, torch.Tensor],

@@ -36,7 +36,6 @@ from hawqtool.types import (
     FrontierPoint,
     OptionTable,
     SensitivityTable,
-    average_bits,
     write_json_atomic,
 )
 
@@ -83,7 +82,9 @@ def _materialise(batches: Iterable[Any] | None, name: str) -> list[Batch]:
     for i, b in enumerate(batches):
         if not isinstance(b, (tuple, list)) or len(b) != 2:
             raise UsageError(f"{name} batch {i} is not an (inputs, targets) pair")
-        out.append((_as_tensor(b[0], f"{name} batch {i} inputs"), _as_tensor(b[1], f"{name} batch {i} targets")))
+        out.append(
+            (_as_tensor(b[0], f"{name} batch {i} inputs"), _as_tensor(b[1], f"{name} batch {i} targets"))
+        )
     if not out:
         raise UsageError(f"the {name} split is empty: give at least one (inputs, targets) batch")
     return out
@@ -163,7 +164,9 @@ def load(
     loss_fn = resolve_loss(r.task.loss)
     metric_fn = resolve_metric(r.task.metric)
     prepared = prepare_model(model, splits["calibration"][0][0], pins=r.allocation.pins)
-    return Workspace(r, prepared, splits["calibration"], splits["evaluation"], splits["test"], loss_fn, metric_fn)
+    return Workspace(
+        r, prepared, splits["calibration"], splits["evaluation"], splits["test"], loss_fn, metric_fn
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,7 +175,10 @@ def load(
 
 
 def analyze(
-    recipe: Workspace | Recipe | str | Path | None = None, *, progress: bool = True, overrides: Sequence[str] = ()
+    recipe: Workspace | Recipe | str | Path | None = None,
+    *,
+    progress: bool = True,
+    overrides: Sequence[str] = (),
 ) -> SensitivityTable:
     """Per-layer Hutchinson Hessian traces (cached by a fingerprint of weights, data and settings)."""
     from hawqtool.hessian import estimate_traces
@@ -217,6 +223,7 @@ def frontier(
         cost=a.cost,
         storage=ws.recipe.export.int4_storage,
         clip_search=a.clip_search,
+        opset=ws.recipe.export.opset,
     )
     return options, pareto_frontier(options, cost_grid=a.cost_grid)
 
@@ -268,7 +275,9 @@ def evaluate(
     if not path.is_file():
         raise UsageError(f"model {str(path)!r} does not exist")
     ev = ws.recipe.evaluate
-    return evaluate_onnx(path, ws.split(split), ws.metric_fn, threads=ev.threads, latency_runs=ev.latency_runs)
+    return evaluate_onnx(
+        path, ws.split(split), ws.metric_fn, threads=ev.threads, latency_runs=ev.latency_runs
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,15 +300,19 @@ def _versions() -> dict[str, str]:
     import onnx
     import onnxruntime
 
-    return {"hawqtool": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__}
+    return {
+        "hawqtool": __version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
 
 
 def _dependency_model(ws: Workspace, options: OptionTable, table: SensitivityTable, progress: bool) -> Any:
     from hawqtool.dependency import DependencyModel, build_dependency_model
     from hawqtool.hvp import SplitHessian
 
-    key = settings_key(table.fingerprint, options.to_dict(), ws.recipe.allocation.clip_search, "dep-v1")
+    key = settings_key(table.fingerprint, options.to_dict(), ws.recipe.allocation.clip_search, "dep-v2")
     path = cache_dir() / "dependency" / f"{key}.json"
     if path.is_file():
         log.info("dependency terms: cached (%s)", path)
@@ -342,9 +355,16 @@ def quantize(
             reports are written first, without a model.
         ExportError: export or onnxruntime failure (exit 4).
     """
+    from hawqtool.dependency import make_repair
     from hawqtool.evaluate import evaluate_onnx
     from hawqtool.plots import plot_frontier
-    from hawqtool.report import frontier_rows, sensitivity_rows, write_frontier_csv, write_report, write_sensitivity
+    from hawqtool.report import (
+        frontier_rows,
+        sensitivity_rows,
+        write_frontier_csv,
+        write_report,
+        write_sensitivity,
+    )
     from hawqtool.search import bisect
 
     t0 = time.perf_counter()
@@ -372,11 +392,11 @@ def quantize(
     candidates: Sequence[FrontierPoint] = front.points
     dep = None
     if r.search.dependency:
-        from hawqtool.dependency import candidates_for_search, repair
+        from hawqtool.dependency import candidates_for_search, rescore
 
         t = time.perf_counter()
         dep = _dependency_model(ws, options, table, progress)
-        front = _rescored(front, dep)
+        front = rescore(front, dep)
         candidates = candidates_for_search(front, dep, options)
         timings["dependency"] = time.perf_counter() - t
         write_frontier_csv(front, out)
@@ -386,8 +406,9 @@ def quantize(
     ev = r.evaluate
 
     def run(model_or_path: Any, split: str) -> Any:
-        return evaluate_onnx(model_or_path, ws.split(split), ws.metric_fn, threads=ev.threads,
-                             latency_runs=ev.latency_runs)
+        return evaluate_onnx(
+            model_or_path, ws.split(split), ws.metric_fn, threads=ev.threads, latency_runs=ev.latency_runs
+        )
 
     base_eval = run(exp.float_model, "evaluation")
     base_test = run(exp.float_model, "test")
@@ -397,29 +418,28 @@ def quantize(
     def measure(point: FrontierPoint) -> float:
         return float(run(exp.quantized_model(point.allocation), "evaluation").metric)
 
-    repair_fn = None
-    if dep is not None and r.search.repair:
-
-        def repair_fn(point: FrontierPoint) -> FrontierPoint | None:
-            alloc = repair(point.allocation, dep, options)
-            if alloc is None:
-                return None
-            return FrontierPoint(options.cost(alloc), options.omega(alloc), alloc,
-                                 average_bits(alloc, options.params), dep.predict(alloc))
+    repair_fn = make_repair(candidates, dep, options) if dep is not None and r.search.repair else None
 
     t = time.perf_counter()
-    result = bisect(candidates, measure, baseline=base_eval.metric, budget=budget, repair=repair_fn,
-                    progress=progress)
+    result = bisect(
+        candidates, measure, baseline=base_eval.metric, budget=budget, repair=repair_fn, progress=progress
+    )
     timings["search"] = time.perf_counter() - t
 
     chosen = result.chosen
-    res: dict[str, Any] = {"metric": None, "test_metric": None, "latency_ms": None, "size_bytes": None,
-                           "allocation": None}
+    res: dict[str, Any] = {
+        "metric": None,
+        "test_metric": None,
+        "latency_ms": None,
+        "size_bytes": None,
+        "allocation": None,
+    }
     model_path = None
     if chosen is not None:
         t = time.perf_counter()
         model_path = exp.export(
-            chosen.allocation, out / "model.onnx",
+            chosen.allocation,
+            out / "model.onnx",
             metadata={"hawqtool.recipe": r.name, "hawqtool.budget": json.dumps(r.budget.model_dump())},
         )
         final_eval = run(model_path, "evaluation")
@@ -438,24 +458,44 @@ def quantize(
             "sum_omega": chosen.omega,
             "score": chosen.score,
             "allocation": dict(chosen.allocation),
-            "formats": {f: sum(1 for v in chosen.allocation.values() if v == f)
-                        for f in (*r.allocation.formats, FLOAT) if f in chosen.allocation.values()},
+            "formats": {
+                f: sum(1 for v in chosen.allocation.values() if v == f)
+                for f in (*r.allocation.formats, FLOAT)
+                if f in chosen.allocation.values()
+            },
         }
     timings["total"] = time.perf_counter() - t0
 
     report: dict[str, Any] = {
         "name": r.name,
-        "baseline": {"metric": base_eval.metric, "test_metric": base_test.metric,
-                     "latency_ms": base_eval.latency_ms, "size_bytes": base_eval.size_bytes},
+        "baseline": {
+            "metric": base_eval.metric,
+            "test_metric": base_test.metric,
+            "latency_ms": base_eval.latency_ms,
+            "size_bytes": base_eval.size_bytes,
+        },
         "result": res,
-        "budget": {**r.budget.model_dump(), "higher_is_better": r.task.higher_is_better,
-                   "metric": r.task.metric, "split": "evaluation"},
+        "budget": {
+            **r.budget.model_dump(),
+            "higher_is_better": r.task.higher_is_better,
+            "metric": r.task.metric,
+            "split": "evaluation",
+        },
         "budget_met": result.budget_met,
-        "search": {**result.to_dict(), "evaluations": len(result.trials),
-                   "candidates": len(candidates), "dependency": dep is not None},
+        "search": {
+            **result.to_dict(),
+            "evaluations": len(result.trials),
+            "candidates": len(candidates),
+            "dependency": dep is not None,
+        },
         "sensitivity": sensitivity_rows(table),
-        "hessian": {"hvps": table.hvps, "seconds": table.seconds, "device": table.device,
-                    "fingerprint": table.fingerprint, "rel_tol": table.rel_tol},
+        "hessian": {
+            "hvps": table.hvps,
+            "seconds": table.seconds,
+            "device": table.device,
+            "fingerprint": table.fingerprint,
+            "rel_tol": table.rel_tol,
+        },
         "frontier": frontier_rows(front),
         "cost_model": front.cost_model,
         "seed": r.hessian.seed,
@@ -470,10 +510,12 @@ def quantize(
             uniform[fmt] = (options.cost(alloc), options.omega(alloc))
         except UsageError:
             continue
-    trials = [(t.cost, t.omega if hasattr(t, "omega") else _omega_of(options, t.allocation), t.met)
-              for t in result.trials]
+    trials = [(t.cost, options.omega(t.allocation), t.met) for t in result.trials]
     plot_frontier(
-        front, out / "frontier.png", uniform=uniform, trials=trials,
+        front,
+        out / "frontier.png",
+        uniform=uniform,
+        trials=trials,
         chosen=(chosen.cost, chosen.omega) if chosen is not None else None,
         title=f"{r.name}: Pareto frontier ({front.cost_model} vs ΣΩ)",
     )
@@ -484,17 +526,8 @@ def quantize(
             f"budget not met: the most precise candidate drops {r.task.metric} by "
             f"{worst.drop:.4f} ({r.budget.mode}) > max_drop {r.budget.max_drop}; "
             f"baseline {base_eval.metric:.4f}, best {worst.metric:.4f}. Report: {out / 'report.md'}"
-            if worst else "budget not met"
+            if worst
+            else "budget not met"
         )
     assert model_path is not None
     return QuantizeResult(out, model_path, out / "report.json", True, report)
-
-
-def _omega_of(options: OptionTable, allocation: Mapping[str, str]) -> float:
-    return options.omega(allocation)
-
-
-def _rescored(front: Frontier, dep: Any) -> Frontier:
-    from hawqtool.dependency import rescore
-
-    return rescore(front, dep)  # type: ignore[no-any-return]

@@ -126,9 +126,7 @@ def resolve_pins(pins: Mapping[str, str], fqns: Sequence[str]) -> dict[str, str]
         else:
             hits = [key] if key in fqns else []
         if not hits:
-            raise UsageError(
-                f"pin {key!r} matches no quantizable layer; layers are: {', '.join(fqns)}"
-            )
+            raise UsageError(f"pin {key!r} matches no quantizable layer; layers are: {', '.join(fqns)}")
         for f in hits:
             out[f] = fmt
     return out
@@ -159,7 +157,9 @@ def prepare_model(
         ref = copy.deepcopy(model).eval()(example_input)
         got = folded(example_input)
     if not torch.isfinite(ref).all():
-        raise UsageError("the model's outputs on the first calibration batch contain NaN or Inf: check the data")
+        raise UsageError(
+            "the model's outputs on the first calibration batch contain NaN or Inf: check the data"
+        )
     if not torch.allclose(ref, got, rtol=1e-3, atol=1e-4 * float(ref.abs().max()) + 1e-5):
         raise UsageError("BatchNorm folding changed the model's outputs; unsupported conv/BN layout")
     layers = []
@@ -167,9 +167,7 @@ def prepare_model(
         if isinstance(mod, QUANTIZABLE):
             layers.append((name, mod))
     if not layers:
-        raise UsageError(
-            f"{type(model).__name__} has no quantizable layers (Conv1d, Conv2d or Linear)"
-        )
+        raise UsageError(f"{type(model).__name__} has no quantizable layers (Conv1d, Conv2d or Linear)")
     fqns = [n for n, _ in layers]
     pinned = resolve_pins(pins or {}, fqns)
     macs = count_macs(folded, example_input)

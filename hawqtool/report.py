@@ -68,8 +68,14 @@ def write_frontier_csv(frontier: Frontier, out: Path) -> None:
     rows = frontier_rows(frontier)
     header = ["index", f"cost_{frontier.cost_model}", "avg_bits", "sum_omega", "score", "allocation"]
     body = [
-        [r["index"], r["cost"], r["avg_bits"], r["omega"], "" if r["score"] is None else r["score"],
-         json.dumps(r["allocation"], separators=(",", ":"))]
+        [
+            r["index"],
+            r["cost"],
+            r["avg_bits"],
+            r["omega"],
+            "" if r["score"] is None else r["score"],
+            json.dumps(r["allocation"], separators=(",", ":")),
+        ]
         for r in rows
     ]
     write_bytes_atomic(out / "frontier.csv", _csv_bytes(header, body))

@@ -239,9 +239,7 @@ class Frontier:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "points": [
-                {**asdict(p), "allocation": dict(p.allocation)} for p in self.points
-            ],
+            "points": [{**asdict(p), "allocation": dict(p.allocation)} for p in self.points],
             "cost_model": self.cost_model,
             "cost_grid": self.cost_grid,
             "float_cost": self.float_cost,
@@ -312,14 +310,14 @@ def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> None:
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to a temporary file in the same folder, then ``os.replace`` it into place."""
+    """Write ``data`` to a temporary file in the same folder, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        os.replace(tmp, path)
+        Path(tmp).replace(path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -68,7 +68,9 @@ def empty_calibration() -> DataSplits:
 def nan_data() -> DataSplits:
     d = zoo.digits()
     x, y = d.calibration[0]
-    return DataSplits(calibration=[(torch.full_like(x, float("nan")), y)], evaluation=d.evaluation, test=d.test)
+    return DataSplits(
+        calibration=[(torch.full_like(x, float("nan")), y)], evaluation=d.evaluation, test=d.test
+    )
 
 
 def as_dict(batch_size: int = 128) -> dict:

@@ -76,7 +76,11 @@ def _recipe(tmp_path: Path, model: str, data: str = "hawqtool.zoo:digits", **ext
     ],
 )
 def test_bad_input_exits_2_with_a_named_error(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, model: str, data: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    model: str,
+    data: str,
     needle: str,
 ) -> None:
     monkeypatch.syspath_prepend(str(TESTS))

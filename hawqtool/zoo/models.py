@@ -7,6 +7,8 @@ and a tiny transformer encoder whose attention is built from Linear layers.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,7 +83,7 @@ class MLP(nn.Module):
     def __init__(self, in_features: int = 64, hidden: tuple[int, ...] = (64, 32), num_classes: int = 10):
         super().__init__()
         dims = (in_features, *hidden)
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
         self.head = nn.Linear(dims[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,8 +135,15 @@ class EncoderLayer(nn.Module):
 class TinyTransformer(nn.Module):
     """A pre-norm transformer encoder over image rows as tokens (8×8 digits: 8 tokens of 8)."""
 
-    def __init__(self, tokens: int = 8, token_dim: int = 8, dim: int = 32, heads: int = 4,
-                 depth: int = 2, num_classes: int = 10) -> None:
+    def __init__(
+        self,
+        tokens: int = 8,
+        token_dim: int = 8,
+        dim: int = 32,
+        heads: int = 4,
+        depth: int = 2,
+        num_classes: int = 10,
+    ) -> None:
         super().__init__()
         self.embed = nn.Linear(token_dim, dim)
         self.pos = nn.Parameter(torch.zeros(1, tokens, dim))
