@@ -16,8 +16,9 @@ integer kernels; measured, see ``tests/test_export.py`` and ``scripts/bench_expo
   :func:`hawqtool.quantizer.quantize_weight` (the function sensitivity scores), stored as ONNX
   ``INT2`` (``int4_storage="packed"``, b = 2, opset ≥ 25), ``INT4`` (packed, b ≤ 4, opset ≥ 21) or
   ``INT8`` (``"container"`` or b > 4).
-  No zero point (symmetric), except an all-zero int8 one on INT8 Gemm weights: QGemm fusion
-  needs it. Biases stay float: onnxruntime quantizes them to int32 itself when it fuses.
+  Packed weights pass through a ``Cast`` to INT8 that onnxruntime folds at load time, so they
+  fuse into the same integer kernels as int8. No zero point (symmetric), except an all-zero int8
+  one on Gemm weights: QGemm fusion needs it. Biases stay float: onnxruntime quantizes them to int32 itself when it fuses.
 - activations: the tensor entering the layer and the tensor leaving it (after a Relu/Clip that is
   its only consumer, which onnxruntime folds into the Q) get Q→DQ with a uint8 scale and zero
   point from the calibrated range (onnxruntime's formula). The output Q is what lets onnxruntime
@@ -347,8 +348,8 @@ class QDQExporter:
 
         The size cost model (:func:`hawqtool.sensitivity.layer_cost`: ``ceil(params ·
         storage_bits / 8)`` integers + ``4 · out_channels`` float32 scales per quantized layer,
-        ``4 · params`` per float one) plus ``out_channels`` bytes of int8 zero point for a Gemm
-        stored as INT8, which onnxruntime needs to fuse QGemm. Biases, activation scales and
+        ``4 · params`` per float one) plus ``out_channels`` bytes of int8 zero point for a quantized
+        Gemm, which onnxruntime needs to fuse QGemm. Biases, activation scales and
         zero points and the graph itself are the rest of the file.
         """
         from hawqtool.sensitivity import layer_cost
@@ -357,8 +358,8 @@ class QDQExporter:
         total = 0
         for info in self.prepared.layers:
             fmt = full[info.fqn]
-            total += int(layer_cost(info, fmt, cost="size", storage=self.int4_storage))
-            if self.sites[info.fqn].op_type == "Gemm" and _storage_bits(fmt, self.int4_storage, self.opset) == 8:
+            total += int(layer_cost(info, fmt, cost="size", storage=self.int4_storage, opset=self.opset))
+            if self.sites[info.fqn].op_type == "Gemm" and is_quantized(fmt):
                 total += info.out_channels
         return total
 
@@ -393,12 +394,29 @@ class QDQExporter:
             inits = self._quantized_weight(site, format_bits(full[site.fqn]))
             new_inits += inits
             replaced.add(site.weight)
+            dq_inputs = [t.name for t in inits]
+            if inits[0].data_type in (TensorProto.INT2, TensorProto.INT4):
+                # Packed weights reach DequantizeLinear through a Cast to INT8, which onnxruntime
+                # folds into an int8 initializer when it loads the model: the file keeps the small
+                # packed integers and the graph still fuses into QLinearConv / QGemm. A direct INT4
+                # DQ runs dequantize + float compute (FACTS.md: 4–16× slower), and a direct INT2
+                # DQ is fused into a QLinearConv that onnxruntime 1.32 then rejects.
+                dq_inputs[0] = f"{inits[0].name}_int8"
+                head_nodes.append(
+                    helper.make_node(
+                        "Cast",
+                        [inits[0].name],
+                        [dq_inputs[0]],
+                        name=f"{inits[0].name}_Cast",
+                        to=TensorProto.INT8,
+                    )
+                )
             # The DequantizeLinear output takes over the float initializer's name, so every node
             # that read the weight now reads the dequantized weight without any rewiring.
             head_nodes.append(
                 helper.make_node(
                     "DequantizeLinear",
-                    [t.name for t in inits],
+                    dq_inputs,
                     [site.weight],
                     name=f"{site.weight}_DequantizeLinear",
                     axis=site.axis,
@@ -790,7 +808,7 @@ def _weight_initializers(
     site: LayerSite, weight: torch.Tensor, bits: int, storage_bits: int, *, clip_search: bool
 ) -> tuple[onnx.TensorProto, ...]:
     """``DequantizeLinear`` inputs of one layer's weight, in the layout its node reads: integers,
-    per-channel scales and, for an INT8 Gemm weight only, an all-zero zero point.
+    per-channel scales and, for a Gemm weight only, an all-zero int8 zero point.
 
     The zero point is redundant (symmetric weights) but onnxruntime 1.32 fuses ``DQ → Gemm → Q``
     into ``QGemm`` only when the weight's DequantizeLinear has one (measured: 0 of 3 Gemms fused
@@ -812,7 +830,7 @@ def _weight_initializers(
     else:
         q_init = numpy_helper.from_array(q, q_name)
     s_init = numpy_helper.from_array(qw.scale.cpu().numpy().astype(np.float32), s_name)
-    if site.op_type == "Gemm" and storage_bits == 8:
+    if site.op_type == "Gemm":
         zp = numpy_helper.from_array(np.zeros(q.shape[site.axis], np.int8), f"{site.weight}_zero_point")
         return q_init, s_init, zp
     return q_init, s_init
@@ -830,7 +848,9 @@ def pack_int2(values: np.ndarray) -> bytes:
         raise ValueError("int2 values must lie in [-2, 1]")
     flat = np.concatenate([flat, np.zeros(-flat.size % 4, np.int8)]).view(np.uint8) & 0x03
     crumbs = flat.reshape(-1, 4)
-    return (crumbs[:, 0] | crumbs[:, 1] << 2 | crumbs[:, 2] << 4 | crumbs[:, 3] << 6).astype(np.uint8).tobytes()
+    return (
+        (crumbs[:, 0] | crumbs[:, 1] << 2 | crumbs[:, 2] << 4 | crumbs[:, 3] << 6).astype(np.uint8).tobytes()
+    )
 
 
 def pack_int4(values: np.ndarray) -> bytes:

@@ -30,7 +30,7 @@ from hawqtool.export import (
 )
 from hawqtool.prepare import prepare_model, swapped_weights
 from hawqtool.quantizer import int_range, quantize_weight
-from hawqtool.sensitivity import STORAGES, layer_cost, storage_bits
+from hawqtool.sensitivity import STORAGES, layer_cost
 from hawqtool.tasks import top1
 from hawqtool.types import format_bits, is_quantized
 
@@ -102,8 +102,10 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 
 def _weight_dequantizers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    """DequantizeLinear nodes whose input is an initializer (weights), by output name."""
+    """DequantizeLinear nodes whose input is an initializer (weights, also through the Cast of a
+    packed weight), by output name."""
     inits = {t.name for t in model.graph.initializer}
+    inits |= {n.output[0] for n in model.graph.node if n.op_type == "Cast" and n.input[0] in inits}
     return {
         n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
     }
@@ -166,10 +168,14 @@ def test_one_dequantize_per_quantized_weight_with_allocated_dtype(cnn, storage) 
             continue
         node = dqs[site.weight]
         assert sum(1 for n in model.graph.node if n.output[0] == site.weight) == 1
-        q = _initializer(model, node.input[0])
+        casts = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Cast"}
+        q = _initializer(model, casts.get(node.input[0], node.input[0]))
         bits = format_bits(fmt)
-        want = TensorProto.INT4 if (bits <= 4 and storage == "packed") else TensorProto.INT8
+        packed = {2: TensorProto.INT2, 3: TensorProto.INT4, 4: TensorProto.INT4}
+        want = packed.get(bits, TensorProto.INT8) if storage == "packed" else TensorProto.INT8
         assert q.data_type == want
+        # packed integers reach the DequantizeLinear through exactly one Cast to INT8
+        assert (node.input[0] in casts) == (want != TensorProto.INT8)
         values = numpy_helper.to_array(q).astype(np.int64)
         lo, hi = int_range(bits)
         assert values.min() >= lo and values.max() <= hi  # e.g. int4 in an INT8 container: [-8, 7]
@@ -188,10 +194,11 @@ def test_onnxruntime_dequantizes_weights_bit_exactly(cnn, tokens, storage) -> No
         model = exporter.quantized_model(allocation)
         dqs = _weight_dequantizers(model)
         nodes = [dqs[exporter.sites[f].weight] for f in exporter.fqns]
-        needed = {i for n in nodes for i in n.input}
+        casts = [n for n in model.graph.node if n.op_type == "Cast"]
+        needed = {i for n in [*nodes, *casts] for i in n.input}
         probe = helper.make_model(
             helper.make_graph(
-                nodes,
+                [*casts, *nodes],
                 "weights",
                 [],
                 [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, None) for n in nodes],
@@ -395,20 +402,22 @@ def test_file_size_matches_size_cost_model(resnet, cnn, storage, kind, tmp_path)
         inits = {t.name: t for t in model.graph.initializer}
         dqs = _weight_dequantizers(model)
         stored = 0
+        casts = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Cast"}
         for site in exporter.sites.values():
             tensors = (
-                [inits[i] for i in dqs[site.weight].input] if site.weight in dqs else [inits[site.weight]]
+                [inits[casts.get(i, i)] for i in dqs[site.weight].input]
+                if site.weight in dqs
+                else [inits[site.weight]]
             )
             assert all(t.raw_data for t in tensors)  # raw little-endian bytes, nothing varint-coded
             stored += sum(len(t.raw_data) for t in tensors)
-        # Exactly what differs from the size cost model: INT8 Gemm weights carry a 1-byte zero
-        # point per output channel (onnxruntime fuses QGemm only with one).
+        # Exactly what differs from the size cost model: quantized Gemm weights carry a 1-byte
+        # zero point per output channel (onnxruntime fuses QGemm only with one).
         gemm_zp = sum(
             info.out_channels
             for info in exporter.prepared.layers
             if exporter.sites[info.fqn].op_type == "Gemm"
             and is_quantized(exporter.full_allocation(allocation)[info.fqn])
-            and storage_bits(allocation[info.fqn], storage=exporter.int4_storage) == 8
         )
         assert (
             stored == _cost_model_bytes(exporter, allocation) + gemm_zp == exporter.weight_bytes(allocation)
