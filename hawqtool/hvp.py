@@ -32,6 +32,32 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+NO_DOUBLE_BACKWARD = (
+    "the loss has no double backward on the path to layer {fqn!r}: an operation's backward cannot "
+    "itself be differentiated (an autograd.Function marked @once_differentiable, or a custom op "
+    "without a double backward). Replace that op with a twice-differentiable one (for attention: "
+    "scaled_dot_product_attention or eager attention)"
+)
+
+
+def severed_double_backward(grad: torch.Tensor) -> bool:
+    """Whether the graph of a ``create_graph=True`` gradient holds a node that refuses to be
+    differentiated again (torch inserts an ``Error`` node for ``@once_differentiable`` backwards).
+
+    Without this check such a layer's Hessian-vector product silently comes out as zero.
+    """
+    stack, seen = [grad.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if type(fn).__name__ == "Error":
+            return True
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return False
+
+
 class SplitHessian:
     """The Hessian H of L(W) = mean loss over ``batches``, restricted to the quantizable weights.
 
@@ -113,6 +139,8 @@ class SplitHessian:
             for f, h in zip(out_fqns, hv, strict=True):
                 if h is not None:
                     acc[f] += h.detach() * (len(x) / n)
+                elif f in v and gmap[f].requires_grad and severed_double_backward(gmap[f]):
+                    raise UsageError(NO_DOUBLE_BACKWARD.format(fqn=f))
         return acc
 
     def grad(self) -> dict[str, torch.Tensor]:
