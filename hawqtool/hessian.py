@@ -1,0 +1,465 @@
+"""Per-layer Hessian traces Tr(H_ii) by Hutchinson's estimator (DESIGN.md §2).
+
+H is the Hessian of the MEAN loss over the whole calibration split; H_ii is its block on one
+quantizable layer's weight. For a Rademacher probe z_i on that block, E[z_iᵀ H_ii z_i] = Tr(H_ii).
+
+The probe schedule (why it is fast)
+-----------------------------------
+Work proceeds in *epochs*, each one pass over the calibration split in random sub-batches of at
+most ``sub_batch`` images (a fresh random partition every epoch). Per sub-batch: ONE forward pass
+and ONE first backward (``create_graph=True``) w.r.t. the layers still being estimated, then per
+such layer one second backward ``grad(g_i, W_i, grad_outputs=z_i) = H_ii z_i`` through its own
+block only, with a fresh probe. So:
+
+- every layer's sample is free of the cross-layer terms z_iᵀH_ijz_j that make one all-layer probe
+  per HVP so slow for small layers (FACTS.md: 13× slower);
+- the forward pass and the first backward are shared by all layers instead of repeated per layer,
+  and the second backward of a late layer stops at that layer (almost free for the classifier);
+- small sub-batches are cheap per probe, and because an epoch's sub-batches partition the split,
+  the epoch's sample Σ_k (|B_k|/N) z_kᵀH_ii(B_k)z_k is exactly unbiased with no sub-batch sampling
+  noise at all (unlike independent random sub-batches), and with less probe noise than one probe
+  on the whole split (the cross terms between sub-batches' Hessians drop out);
+- a layer leaves once it has converged, so later epochs only pay for the laggards.
+
+``scripts/bench_hessian.py`` measures this against layer-at-a-time and all-layer Hutchinson.
+
+Stopping
+--------
+A layer's epoch samples are i.i.d.; its estimate is their mean, its standard error s/√n (n epochs;
+or, before 16 epochs, the conservative part-level bound described below; ``probes`` reports n ×
+sub-batches per epoch). It has converged when
+``stderr ≤ rel_tol · max(|trace|, floor)`` with ``floor = TINY_TRACE · Σ_j |trace_j| / n_layers``: a
+layer whose trace is tiny, zero or negative (non-convex loss) cannot meet a relative tolerance, so it
+converges instead on an absolute tolerance of ``rel_tol`` times a thousandth of the average layer's
+trace. Traces are never NaN; a layer the loss does not depend on has trace 0 with stderr 0.
+
+No layer stops before ``min_probes`` (rounded up to whole epochs) nor runs past ``max_probes``
+(rounded down to whole epochs; at least 2 epochs). Stopping the first time a layer's own noisy
+stderr looks small enough biases it low and under-states its error (runs that have not yet drawn a
+large sample have both a low mean and a low spread; FACTS.md saw 1–3 %). Simulations on ResNet-20's
+epoch samples: with the epoch-level stderr allowed from 8 epochs, 89 % of estimates fell within 2
+stderr of the truth and 1.2 % beyond 4; from 16 epochs (:data:`MIN_EPOCHS`), 93 % and 0.4 %; a fixed
+sample size gives 94–95 %. So before 16 epochs a layer may only stop on a conservative bound with
+many degrees of freedom: the variance of its individual part samples (probe plus sub-batch noise,
+≥ the epoch's true variance; needs random sub-batches and :data:`MIN_PART_SAMPLES` of them), and
+with whole-split batches (``sub_batch=None``) not at all. Checks happen at checkpoints only: at the
+epoch count the current variance says is needed (at least :data:`MIN_STEP` more, at most
+:data:`GROWTH` times as many, and at 16 epochs, where the estimator switches).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hawqtool.errors import UsageError
+from hawqtool.hvp import SplitHessian, resolve_device
+from hawqtool.prepare import Batch, PreparedModel
+from hawqtool.tasks import LossFn
+from hawqtool.types import LayerTrace, SensitivityTable, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+#: Version of the estimator; part of the cache key, so a changed schedule never reuses old tables.
+SCHEDULE = "shared-graph-epochs/v2"
+#: Tiny-trace floor, as a fraction of the average absolute layer trace (see the module docstring).
+TINY_TRACE = 1e-3
+#: Below this many epochs a layer's own epoch-level variance is too noisy to stop on (see above).
+MIN_EPOCHS = 16
+#: ... but with random sub-batches it may stop earlier on the part-level bound, from this many
+#: part samples on.
+MIN_PART_SAMPLES = 16
+#: Checkpoint rule: aim at SAFETY × the epochs the current variance says are needed ...
+SAFETY = 1.0
+#: ... but grow a layer's epoch count by at most this factor per checkpoint ...
+GROWTH = 2.0
+#: ... and by at least this fraction of its current count (fewer looks at the data).
+MIN_STEP = 0.1
+
+
+def estimate_traces(
+    prepared: PreparedModel,
+    batches: Sequence[Batch],
+    loss_fn: LossFn,
+    *,
+    seed: int = 0,
+    rel_tol: float = 0.05,
+    min_probes: int = 16,
+    max_probes: int = 1000,
+    device: str = "auto",
+    sub_batch: int | None = 128,
+    progress: bool = True,
+    cache_dir: Path | None = None,
+) -> SensitivityTable:
+    """Estimate Tr(H_ii) of every quantizable layer's weight block, each to ``rel_tol``.
+
+    H is the Hessian of the mean of ``loss_fn`` over all of ``batches`` (the calibration split). See
+    the module docstring for the probe schedule and the stopping rule.
+
+    Args:
+        prepared: the BN-folded model and its quantizable layers (not modified).
+        batches: the calibration split, ``(inputs, targets)`` tensor pairs.
+        loss_fn: ``fn(outputs, targets)``, the MEAN loss over a batch, twice differentiable.
+        seed: seeds the ``torch.Generator`` of the probes and sub-batches; the same seed on the
+            same device gives the same table, bit for bit.
+        rel_tol: target relative standard error per layer.
+        min_probes: no layer stops before this many probes (at least 2).
+        max_probes: a layer stops here (in whole epochs) even if not converged; it is then
+            flagged and logged.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        sub_batch: images per probe: each epoch splits the calibration data into random near-equal
+            parts of at most this size. ``None`` (or at least the split's size) uses the split's
+            own batches as the parts.
+        progress: show a tqdm bar (also hidden when stderr is not a terminal).
+        cache_dir: when given, the table is stored there under a fingerprint of the weights, the
+            data, the loss and every setting, and a later call with the same inputs loads it.
+
+    Returns:
+        A :class:`SensitivityTable` in model order, with per-layer trace, average trace, standard
+        error, probes and converged flag; ``hvps`` counts single-layer Hessian-vector products
+        (each on one sub-batch).
+
+    Raises:
+        UsageError: empty calibration split, a bad setting, a non-finite loss or HVP, or a model or
+            loss without a double backward.
+
+    Example:
+        >>> import torch.nn.functional as F
+        >>> from hawqtool import zoo
+        >>> from hawqtool.prepare import prepare_model
+        >>> calib = zoo.digits(batch_size=128).calibration
+        >>> prepared = prepare_model(zoo.mlp_digits(), calib[0][0])
+        >>> table = estimate_traces(prepared, calib, F.cross_entropy, rel_tol=0.2, progress=False)
+        >>> [row.layer for row in table]
+        ['hidden.0', 'hidden.1', 'head']
+    """
+    batches = list(batches)
+    if not batches:
+        raise UsageError("the calibration split is empty: give at least one (inputs, targets) batch")
+    _validate(rel_tol=rel_tol, min_probes=min_probes, max_probes=max_probes, sub_batch=sub_batch)
+    dev = resolve_device(device)
+    settings: dict[str, Any] = {
+        "seed": seed,
+        "rel_tol": rel_tol,
+        "min_probes": min_probes,
+        "max_probes": max_probes,
+        "sub_batch": sub_batch,
+        "device": dev.type,
+        "loss": _qualified_name(loss_fn),
+        "schedule": SCHEDULE,
+    }
+    fp = fingerprint(prepared, batches, settings)
+    path = Path(cache_dir) / f"traces-{fp}.json" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        cached = _load(path, fp)
+        if cached is not None:
+            log.info("Hessian traces loaded from cache %s", path)
+            return cached
+
+    start = time.perf_counter()
+    H = SplitHessian(prepared, batches, loss_fn, device=dev.type)
+    gen = torch.Generator(device=H.device).manual_seed(seed)
+    sampler = EpochSampler(H, sub_batch=sub_batch, generator=gen)
+    parts = sampler.parts
+    random_parts = sampler.sub_batch is not None
+    max_epochs = max(2, math.ceil(min_probes / parts), max_probes // parts)
+    floor = math.ceil(MIN_PART_SAMPLES / parts) if random_parts else MIN_EPOCHS
+    min_epochs = min(max(2, floor, math.ceil(min_probes / parts)), max_epochs)
+    states = [
+        _LayerState(info.fqn, info.params, target=min_epochs, random_parts=random_parts)
+        for info in prepared.layers
+    ]
+    _run(sampler, states, rel_tol=rel_tol, max_epochs=max_epochs, progress=progress)
+    layers = tuple(s.result() for s in states)
+    hvps = sum(r.probes for r in layers)
+    table = SensitivityTable(
+        layers=layers,
+        seed=seed,
+        device=H.device.type,
+        rel_tol=rel_tol,
+        hvps=hvps,
+        seconds=time.perf_counter() - start,
+        fingerprint=fp,
+        settings=settings,
+    )
+    lagging = [r for r in layers if not r.converged]
+    if lagging:
+        log.warning(
+            "Hessian trace of %d layer(s) did not reach rel_tol=%g within max_probes=%d: %s",
+            len(lagging),
+            rel_tol,
+            max_probes,
+            ", ".join(f"{r.layer} (stderr {r.stderr:.3g} on trace {r.trace:.3g})" for r in lagging),
+        )
+    if path is not None:
+        write_json_atomic(path, table.to_dict())
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling: one epoch = the split in sub-batches; per sub-batch one shared first backward and one
+# single-block second backward per active layer
+# --------------------------------------------------------------------------------------------
+
+
+class EpochSampler:
+    """Draws one Hutchinson sample of Tr(H_ii) for each of a set of layers per call (an *epoch*).
+
+    An epoch covers the whole split once, in parts: random near-equal sub-batches of at most
+    ``sub_batch`` images (a fresh random partition each epoch), or the split's own batches when
+    ``sub_batch`` is ``None``. Each part k gets its own Rademacher probe z_k per layer, and the
+    epoch's sample is Σ_k (|B_k|/N) z_kᵀ H_ii(B_k) z_k. Since Σ_k (|B_k|/N) H(B_k) = H exactly, the
+    sample is unbiased and carries no sub-batch sampling noise, only probe noise; epochs are i.i.d.
+    """
+
+    def __init__(self, hessian: SplitHessian, *, sub_batch: int | None, generator: torch.Generator) -> None:
+        self.H = hessian
+        self.gen = generator
+        self.sub_batch = sub_batch if sub_batch is not None and sub_batch < hessian.n else None
+        if self.sub_batch is None:
+            self.parts = len(hessian.batches)
+        else:
+            self.parts = math.ceil(hessian.n / self.sub_batch)
+            try:
+                self.x = torch.cat([x for x, _ in hessian.batches])
+                self.y = torch.cat([y for _, y in hessian.batches])
+            except RuntimeError as e:
+                raise UsageError(
+                    f"cannot draw sub-batches: the calibration batches do not concatenate ({e}); "
+                    "set hessian.sub_batch to null to use whole batches"
+                ) from e
+
+    def _data(self) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+        if self.sub_batch is None:
+            return [(x, y, len(x) / self.H.n) for x, y in self.H.batches]
+        perm = torch.randperm(self.H.n, generator=self.gen, device=self.H.device)
+        return [
+            (self.x[idx], self.y[idx], len(idx) / self.H.n) for idx in torch.tensor_split(perm, self.parts)
+        ]
+
+    def sample(self, fqns: Sequence[str]) -> tuple[list[list[float]], list[float]]:
+        """One epoch: per layer in ``fqns``, one sample z_kᵀH_ii(B_k)z_k per part k; and the parts'
+        weights |B_k|/N. The epoch's estimate of Tr(H_ii) is the weighted sum.
+
+        Raises:
+            UsageError: the loss or a sample is not finite, or there is no double backward.
+        """
+        params = [self.H.params[f] for f in fqns]
+        data = self._data()
+        acc = torch.zeros(len(data), len(fqns), dtype=torch.float64, device=self.H.device)
+        for k, (x, y, _) in enumerate(data):
+            # One forward and one first backward, shared by every layer; then per layer a second
+            # backward through its own block only: grad(g_i, W_i, z_i) = H_ii z_i, no cross terms.
+            loss = self.H.batch_loss(x, y)
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            for j, (p, g) in enumerate(zip(params, grads, strict=True)):
+                z = torch.randint(0, 2, p.shape, generator=self.gen, device=p.device, dtype=p.dtype)
+                z.mul_(2).sub_(1)
+                if g is None or not g.requires_grad:
+                    continue  # the loss does not depend on W_i, or only linearly: zero curvature
+                try:
+                    (hz,) = torch.autograd.grad(g, p, grad_outputs=z, retain_graph=True, allow_unused=True)
+                except RuntimeError as e:
+                    raise UsageError(
+                        f"the loss has no double backward ({e}). Use a twice-differentiable loss and "
+                        "model (for attention, scaled_dot_product_attention or eager attention)"
+                    ) from e
+                if hz is not None:
+                    acc[k, j] = (hz * z).sum(dtype=torch.float64)
+        values = acc.T.tolist()
+        for f, v in zip(fqns, values, strict=True):
+            if not all(math.isfinite(x) for x in v):
+                raise UsageError(
+                    f"a Hessian-vector product of layer {f!r} is not finite: check the model and loss"
+                )
+        return values, [w for _, _, w in data]
+
+
+# --------------------------------------------------------------------------------------------
+# Stopping
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _LayerState:
+    fqn: str
+    params: int
+    target: int  # next checkpoint (epoch count)
+    random_parts: bool  # parts are random equal sub-batches (the part-level bound applies)
+    samples: list[float] = field(default_factory=list)  # one estimate per epoch
+    parts: list[float] = field(default_factory=list)  # every part's own sample
+    w2: list[float] = field(default_factory=list)  # Σ_k w_k² per epoch
+    done: bool = False
+    converged: bool = False
+
+    def add(self, values: Sequence[float], weights: Sequence[float]) -> None:
+        self.samples.append(math.fsum(w * v for w, v in zip(weights, values, strict=True)))
+        self.parts.extend(values)
+        self.w2.append(math.fsum(w * w for w in weights))
+
+    @property
+    def n(self) -> int:
+        return len(self.samples)
+
+    @property
+    def mean(self) -> float:
+        return math.fsum(self.samples) / self.n if self.samples else 0.0
+
+    @property
+    def variance(self) -> float:
+        if self.n < 2:
+            return math.inf
+        m = self.mean
+        return math.fsum((s - m) ** 2 for s in self.samples) / (self.n - 1)
+
+    @property
+    def early(self) -> bool:
+        """Too few epochs for their own variance: judge on the part-level bound (or not at all)."""
+        return self.n < MIN_EPOCHS
+
+    @property
+    def epoch_variance(self) -> float:
+        """Variance of one epoch's estimate, as used for stopping and reported."""
+        if not self.early:
+            return self.variance
+        if not self.random_parts or len(self.parts) < 2:
+            return math.inf
+        # Each part's sample is marginally an unbiased sample of Tr(H_ii) with variance (probe +
+        # sub-batch) ≥ its variance given the partition, so this over-states the epoch's variance
+        # (by the sub-batch share, ~20-40 % measured) but has parts× more degrees of freedom.
+        m = math.fsum(self.parts) / len(self.parts)
+        var = math.fsum((p - m) ** 2 for p in self.parts) / (len(self.parts) - 1)
+        return var * math.fsum(self.w2) / len(self.w2)
+
+    @property
+    def stderr(self) -> float:
+        return math.sqrt(self.epoch_variance / self.n)
+
+    def check(self, *, floor: float, rel_tol: float, max_epochs: int) -> None:
+        """At a checkpoint: converge, give up at ``max_epochs``, or set the next checkpoint."""
+        tol = rel_tol * max(abs(self.mean), floor)
+        variance = self.epoch_variance
+        if self.stderr <= tol:
+            self.done = self.converged = True
+            return
+        if self.n >= max_epochs:
+            self.done = True
+            return
+        needed = SAFETY * variance / tol**2 if tol > 0 and math.isfinite(variance) else math.inf
+        step = max(1, math.ceil(MIN_STEP * self.n))
+        target = max(self.n + step, min(needed, GROWTH * self.n))
+        if self.early:
+            target = min(target, MIN_EPOCHS)  # switch to the epoch-level variance there
+        self.target = min(max_epochs, math.ceil(target))
+
+    def result(self) -> LayerTrace:
+        trace = self.mean
+        stderr = self.stderr if math.isfinite(self.stderr) else math.sqrt(self.variance / self.n)
+        return LayerTrace(
+            layer=self.fqn,
+            trace=trace,
+            avg_trace=trace / self.params,
+            stderr=stderr,
+            probes=len(self.parts),
+            converged=self.converged,
+            params=self.params,
+        )
+
+
+def _run(
+    sampler: EpochSampler, states: list[_LayerState], *, rel_tol: float, max_epochs: int, progress: bool
+) -> None:
+    from tqdm.auto import tqdm
+
+    hvps = 0
+    bar = tqdm(
+        total=len(states),
+        desc="Hessian traces",
+        unit="layer",
+        disable=not progress or not sys.stderr.isatty(),
+    )
+    try:
+        while True:
+            active = [s for s in states if not s.done]
+            if not active:
+                break
+            values, weights = sampler.sample([s.fqn for s in active])
+            hvps += len(active) * len(weights)
+            for s, v in zip(active, values, strict=True):
+                s.add(v, weights)
+            floor = TINY_TRACE * sum(abs(s.mean) for s in states) / len(states)
+            for s in active:
+                if s.n >= s.target:
+                    s.check(floor=floor, rel_tol=rel_tol, max_epochs=max_epochs)
+                    if s.done:
+                        bar.update(1)
+            bar.set_postfix(hvps=hvps, active=sum(not s.done for s in states))
+    finally:
+        bar.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Validation, fingerprint, cache
+# --------------------------------------------------------------------------------------------
+
+
+def _validate(*, rel_tol: float, min_probes: int, max_probes: int, sub_batch: int | None) -> None:
+    if not (isinstance(rel_tol, (int, float)) and math.isfinite(rel_tol) and rel_tol > 0):
+        raise UsageError(f"rel_tol must be a finite number > 0, got {rel_tol!r}")
+    if not isinstance(min_probes, int) or min_probes < 2:
+        raise UsageError(
+            f"min_probes must be an integer >= 2 (a standard error needs two), got {min_probes!r}"
+        )
+    if not isinstance(max_probes, int) or max_probes < min_probes:
+        raise UsageError(f"max_probes must be an integer >= min_probes ({min_probes}), got {max_probes!r}")
+    if sub_batch is not None and (not isinstance(sub_batch, int) or sub_batch < 1):
+        raise UsageError(f"sub_batch must be a positive integer or None (whole split), got {sub_batch!r}")
+
+
+def _qualified_name(fn: Any) -> str:
+    if isinstance(fn, functools.partial):
+        return f"partial({_qualified_name(fn.func)}, {fn.args!r}, {sorted(fn.keywords.items())!r})"
+    qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{getattr(fn, '__module__', None) or type(fn).__module__}.{qualname}"
+
+
+def _hash_tensor(h: Any, name: str, t: torch.Tensor) -> None:
+    t = torch.as_tensor(t).detach().cpu().contiguous()
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def fingerprint(prepared: PreparedModel, batches: Sequence[Batch], settings: dict[str, Any]) -> str:
+    """sha256 of the prepared model's state dict, its layer list, the data bytes and the settings."""
+    h = hashlib.sha256()
+    for name, t in prepared.model.state_dict().items():
+        _hash_tensor(h, name, t)
+    h.update(json.dumps(list(prepared.fqns)).encode())
+    for i, (x, y) in enumerate(batches):
+        _hash_tensor(h, f"x{i}", x)
+        _hash_tensor(h, f"y{i}", y)
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _load(path: Path, fp: str) -> SensitivityTable | None:
+    try:
+        table = SensitivityTable.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("ignoring unreadable Hessian cache %s (%s); recomputing", path, e)
+        return None
+    if table.fingerprint != fp:
+        log.warning("ignoring Hessian cache %s: its fingerprint does not match; recomputing", path)
+        return None
+    return table

@@ -1,0 +1,95 @@
+"""End to end: `hawqtool quantize` on a tiny recipe, its output contract, exit codes and caching."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hawqtool.cli import main
+
+CHECKER = Path(__file__).resolve().parents[2] / "shared" / "tools" / "check_quantize_output.py"
+FILES = ["model.onnx", "report.json", "report.md", "sensitivity.csv", "frontier.csv", "frontier.png"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, hawqtool_cache: Path) -> Path:
+    out = tmp_path_factory.mktemp("tiny") / "out"
+    assert main(["quantize", "tiny", "--out", str(out), "-q"]) == 0
+    return out
+
+
+def test_quantize_writes_the_contract(tiny_run: Path) -> None:
+    for f in FILES:
+        assert (tiny_run / f).is_file(), f
+    rep = json.loads((tiny_run / "report.json").read_text())
+    assert rep["budget_met"] is True
+    assert rep["result"]["drop"] <= rep["budget"]["max_drop"] + 1e-12
+    assert rep["search"]["evaluations"] == len(rep["search"]["trials"]) >= 1
+    assert set(rep["result"]["allocation"]) == {row["layer"] for row in rep["sensitivity"]}
+    assert "Budget met" in (tiny_run / "report.md").read_text()
+
+
+@pytest.mark.skipif(not CHECKER.is_file(), reason="shared/tools/check_quantize_output.py not beside the repo")
+def test_output_passes_the_shared_contract_checker(tiny_run: Path) -> None:
+    proc = subprocess.run([sys.executable, str(CHECKER), str(tiny_run)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_report_agrees_with_hawqtool_eval(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rep = json.loads((tiny_run / "report.json").read_text())
+    for split, key in (("evaluation", "metric"), ("test", "test_metric")):
+        assert main(["eval", str(tiny_run / "model.onnx"), "--recipe", "tiny", "--split", split, "-q"]) == 0
+        got = json.loads(capsys.readouterr().out)
+        assert got["metric"] == pytest.approx(rep["result"][key], abs=1e-9)
+    assert got["size_bytes"] == rep["result"]["size_bytes"]
+
+
+def test_second_run_reuses_cached_stages(
+    tiny_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = json.loads((tiny_run / "report.json").read_text())
+    with caplog.at_level(logging.INFO):
+        assert main(["quantize", "tiny", "--out", str(tmp_path / "again")]) == 0
+    second = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert second["sensitivity"] == first["sensitivity"]
+    assert second["hessian"]["fingerprint"] == first["hessian"]["fingerprint"]
+    assert "Hessian traces loaded from cache" in caplog.text
+    assert "dependency terms: cached" in caplog.text
+    assert second["result"]["allocation"] == first["result"]["allocation"]
+
+
+def test_impossible_budget_exits_3_without_a_model(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "out"
+    with caplog.at_level(logging.ERROR, logger="hawqtool"):
+        code = main(
+            [
+                "quantize",
+                "tiny",
+                "--out",
+                str(out),
+                "-q",
+                "--set",
+                "allocation.formats=[int2]",
+                "--set",
+                "budget.max_drop=0.0",
+            ]
+        )
+    assert code == 3
+    assert "budget not met" in caplog.text
+    assert not (out / "model.onnx").exists()
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["budget_met"] is False
+    assert rep["search"]["evaluations"] >= 1
+    assert "NOT met" in (out / "report.md").read_text()
+
+
+def test_broken_recipe_exits_2(tmp_path: Path) -> None:
+    assert main(["quantize", "tiny", "--out", str(tmp_path / "o"), "--set", "budget.mode=percent"]) == 2
+    assert not (tmp_path / "o").exists()
