@@ -64,7 +64,7 @@ from typing import Any
 import torch
 
 from hawqtool.errors import UsageError
-from hawqtool.hvp import SplitHessian, resolve_device
+from hawqtool.hvp import NO_DOUBLE_BACKWARD, SplitHessian, severed_double_backward, resolve_device
 from hawqtool.prepare import Batch, PreparedModel
 from hawqtool.tasks import LossFn
 from hawqtool.types import LayerTrace, SensitivityTable, write_json_atomic
@@ -277,6 +277,8 @@ class EpochSampler:
                     ) from e
                 if hz is not None:
                     acc[k, j] = (hz * z).sum(dtype=torch.float64)
+                elif severed_double_backward(g):
+                    raise UsageError(NO_DOUBLE_BACKWARD.format(fqn=fqns[j]))
         values = acc.T.tolist()
         for f, v in zip(fqns, values, strict=True):
             if not all(math.isfinite(x) for x in v):
