@@ -64,7 +64,7 @@ from typing import Any
 import torch
 
 from hawqtool.errors import UsageError
-from hawqtool.hvp import NO_DOUBLE_BACKWARD, SplitHessian, severed_double_backward, resolve_device
+from hawqtool.hvp import NO_DOUBLE_BACKWARD, SplitHessian, resolve_device, severed_double_backward
 from hawqtool.prepare import Batch, PreparedModel
 from hawqtool.tasks import LossFn
 from hawqtool.types import LayerTrace, SensitivityTable, write_json_atomic

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine, spinning workers made
+# a forward+backward 100x slower (measured while other jobs ran). Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-# The zoo trains (seconds) into this cache once per test session; nothing is written elsewhere.
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
