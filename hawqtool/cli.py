@@ -43,23 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("quantize", help="the main job: analyze, allocate, search, export, verify")
-    _common(p)
-    p.add_argument(
-        "--out", type=Path, default=Path("hawqtool-out"), help="output folder (default: %(default)s)"
-    )
-
-    p = sub.add_parser("analyze", help="per-layer Hessian traces: sensitivity.csv / .json")
-    _common(p)
-    p.add_argument(
-        "--out", type=Path, default=Path("hawqtool-out"), help="output folder (default: %(default)s)"
-    )
-
-    p = sub.add_parser("frontier", help="exact Pareto frontier of (cost, ΣΩ): frontier.csv / .png")
-    _common(p)
-    p.add_argument(
-        "--out", type=Path, default=Path("hawqtool-out"), help="output folder (default: %(default)s)"
-    )
+    for name, help_ in (
+        ("quantize", "the main job: analyze, allocate, search, export, verify"),
+        ("analyze", "per-layer Hessian traces: sensitivity.csv / .json"),
+        ("frontier", "exact Pareto frontier of (cost, ΣΩ): frontier.csv / .png"),
+    ):
+        p = sub.add_parser(name, help=help_)
+        _common(p)
+        p.add_argument(
+            "--out", type=Path, default=Path("hawqtool-out"), help="output folder (default: %(default)s)"
+        )
 
     p = sub.add_parser("export", help="export one allocation (or a uniform format) as QDQ ONNX")
     _common(p)

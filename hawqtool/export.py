@@ -54,6 +54,7 @@ from hawqtool.types import (
     FLOAT,
     INT4_MIN_OPSET,
     KNOWN_FORMATS,
+    STORAGES,
     format_bits,
     is_quantized,
     write_bytes_atomic,
@@ -68,9 +69,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
-#: Storage modes of sub-5-bit weights, as :data:`hawqtool.sensitivity.STORAGES` (not imported here:
-#: that module imports torch).
-INT4_STORAGES = ("packed", "container")
+#: Storage modes of sub-5-bit weights (the cost model's own list).
+INT4_STORAGES = STORAGES
 #: The newest opset torch's dynamo exporter emits; higher opsets are reached with onnx's
 #: version converter (measured on ResNet-20: identical outputs and integer kernels at 25).
 TORCH_MAX_OPSET = 21

@@ -28,6 +28,7 @@ from hawqtool.types import (
     FLOAT,
     INT2_MIN_OPSET,
     KNOWN_FORMATS,
+    STORAGES,
     LayerInfo,
     LayerOption,
     OptionTable,
@@ -38,7 +39,6 @@ from hawqtool.types import (
 log = logging.getLogger(__name__)
 
 COST_MODELS = ("size", "bops")
-STORAGES = ("packed", "container")
 #: Bytes of one per-output-channel scale (float32), stored next to quantized weights.
 SCALE_BYTES = 4
 

@@ -26,6 +26,8 @@ FLOAT = "float"
 INT_FORMATS = tuple(f"int{b}" for b in range(2, 9))
 KNOWN_FORMATS = (*INT_FORMATS, FLOAT)
 
+#: How sub-8-bit integers are stored: ``packed`` (ONNX INT2/INT4) or ``container`` (INT8).
+STORAGES = ("packed", "container")
 #: First opsets with INT4 / INT2 ``DequantizeLinear`` inputs (packed sub-byte storage).
 INT4_MIN_OPSET = 21
 INT2_MIN_OPSET = 25
