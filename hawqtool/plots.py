@@ -102,7 +102,11 @@ def plot_frontier(
     if zoom:
         # The search region, where the trials are, is usually a sliver of the whole cost range.
         zx = axes[1]
-        lo, hi = min(c for c, _ in marks), max(c for c, _ in marks)
+        # The search always probes the most precise candidate first; leaving that far-right
+        # trial out of the window is what lets the panel zoom in on where bisection converged.
+        window = sorted(c for c, _ in marks)
+        window = window[:-1] if len(window) > 2 else window
+        lo, hi = window[0], window[-1]
         pad = max(0.25 * (hi - lo), 0.01 * (xs[-1] - xs[0]))
         lo, hi = max(lo - pad, 0.0), hi + pad
         _draw(zx, xs, ys, uniform, trials, chosen, div, label=None, numbered=True)
