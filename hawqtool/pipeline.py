@@ -225,7 +225,7 @@ def frontier(
         clip_search=a.clip_search,
         opset=ws.recipe.export.opset,
     )
-    return options, pareto_frontier(options, cost_grid=a.cost_grid)
+    return options, pareto_frontier(options, cost_grid=a.cost_grid, omega_grid=a.omega_grid)
 
 
 def exporter(ws: Workspace) -> Any:

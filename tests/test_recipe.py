@@ -101,3 +101,14 @@ def test_missing_or_bad_file_is_a_recipe_error(tmp_path: Path) -> None:
     bad.write_text("- a\n- b\n")
     with pytest.raises(RecipeError, match="mapping of sections"):
         load_recipe(bad)
+
+
+def test_frontier_grids_reach_the_solver() -> None:
+    from hawqtool import pipeline
+
+    ws = pipeline.load("tiny", overrides=["allocation.cost_grid=64", "allocation.omega_grid=0.5"])
+    table = pipeline.analyze(ws, progress=False)
+    _, exact = pipeline.frontier(pipeline.load("tiny"), table=table, progress=False)
+    _, bounded = pipeline.frontier(ws, table=table, progress=False)
+    assert (bounded.cost_grid, bounded.omega_grid) == (64, 0.5)
+    assert exact.cost_grid is None and len(bounded) <= len(exact)
