@@ -130,5 +130,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"latency {r['latency_ms']:.3f} ms (float {b['latency_ms']:.3f} ms); "
         f"{rep['search']['evaluations']} evaluations"
     )
+    if r.get("test_budget_met") is False:
+        log.warning(
+            "the chosen model misses the budget on the test split (drop %.4f): see report.md", r["test_drop"]
+        )
     _say(f"model: {result.model_path}\nreport: {result.out / 'report.md'}")
     return 0

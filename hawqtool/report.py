@@ -122,6 +122,17 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             "the budget allows; no model is presented as meeting it."
         ),
         "",
+        *(
+            [
+                f"**Caution:** on the held-out test split the drop is {r['test_drop']:.4f}, beyond the "
+                "budget. The search chose on the evaluation split; a choice at the budget's edge on a "
+                "small split can miss it on another. A larger evaluation split or a tighter `max_drop` "
+                "leaves a margin.",
+                "",
+            ]
+            if met and r.get("test_budget_met") is False
+            else []
+        ),
         f"Budget: metric drop at most {budget['max_drop']:g} ({budget['mode']}, {unit})"
         + (f", at least {budget['min_drop']:g}" if budget.get("min_drop") is not None else "")
         + ".",

@@ -93,3 +93,14 @@ def test_impossible_budget_exits_3_without_a_model(tmp_path: Path, caplog: pytes
 def test_broken_recipe_exits_2(tmp_path: Path) -> None:
     assert main(["quantize", "tiny", "--out", str(tmp_path / "o"), "--set", "budget.mode=percent"]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_report_md_warns_when_the_test_split_misses_the_budget(tiny_run: Path) -> None:
+    from hawqtool.report import render_markdown
+
+    rep = json.loads((tiny_run / "report.json").read_text())
+    assert "Caution" not in render_markdown({**rep, "result": {**rep["result"], "test_budget_met": True}})
+    missed = render_markdown(
+        {**rep, "result": {**rep["result"], "test_budget_met": False, "test_drop": 0.05}}
+    )
+    assert "on the held-out test split the drop is 0.0500, beyond the budget" in missed
