@@ -43,6 +43,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_frontier(args: argparse.Namespace) -> int:
+    from hawqtool.frontier import uniform_points
     from hawqtool.plots import plot_frontier
 
     ws = pipeline.load(args.recipe, overrides=args.overrides)
@@ -51,10 +52,7 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     out = _out_dir(args.out)
     write_sensitivity(table, out)
     write_frontier_csv(front, out)
-    uniform = {}
-    for fmt in ws.recipe.allocation.formats:
-        alloc = pipeline.uniform_allocation(ws, fmt)
-        uniform[fmt] = (options.cost(alloc), options.omega(alloc))
+    uniform = uniform_points(options, ws.recipe.allocation.formats)
     plot_frontier(
         front,
         out / "frontier.png",

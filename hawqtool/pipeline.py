@@ -357,6 +357,7 @@ def quantize(
     """
     from hawqtool.dependency import make_repair
     from hawqtool.evaluate import evaluate_onnx
+    from hawqtool.frontier import uniform_points
     from hawqtool.plots import plot_frontier
     from hawqtool.report import (
         frontier_rows,
@@ -503,13 +504,7 @@ def quantize(
         "recipe": r.to_dict(),
         "versions": _versions(),
     }
-    uniform = {}
-    for fmt in r.allocation.formats:
-        alloc = uniform_allocation(ws, fmt)
-        try:
-            uniform[fmt] = (options.cost(alloc), options.omega(alloc))
-        except UsageError:
-            continue
+    uniform = uniform_points(options, r.allocation.formats)
     trials = [(t.cost, options.omega(t.allocation), t.met) for t in result.trials]
     plot_frontier(
         front,
