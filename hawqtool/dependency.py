@@ -245,12 +245,6 @@ class DependencyModel:
 # --------------------------------------------------------------------------------------------
 
 
-def _weight(prepared: PreparedModel, fqn: str) -> torch.Tensor:
-    w = prepared.module(fqn).weight
-    assert isinstance(w, torch.Tensor)
-    return w.detach()
-
-
 def build_dependency_model(
     hessian: SplitHessian,
     prepared: PreparedModel,
@@ -290,7 +284,7 @@ def build_dependency_model(
     deltas: dict[tuple[str, str], torch.Tensor] = {}
     for f, fmt in keys:
         if is_quantized(fmt):
-            w = _weight(prepared, f)
+            w = prepared.weight(f)
             deltas[(f, fmt)] = quant_error(w, fmt, clip_search=clip_search).to(hessian.device)
 
     grad = hessian.grad()
@@ -321,7 +315,7 @@ def build_dependency_model(
     context = {f: _middle_format(options, f) for f in layers}
     if measure_singles:
         measured = np.zeros(len(keys))
-        weights = {f: _weight(prepared, f).to(hessian.device) for f in layers}
+        weights = {f: prepared.weight(f).to(hessian.device) for f in layers}
         background = {f: weights[f] + deltas[(f, fmt)] for f, fmt in context.items() if is_quantized(fmt)}
         for f in layers:
             others = {g: w for g, w in background.items() if g != f}
@@ -376,7 +370,7 @@ def measured_change(
     :attr:`DependencyModel.base_loss`) saves one pass over the split.
     """
     weights = {
-        f: dequantize_as(_weight(prepared, f), fmt, clip_search=clip_search)
+        f: dequantize_as(prepared.weight(f), fmt, clip_search=clip_search)
         for f, fmt in allocation.items()
         if is_quantized(fmt)
     }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import onnx
     import onnxruntime
 
-MetricFn = Callable[[np.ndarray, np.ndarray], float]
+    from hawqtool.tasks import MetricFn  # a type only: tasks imports torch
 
 
 @dataclass(frozen=True)

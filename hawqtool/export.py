@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hawqtool import __version__
 from hawqtool.errors import ExportError, UsageError
 from hawqtool.types import (
     DEFAULT_OPSET,
@@ -85,16 +86,6 @@ METADATA_VERSION = "hawqtool.version"
 # following QuantizeLinear (ReluQuantFusion / ClipQuantFusion).
 _WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 _FOLDABLE_ACTIVATIONS = ("Relu", "Clip")
-
-
-def hawqtool_version() -> str:
-    """The installed hawqtool version (``0+unknown`` when running from an uninstalled tree)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("hawqtool")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def _storage_bits(fmt: str, int4_storage: str, opset: int) -> int:
@@ -480,11 +471,11 @@ class QDQExporter:
             opset_imports=list(self.float_model.opset_import),
             ir_version=self.float_model.ir_version,
             producer_name="hawqtool",
-            producer_version=hawqtool_version(),
+            producer_version=__version__,
         )
         props = {
             METADATA_ALLOCATION: json.dumps(full),
-            METADATA_VERSION: hawqtool_version(),
+            METADATA_VERSION: __version__,
             **{str(k): str(v) for k, v in extra.items()},
         }
         helper.set_model_props(model, props)
@@ -515,7 +506,7 @@ class QDQExporter:
         if key not in self._weight_cache:
             with _torch_threads(1):
                 self._weight_cache[key] = _weight_initializers(
-                    site, _layer_weight(self.prepared, site.fqn), bits, storage, clip_search=self.clip_search
+                    site, self.prepared.weight(site.fqn), bits, storage, clip_search=self.clip_search
                 )
         return self._weight_cache[key]
 
@@ -669,7 +660,7 @@ def _locate_layers(model: onnx.ModelProto, prepared: PreparedModel) -> dict[str,
     sites: dict[str, LayerSite] = {}
     taken: set[str] = set()
     for info in prepared.layers:
-        w = _layer_weight(prepared, info.fqn).detach().cpu().numpy()
+        w = prepared.weight(info.fqn).detach().cpu().numpy()
 
         def matches(name: str, w: np.ndarray = w) -> bool:
             transposed = candidates[name][1]
@@ -704,15 +695,6 @@ def _locate_layers(model: onnx.ModelProto, prepared: PreparedModel) -> dict[str,
             output=_layer_output(node, consumers, inits, graph_outputs),
         )
     return sites
-
-
-def _layer_weight(prepared: PreparedModel, fqn: str) -> torch.Tensor:
-    import torch
-
-    weight = prepared.module(fqn).weight
-    if not isinstance(weight, torch.Tensor):
-        raise ExportError(f"layer {fqn!r} has no weight tensor")
-    return weight
 
 
 def _layer_output(

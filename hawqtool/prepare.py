@@ -36,9 +36,13 @@ class PreparedModel:
     def module(self, fqn: str) -> nn.Module:
         return self.model.get_submodule(fqn)
 
+    def weight(self, fqn: str) -> torch.Tensor:
+        """The (BN-folded) weight of one quantizable layer."""
+        return self.module(fqn).weight.detach()  # type: ignore[operator]
+
     def weights(self) -> list[torch.Tensor]:
         """The weight tensors of the quantizable layers, in :attr:`layers` order."""
-        return [self.module(f).weight for f in self.fqns]  # type: ignore[misc]
+        return [self.weight(f) for f in self.fqns]
 
 
 def _kind(module: nn.Module) -> str:
