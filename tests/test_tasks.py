@@ -1,0 +1,176 @@
+"""Built-in losses and per-sample metrics on hand-made arrays with worked-out answers."""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from hawqtool.errors import UsageError
+from hawqtool.tasks import (
+    HIGHER_IS_BETTER,
+    LOSSES,
+    METRICS,
+    USES_TEACHER,
+    cosine,
+    kl,
+    metric_by_chunks,
+    mse,
+    neg_mse,
+    per_sample,
+    resolve_loss,
+    resolve_metric,
+    top1,
+    top1_agreement,
+)
+
+
+def test_top1_is_per_sample() -> None:
+    outputs = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5], [0.0, 0.0, 1.0]])
+    targets = np.array([1, 2, 2, 0])
+    # Arg-maxes 1, 0, 2, 2 against targets 1, 2, 2, 0: right, wrong, right, wrong.
+    np.testing.assert_array_equal(top1(outputs, targets), [1.0, 0.0, 1.0, 0.0])
+    # Per-position logits (N=2, T=2, C=2): sample 0 gets 1 of 2 positions right, sample 1 both.
+    seq = np.array([[[1, 0], [1, 0]], [[0, 1], [1, 0]]])
+    np.testing.assert_array_equal(top1(seq, np.array([[0, 1], [1, 0]])), [0.5, 1.0])
+    with pytest.raises(
+        UsageError, match=r"top1: targets of shape \(4, 1\) must be class indices of shape \(4,\)"
+    ):
+        top1(outputs, targets[:, None])
+
+
+def test_top1_agreement_compares_arg_maxes_with_the_teacher() -> None:
+    student = np.array([[0.1, 0.9], [0.8, 0.2], [0.4, 0.6]])
+    teacher = np.array([[0.3, 0.7], [0.1, 0.9], [0.0, 5.0]])
+    # Arg-maxes 1, 0, 1 against the teacher's 1, 1, 1.
+    np.testing.assert_array_equal(top1_agreement(student, teacher), [1.0, 0.0, 1.0])
+    # (N=2, T=3, C=2): sample 0 agrees at 2 of 3 tokens, sample 1 at 0 of 3.
+    s = np.array([[[1, 0], [0, 1], [1, 0]], [[1, 0], [1, 0], [1, 0]]])
+    t = np.array([[[1, 0], [0, 1], [0, 1]], [[0, 1], [0, 1], [0, 1]]])
+    np.testing.assert_allclose(top1_agreement(s, t), [2 / 3, 0.0])
+    with pytest.raises(
+        UsageError, match=r"top1_agreement: targets .* shape \(3,\) must have the outputs' shape"
+    ):
+        top1_agreement(student, np.array([1, 0, 1]))
+
+
+def test_cosine_per_sample() -> None:
+    outputs = np.array([[3.0, 4.0], [1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [1.0, 1.0]], dtype=np.float32)
+    targets = np.array([[6.0, 8.0], [0.0, 2.0], [0.0, 0.0], [1.0, 0.0], [-1.0, -1.0]], dtype=np.float32)
+    # Parallel: 1; orthogonal: 0; both zero: 1 by definition; one zero: 0; opposite: -1.
+    got = cosine(outputs, targets)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, [1.0, 0.0, 1.0, 0.0, -1.0], atol=1e-15)
+    # Each sample is flattened: (2, 2, 2) images, sample 1's target is sample 1 scaled by −2: −1.
+    img = np.arange(8.0).reshape(2, 2, 2)
+    np.testing.assert_allclose(cosine(img, img * np.array([1.0, -2.0])[:, None, None]), [1.0, -1.0])
+
+
+def test_mse_and_neg_mse_per_sample() -> None:
+    outputs = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    targets = np.array([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    # Sample 0: (0 + 4 + 9) / 3 = 13/3; sample 1: (1 + 1 + 1) / 3 = 1.
+    np.testing.assert_allclose(mse(outputs, targets), [13 / 3, 1.0])
+    np.testing.assert_allclose(neg_mse(outputs, targets), [-13 / 3, -1.0])
+    # (N, 1) outputs against (N,) targets: per sample, not an (N, N) broadcast.
+    np.testing.assert_allclose(mse(np.array([[1.0], [2.0]]), np.array([0.0, 0.0])), [1.0, 4.0])
+    # The split value (mean over samples) is the old whole-split mean squared error.
+    assert mse(outputs, targets).mean() == pytest.approx(((outputs - targets) ** 2).mean())
+    with pytest.raises(UsageError, match=r"metric mse: targets of shape \(3,\) must hold as many values"):
+        mse(outputs, np.zeros(3))
+
+
+def test_registries_and_directions() -> None:
+    assert set(METRICS) == set(HIGHER_IS_BETTER) == {"top1", "top1_agreement", "cosine", "mse", "neg_mse"}
+    assert not HIGHER_IS_BETTER["mse"] and all(v for k, v in HIGHER_IS_BETTER.items() if k != "mse")
+    assert set(LOSSES) == {"cross_entropy", "mse", "kl"}
+    assert set(USES_TEACHER) == {"top1_agreement", "cosine", "kl"}
+    assert resolve_metric("top1") is top1 and resolve_loss("kl") is kl
+    with pytest.raises(
+        UsageError, match="unknown metric 'acc'; allowed: top1, top1_agreement, cosine, mse, neg_mse"
+    ):
+        resolve_metric("acc")
+    with pytest.raises(UsageError, match="unknown loss 'ce'; allowed: cross_entropy, mse, kl"):
+        resolve_loss("ce")
+
+
+def test_import_paths_resolve(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = types.ModuleType("my_tasks")
+
+    def accuracy(outputs: np.ndarray, targets: np.ndarray) -> float:
+        return 0.5
+
+    module.accuracy = accuracy  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "my_tasks", module)
+    assert resolve_metric("my_tasks:accuracy") is accuracy
+    with pytest.raises(UsageError, match="module 'my_tasks' has no attribute 'nope'"):
+        resolve_loss("my_tasks:nope")
+
+
+def test_kl_is_zero_with_zero_gradient_at_the_teacher_and_curved() -> None:
+    torch.manual_seed(0)
+    teacher = torch.randn(4, 3, 5, dtype=torch.float64)  # per-token logits: N=4, T=3, C=5
+    out = teacher.clone().requires_grad_(True)
+    loss = kl(out, teacher)
+    (grad,) = torch.autograd.grad(loss, out, create_graph=True)
+    assert loss.item() == 0.0
+    assert grad.abs().max().item() < 1e-15  # exactly 0 up to float64 round-off
+    # Hessian-vector product along v: at the teacher H = (diag(p) − ppᵀ) / 12 per position, so
+    # vᵀHv = Σ_positions Var_p(v) / 12, positive for v not constant across classes.
+    v = torch.randn(4, 3, 5, dtype=torch.float64)
+    (hv,) = torch.autograd.grad(grad, out, grad_outputs=v, retain_graph=True)
+    p = torch.softmax(teacher, dim=-1)
+    var = (p * v**2).sum(-1) - (p * v).sum(-1) ** 2
+    assert (hv * v).sum().item() == pytest.approx(var.sum().item() / 12, rel=1e-12)
+    assert (hv * v).sum().item() > 0
+    # A direction constant across classes (logit shift) changes nothing: zero curvature.
+    (h_shift,) = torch.autograd.grad(grad, out, grad_outputs=torch.ones_like(v))
+    assert h_shift.abs().max().item() < 1e-15
+
+
+def test_kl_value_and_mean_over_positions() -> None:
+    # Teacher [0, ln 3] → p = (1/4, 3/4); student uniform → q = (1/2, 1/2):
+    # KL = 1/4·ln(1/2) + 3/4·ln(3/2) = 0.130812...
+    teacher = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]])
+    student = torch.zeros(2, 2)
+    expected = (0.25 * math.log(0.5) + 0.75 * math.log(1.5)) / 2  # the second row contributes 0
+    assert kl(student, teacher).item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(
+        UsageError, match=r"loss kl: targets .* shape \(2,\) must have the outputs' shape \(2, 2\)"
+    ):
+        kl(student, torch.zeros(2))
+
+
+def test_per_sample() -> None:
+    np.testing.assert_array_equal(per_sample([1, 0, 1], 3), [1.0, 0.0, 1.0])
+    assert per_sample(0.25, 3) is None and per_sample(np.float32(0.5), 3) is None
+    with pytest.raises(UsageError, match=r"metric 'f1' returned shape \(3, 1\); allowed: .* shape \(3,\)"):
+        per_sample(np.ones((3, 1)), 3, name="f1")
+    with pytest.raises(UsageError, match="metric 'top1' is NaN or infinite on 2 of 4 samples"):
+        per_sample(np.array([1.0, np.nan, np.inf, 0.0]), 4, name="top1")
+    with pytest.raises(UsageError, match="metric 'f1' is nan on the split of 4 samples"):
+        per_sample(float("nan"), 4, name="f1")
+    with pytest.raises(UsageError, match="metric 'f1' returned str, not numbers"):
+        per_sample("high", 4, name="f1")  # type: ignore[arg-type]
+
+
+def test_metric_by_chunks_pairs_the_same_samples() -> None:
+    outputs = np.eye(3)[[0, 1, 2, 0, 1, 2, 0]]  # predictions 0,1,2,0,1,2,0
+    targets = np.array([0, 1, 0, 0, 0, 2, 1])
+    values, sizes = metric_by_chunks(top1, outputs, targets, chunks=3)
+    # Slices [0:3], [3:5], [5:7]: 2/3 right, 1/2 right, 1/2 right.
+    np.testing.assert_allclose(values, [2 / 3, 0.5, 0.5])
+    np.testing.assert_array_equal(sizes, [3, 2, 2])
+    assert (values * sizes).sum() / sizes.sum() == pytest.approx(top1(outputs, targets).mean())
+
+    def scalar(o: np.ndarray, t: np.ndarray) -> float:
+        return float(len(o))
+
+    values, sizes = metric_by_chunks(scalar, outputs, targets, chunks=100)  # at most one per sample
+    assert values.tolist() == [1.0] * 7 and sizes.tolist() == [1] * 7
+    with pytest.raises(UsageError, match="chunks must be at least 1; got 0"):
+        metric_by_chunks(top1, outputs, targets, chunks=0)
