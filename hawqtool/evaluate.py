@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import onnx
     import onnxruntime
 
+    from hawqtool.modelio import ModelIO
     from hawqtool.tasks import MetricFn  # a type only: tasks imports torch
 
 
@@ -35,6 +36,10 @@ class Evaluation:
         size_bytes: serialized model size (the file size).
         samples: number of samples the metric covers.
         seconds: wall time of the whole evaluation (session creation included).
+        values: the metric per sample (``None`` when the metric gives one number per split).
+        outputs: the model's outputs over the split (only with ``keep_outputs``).
+        chunks: for a metric that is one number per split, its values and sizes on fixed chunks
+            of the split (what a paired bootstrap over chunks bounds a drop with).
     """
 
     metric: float
@@ -42,19 +47,56 @@ class Evaluation:
     size_bytes: int
     samples: int
     seconds: float
+    values: np.ndarray | None = field(default=None, repr=False, compare=False)
+    outputs: np.ndarray | None = field(default=None, repr=False, compare=False)
+    chunks: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("values")
+        d.pop("outputs")
+        d.pop("chunks")
+        d["per_sample"] = self.values is not None
+        return d
 
 
-def make_session(model_bytes: bytes, *, threads: int = 2) -> onnxruntime.InferenceSession:
-    """A CPU ``InferenceSession`` with all graph optimizations and ``threads`` intra-op threads.
+#: Execution providers a recipe can target (``evaluate.provider``), by short name.
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def make_session(
+    model_bytes: bytes | str, *, threads: int = 2, provider: str = "cpu"
+) -> onnxruntime.InferenceSession:
+    """An ``InferenceSession`` with all graph optimizations and ``threads`` intra-op threads.
+
+    Args:
+        model_bytes: the serialized model, or the path of an ``.onnx`` file (needed when its
+            weights are in external data).
+        threads: intra-op threads.
+        provider: the target execution provider, a short name of :data:`PROVIDERS`; nodes it cannot
+            run fall back to the CPU provider.
 
     Raises:
+        UsageError: an unknown provider, or one this onnxruntime build does not have (the message
+            names the available ones).
         ExportError: onnxruntime rejects the model.
     """
     import onnxruntime as ort
 
+    if provider not in PROVIDERS:
+        raise UsageError(f"unknown execution provider {provider!r}; allowed: {', '.join(PROVIDERS)}")
+    available = ort.get_available_providers()
+    if PROVIDERS[provider] not in available:
+        names = {v: k for k, v in PROVIDERS.items()}
+        raise UsageError(
+            f"execution provider {provider!r} ({PROVIDERS[provider]}) is not available in this "
+            f"onnxruntime build; available: {', '.join(names.get(a, a) for a in available)}"
+        )
+    providers = list(dict.fromkeys([PROVIDERS[provider], "CPUExecutionProvider"]))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
@@ -62,7 +104,7 @@ def make_session(model_bytes: bytes, *, threads: int = 2) -> onnxruntime.Inferen
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3  # errors only; warnings about NCHWc serialization are noise here
     try:
-        return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model_bytes, options, providers=providers)
     except Exception as e:  # onnxruntime's pybind errors (Fail, InvalidGraph, ...) share only Exception
         raise ExportError(f"onnxruntime cannot load the model: {e}") from e
 
@@ -72,22 +114,31 @@ def evaluate_onnx(
     batches: Iterable[tuple[Any, Any]],
     metric_fn: MetricFn,
     *,
+    io: ModelIO | None = None,
     threads: int = 2,
+    provider: str = "cpu",
     latency_runs: int = 20,
     latency_batch: int | None = None,
     warmup: int = 3,
+    keep_outputs: bool = False,
 ) -> Evaluation:
     """Run ``model`` over ``batches`` in one onnxruntime session and measure it.
 
     Args:
         model: an ``onnx.ModelProto`` or the path of an ``.onnx`` file.
-        batches: ``(inputs, targets)`` pairs (torch tensors or numpy arrays), e.g. a split.
-        metric_fn: ``fn(outputs, targets) -> float`` over the whole split (numpy arrays).
+        batches: ``(inputs, targets)`` pairs (torch tensors or numpy arrays, inputs possibly a
+            tuple or dict), e.g. a split.
+        metric_fn: ``fn(outputs, targets)`` over the whole split (numpy arrays): per-sample values
+            (shape ``(N,)``; the metric is their mean) or one number.
+        io: the model-I/O contract that names and types the inputs; default: the model has one
+            input, fed as float32.
         threads: onnxruntime intra-op threads.
+        provider: the execution provider (:func:`make_session`).
         latency_runs: timed runs; the latency is their median.
         latency_batch: samples in the timed batch (taken from the split, repeated if it is
             smaller); default: the first batch as it is.
         warmup: untimed runs before timing.
+        keep_outputs: keep the concatenated outputs in :attr:`Evaluation.outputs`.
 
     Example:
         >>> from hawqtool.tasks import top1
@@ -95,9 +146,12 @@ def evaluate_onnx(
         >>> ev.metric, ev.latency_ms, ev.size_bytes                     # doctest: +SKIP
 
     Raises:
-        UsageError: an empty split, a bad setting, or a model path that does not exist.
+        UsageError: an empty split, a bad setting, a model path that does not exist, or a metric
+            that is NaN or of the wrong shape.
         ExportError: onnxruntime fails to load or run the model.
     """
+    from hawqtool.tasks import metric_by_chunks, per_sample
+
     start = time.perf_counter()
     if threads < 1 or latency_runs < 1 or warmup < 0 or (latency_batch is not None and latency_batch < 1):
         raise UsageError(
@@ -105,37 +159,50 @@ def evaluate_onnx(
             f"threads={threads}, latency_runs={latency_runs}, warmup={warmup}, latency_batch={latency_batch}"
         )
     if isinstance(model, (str, Path)):
-        try:
-            data = Path(model).read_bytes()
-        except OSError as e:
-            raise UsageError(f"cannot read model {model}: {e}") from e
+        path = Path(model)
+        if not path.is_file():
+            raise UsageError(f"cannot read model {model}: no such file")
+        # A path, not bytes: a model over 2 GB keeps its weights in external data beside it.
+        size = path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(f"{path.name}.data"))
+        session = make_session(str(path), threads=threads, provider=provider)
     else:
         data = model.SerializeToString()
-    session = make_session(data, threads=threads)
+        size = len(data)
+        session = make_session(data, threads=threads, provider=provider)
     input_name = session.get_inputs()[0].name
 
-    def run(x: np.ndarray) -> np.ndarray:
+    def feeds(x: Any) -> dict[str, np.ndarray]:
+        if io is not None:
+            return io.feeds(x)
+        return {input_name: np.ascontiguousarray(_numpy(x).astype(np.float32, copy=False))}
+
+    def run(feed: dict[str, np.ndarray]) -> np.ndarray:
         try:
-            return np.asarray(session.run(None, {input_name: x})[0])
+            return np.asarray(session.run(None, feed)[0])
         except Exception as e:  # see make_session
             raise ExportError(f"onnxruntime failed to run the model: {e}") from e
 
-    inputs, outputs, targets = [], [], []
+    fed, outputs, targets = [], [], []
     for x, y in batches:
-        xs = _numpy(x).astype(np.float32, copy=False)
-        inputs.append(xs)
-        outputs.append(run(xs))
+        feed = feeds(x)
+        fed.append(feed)
+        outputs.append(run(feed))
         targets.append(_numpy(y))
-    if not inputs:
+    if not fed:
         raise UsageError("cannot evaluate on an empty split: give at least one (inputs, targets) batch")
-    metric = float(metric_fn(np.concatenate(outputs), np.concatenate(targets)))
+    out = _concat(outputs)
+    tgt = _concat(targets)
+    raw = metric_fn(out, tgt)
+    n = len(out)
+    values = per_sample(raw, n)
+    metric = float(np.mean(values)) if values is not None else float(raw)  # type: ignore[arg-type]
+    if not np.isfinite(metric):
+        raise UsageError(f"the metric is {metric} on this split: check the targets and the metric")
+    chunks = metric_by_chunks(metric_fn, out, tgt) if values is None and n >= 5 else None
 
-    timed = inputs[0]
+    timed = fed[0]
     if latency_batch is not None:
-        pool = np.concatenate(inputs)
-        reps = -(-latency_batch // len(pool))
-        timed = np.concatenate([pool] * reps)[:latency_batch] if reps > 1 else pool[:latency_batch]
-    timed = np.ascontiguousarray(timed)
+        timed = {k: _repeat_to([f[k] for f in fed], latency_batch) for k in fed[0]}
     for _ in range(warmup):
         run(timed)
     times = []
@@ -146,13 +213,43 @@ def evaluate_onnx(
     return Evaluation(
         metric=metric,
         latency_ms=1e3 * statistics.median(times),
-        size_bytes=len(data),
-        samples=sum(len(t) for t in targets),
+        size_bytes=size,
+        samples=n,
         seconds=time.perf_counter() - start,
+        values=values,
+        outputs=out if keep_outputs else None,
+        chunks=chunks,
     )
 
 
+def _concat(arrays: list[np.ndarray]) -> np.ndarray:
+    """Concatenate along the batch axis; ragged trailing axes (token sequences of different
+    lengths per batch) are right-padded with zeros to the longest."""
+    if len({a.shape[1:] for a in arrays}) <= 1:
+        return np.concatenate(arrays)
+    rank = {a.ndim for a in arrays}
+    if len(rank) > 1:
+        raise UsageError(f"batches give outputs of different ranks: {sorted(rank)}")
+    shape = np.max([a.shape[1:] for a in arrays], axis=0)
+    padded = []
+    for a in arrays:
+        p = np.zeros((len(a), *shape), a.dtype)
+        p[(slice(None), *(slice(0, s) for s in a.shape[1:]))] = a
+        padded.append(p)
+    return np.concatenate(padded)
+
+
+def _repeat_to(pool: list[np.ndarray], n: int) -> np.ndarray:
+    if len({a.shape[1:] for a in pool}) > 1:
+        pool = pool[:1]
+    joined = np.concatenate(pool)
+    reps = -(-n // len(joined))
+    return np.ascontiguousarray(np.concatenate([joined] * reps)[:n] if reps > 1 else joined[:n])
+
+
 def _numpy(x: Any) -> np.ndarray:
+    if x is None:
+        raise UsageError("a batch has no targets: give (inputs, targets) pairs or set task.targets: model")
     if hasattr(x, "detach"):
         return x.detach().cpu().numpy()  # type: ignore[no-any-return]
     return np.asarray(x)

@@ -7,78 +7,264 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from hawqtool import modelio
 from hawqtool.errors import UsageError
+from hawqtool.modelio import Batch, ModelIO
 from hawqtool.types import LayerInfo, format_bits
 
-QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
-Batch = tuple[torch.Tensor, torch.Tensor]
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------
+# Layer handlers: which weights are quantizable, and how to see them
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerHandler:
+    """How hawqtool treats one kind of weighted module. A new kind is one handler in :data:`HANDLERS`.
+
+    Attributes:
+        kind: the layer kind recorded in :class:`~hawqtool.types.LayerInfo` (``linear``, ...).
+        matches: ``isinstance``-style test on a module.
+        params: the module's quantizable parameters: ``(layer suffix, parameter name)`` pairs; the
+            layer is named ``module_fqn + suffix`` (``""`` for the module itself).
+        transposed: the parameter is stored ``(in, out)`` (Hugging Face ``Conv1D``); the weight view
+            every stage quantizes is its transpose, output channels first.
+        activations: whether the layer's input can be quantized (an embedding's input is ids).
+        onnx_ops: ONNX ops that consume the weight as their weight input.
+    """
+
+    kind: str
+    matches: Callable[[nn.Module], bool]
+    params: tuple[tuple[str, str], ...] = (("", "weight"),)
+    transposed: bool = False
+    activations: bool = True
+    onnx_ops: tuple[str, ...] = ("Conv", "Gemm", "MatMul")
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    # Hugging Face's GPT-2 ``Conv1D`` is a Linear with a transposed (in, out) weight; matched by
+    # name so that transformers stays an optional import.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+#: Checked in order; the first handler that matches a module owns it.
+HANDLERS: tuple[LayerHandler, ...] = (
+    LayerHandler("linear", lambda m: isinstance(m, nn.Linear), onnx_ops=("Gemm", "MatMul")),
+    LayerHandler("conv1d", lambda m: isinstance(m, nn.Conv1d), onnx_ops=("Conv",)),
+    LayerHandler("conv2d", lambda m: isinstance(m, nn.Conv2d), onnx_ops=("Conv",)),
+    LayerHandler(
+        "mha_in_proj",
+        lambda m: isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None,
+        params=((".in_proj", "in_proj_weight"),),
+        onnx_ops=("Gemm", "MatMul"),
+    ),
+    LayerHandler("embedding", lambda m: isinstance(m, nn.Embedding), activations=False, onnx_ops=("Gather",)),
+    LayerHandler("hf_conv1d", _is_hf_conv1d, transposed=True, onnx_ops=("Gemm", "MatMul")),
+)
+#: Kinds whose input activations can be quantized (integer kernels); the others are weight-only.
+ACTIVATION_KINDS = frozenset(h.kind for h in HANDLERS if h.activations)
+
+
+def handler_for(kind: str) -> LayerHandler:
+    """The handler of a layer kind.
+
+    Raises:
+        UsageError: an unknown kind, naming the known ones.
+    """
+    for h in HANDLERS:
+        if h.kind == kind:
+            return h
+    raise UsageError(f"unknown layer kind {kind!r}; known: {', '.join(h.kind for h in HANDLERS)}")
+
+
+def _match(module: nn.Module) -> LayerHandler | None:
+    return next((h for h in HANDLERS if h.matches(module)), None)
 
 
 @dataclass(frozen=True)
 class PreparedModel:
-    """A BN-folded copy of the user's model in eval mode and its quantizable layers (model order)."""
+    """A BN-folded copy of the user's model in eval mode and its quantizable layers (model order).
+
+    Attributes:
+        model: the BN-folded copy (parameters frozen).
+        layers: one :class:`LayerInfo` per quantizable weight tensor (a tensor shared by several
+            modules is one layer).
+        example_input: the first calibration batch's inputs (a pytree).
+        io: the model-I/O contract (:class:`hawqtool.modelio.ModelIO`).
+        unused: weighted layers the selected output does not depend on (e.g. a pooler): excluded.
+        unsupported: weight tensors of modules no handler knows: kept float.
+    """
 
     model: nn.Module
     layers: tuple[LayerInfo, ...]
-    example_input: torch.Tensor
+    example_input: Any
+    io: ModelIO | None = None
+    unused: tuple[str, ...] = ()
+    unsupported: tuple[str, ...] = ()
 
     @property
     def fqns(self) -> tuple[str, ...]:
         return tuple(layer.fqn for layer in self.layers)
 
+    def info(self, fqn: str) -> LayerInfo:
+        for layer in self.layers:
+            if layer.fqn == fqn:
+                return layer
+        raise UsageError(f"unknown layer {fqn!r}; layers are: {', '.join(self.fqns)}")
+
     def module(self, fqn: str) -> nn.Module:
-        return self.model.get_submodule(fqn)
+        """The module that owns a layer's weight."""
+        return self.model.get_submodule(self.info(fqn).param.rpartition(".")[0])
+
+    def param(self, fqn: str) -> nn.Parameter:
+        """The parameter tensor of one layer, in its stored layout."""
+        return self.model.get_parameter(self.info(fqn).param)
 
     def weight(self, fqn: str) -> torch.Tensor:
-        """The (BN-folded) weight of one quantizable layer."""
-        return self.module(fqn).weight.detach()  # type: ignore[operator]
+        """The (BN-folded) weight of one layer, output channels first (what the quantizer sees)."""
+        w = self.param(fqn).detach()
+        return w.T if self.info(fqn).transposed else w
 
     def weights(self) -> list[torch.Tensor]:
-        """The weight tensors of the quantizable layers, in :attr:`layers` order."""
+        """The weight views of the quantizable layers, in :attr:`layers` order."""
         return [self.weight(f) for f in self.fqns]
 
+    def forward(self, inputs: Any) -> torch.Tensor:
+        """The selected output of the prepared model on one batch of inputs."""
+        assert self.io is not None
+        return self.io.forward(self.model, inputs)
 
-def _kind(module: nn.Module) -> str:
-    return {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Linear: "linear"}[type(module)]
+
+def to_param_layout(info: LayerInfo, view: torch.Tensor) -> torch.Tensor:
+    """A tensor in a layer's weight-view layout (output channels first) back in its stored layout."""
+    return view.T if info.transposed else view
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """Return an eval-mode copy of ``model`` with every BatchNorm that directly follows a
-    Conv1d/Conv2d (in module registration order, as in ``conv -> bn`` pairs) folded into it.
+def fold_batchnorm(model: nn.Module, example_input: Any = None, *, io: ModelIO | None = None) -> nn.Module:
+    """Return an eval-mode copy of ``model`` with every BatchNorm fed by a Conv1d/Conv2d folded into it.
 
-    Uses torch's own ``fuse_conv_bn_eval``. Folding is only done where it is exact: the BN's input
-    must be the conv's output. Pairs are found by tracing which module feeds which during one
-    forward pass, so a BN that is not fed by a conv is left alone.
+    Uses torch's own ``fuse_conv_bn_eval``. With ``example_input`` (what :func:`prepare_model`
+    passes), pairs come from the data flow of one forward pass: a BN whose input tensor is a conv's
+    output tensor. Each pair is folded only if the outputs stay the same (a conv output that also
+    feeds something else, e.g. a skip connection, must not absorb the BN), so a BN that runs
+    before its conv, or is shared, is left alone. Without an example input, pairs are a conv and
+    the BN registered right after it (``Sequential(conv, bn)``, ``conv1``/``bn1``), unchecked.
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     model = copy.deepcopy(model).eval()
-    return _fold_pairs(model, fuse_conv_bn_eval)
+    if example_input is None:
+        for conv, bn in _registration_pairs(model):
+            _fuse(model, conv, bn, fuse_conv_bn_eval)
+        return model
+    pairs = _dataflow_pairs(model, example_input, io)
+    if not pairs:
+        return model
 
+    def run(m: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return io.forward(m, example_input) if io is not None else modelio.call(m, example_input)
 
-def _fold_pairs(model: nn.Module, fuse) -> nn.Module:  # type: ignore[no-untyped-def]
-    # Register-order pairing: a BN whose previous sibling-or-cousin module is a conv with matching
-    # channels. This covers Sequential(conv, bn) and attribute pairs (conv1/bn1) in the zoo and in
-    # most CNNs; it is validated by comparing outputs in ``prepare_model``.
-    names = [(n, m) for n, m in model.named_modules() if n]
-    prev: tuple[str, nn.Module] | None = None
-    for name, mod in names:
-        if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)) and prev is not None:
-            pname, pmod = prev
-            if isinstance(pmod, (nn.Conv1d, nn.Conv2d)) and pmod.out_channels == mod.num_features:
-                fused = fuse(pmod, mod)
-                _set_submodule(model, pname, fused)
-                _set_submodule(model, name, nn.Identity())
-        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.Linear)):
-            prev = (name, mod)
+    ref = run(model)
+
+    def same(m: nn.Module) -> bool:
+        out = run(m)
+        if isinstance(ref, torch.Tensor) and isinstance(out, torch.Tensor):
+            tol = 1e-4 * float(ref.abs().max()) + 1e-5
+            return bool(torch.allclose(ref, out, rtol=1e-3, atol=tol))
+        return False
+
+    trial = copy.deepcopy(model)
+    for conv, bn in pairs:
+        _fuse(trial, conv, bn, fuse_conv_bn_eval)
+    if same(trial):
+        return trial
+    for conv, bn in pairs:  # some pair is not exact: keep only those that are, one at a time
+        trial = copy.deepcopy(model)
+        _fuse(trial, conv, bn, fuse_conv_bn_eval)
+        if same(trial):
+            model = trial
+        else:
+            log.info("BatchNorm %r is not folded into %r: its conv output is used elsewhere", bn, conv)
     return model
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d)
+_BNS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def _registration_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    pairs = []
+    prev: tuple[str, nn.Module] | None = None
+    for name, mod in ((n, m) for n, m in model.named_modules() if n):
+        if isinstance(mod, _BNS) and prev is not None:
+            pname, pmod = prev
+            if isinstance(pmod, _CONVS) and pmod.out_channels == mod.num_features:
+                pairs.append((pname, name))
+        if isinstance(mod, (*_CONVS, *_BNS, nn.Linear)):
+            prev = (name, mod)
+    return pairs
+
+
+def _dataflow_pairs(model: nn.Module, example_input: Any, io: ModelIO | None) -> list[tuple[str, str]]:
+    """(conv, bn) pairs where the BN's input is the very tensor the conv returned (each used once)."""
+    produced: dict[int, str] = {}
+    pairs: dict[str, str] = {}
+    calls: dict[str, int] = {}
+    hooks = []
+
+    def conv_hook(name: str):  # type: ignore[no-untyped-def]
+        def fn(mod: nn.Module, inp: tuple[Any, ...], out: Any) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            produced[id(out)] = name
+
+        return fn
+
+    def bn_hook(name: str):  # type: ignore[no-untyped-def]
+        def fn(mod: nn.Module, inp: tuple[Any, ...]) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            src = produced.get(id(inp[0])) if inp else None
+            if src is not None:
+                pairs[name] = src
+
+        return fn
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, _CONVS):
+            hooks.append(mod.register_forward_hook(conv_hook(name)))
+        elif isinstance(mod, _BNS):
+            hooks.append(mod.register_forward_pre_hook(bn_hook(name)))
+    try:
+        with torch.no_grad():
+            if io is not None:
+                io.forward(model, example_input)
+            else:
+                modelio.call(model, example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = []
+    for bn, conv in pairs.items():
+        c, b = model.get_submodule(conv), model.get_submodule(bn)
+        if calls.get(conv) == 1 and calls.get(bn) == 1 and c.out_channels == b.num_features:  # type: ignore[union-attr]
+            out.append((conv, bn))
+    return out
+
+
+def _fuse(model: nn.Module, conv: str, bn: str, fuse) -> None:  # type: ignore[no-untyped-def]
+    fused = fuse(model.get_submodule(conv), model.get_submodule(bn))
+    _set_submodule(model, conv, fused)
+    _set_submodule(model, bn, nn.Identity())
 
 
 def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
@@ -86,29 +272,114 @@ def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def count_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
-    """Multiply-accumulates per quantizable layer for ONE sample, counted from a real forward pass."""
+def _discover(model: nn.Module) -> tuple[list[tuple[str, LayerHandler, str, str, nn.Module]], list[str]]:
+    """Quantizable tensors ``(layer fqn, handler, parameter fqn, module fqn, module)`` in model
+    order, one per tensor (tied weights go to the first module that uses them), and the weight
+    tensors (≥ 2-D parameters) that no handler claims."""
+    found: list[tuple[str, LayerHandler, str, str, nn.Module]] = []
+    owner: dict[int, int] = {}  # id(tensor) -> index in found
+    claimed: set[int] = set()
+    for name, mod in model.named_modules():
+        handler = _match(mod)
+        if handler is None:
+            continue
+        for suffix, pname in handler.params:
+            p = getattr(mod, pname, None)
+            if not isinstance(p, torch.Tensor) or p.ndim < 2:
+                continue
+            claimed.add(id(p))
+            if id(p) in owner:
+                continue
+            owner[id(p)] = len(found)
+            fqn = f"{name}{suffix}" if name else (suffix.lstrip(".") or pname)
+            found.append((fqn, handler, f"{name}.{pname}" if name else pname, name, mod))
+    unsupported = [
+        n for n, p in model.named_parameters(remove_duplicate=True) if p.ndim >= 2 and id(p) not in claimed
+    ]
+    return found, unsupported
+
+
+def _tensor_users(model: nn.Module) -> dict[int, list[str]]:
+    users: dict[int, list[str]] = {}
+    for name, mod in model.named_modules():
+        handler = _match(mod)
+        if handler is None:
+            continue
+        for _, pname in handler.params:
+            p = getattr(mod, pname, None)
+            if isinstance(p, torch.Tensor):
+                users.setdefault(id(p), []).append(name)
+    return users
+
+
+def count_macs(model: nn.Module, example_input: Any, io: ModelIO | None = None) -> dict[str, int]:
+    """Multiply-accumulates per quantizable module for ONE sample, counted from a real forward pass.
+
+    Keys are module FQNs; a module that never runs is absent (that is how unused layers are found).
+    An embedding is a lookup: 0 MACs, but present when it runs.
+    """
     macs: dict[str, int] = {}
     hooks = []
+    n = modelio.batch_size(example_input)
 
-    def hook(name: str):  # type: ignore[no-untyped-def]
-        def fn(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+    def hook(name: str, kind: str):  # type: ignore[no-untyped-def]
+        def fn(mod: nn.Module, inp: tuple[Any, ...], out: Any) -> None:
             # Every output element is one dot product with one output channel's filter (a module
             # called twice, e.g. shared weights, counts twice).
-            macs[name] = macs.get(name, 0) + out[:1].numel() * mod.weight[0].numel()  # type: ignore[index]
+            if kind == "embedding":
+                count = 0
+            elif kind == "mha_in_proj":
+                # q, k and v projections: each query/key/value element passes 3E x E weights once.
+                q = inp[0] if inp else None
+                per = (
+                    q.numel() // (q.shape[1] if not mod.batch_first and q.ndim == 3 else n)
+                    if q is not None
+                    else 0
+                )
+                count = per * mod.in_proj_weight.shape[0]  # type: ignore[union-attr]
+                # MultiheadAttention applies its out_proj functionally: the hook never fires there.
+                out_name = f"{name}.out_proj" if name else "out_proj"
+                macs[out_name] = macs.get(out_name, 0) + per * mod.out_proj.out_features  # type: ignore[union-attr]
+            elif kind == "hf_conv1d":
+                count = out.numel() // n * mod.weight.shape[0]  # type: ignore[union-attr]
+            else:
+                count = out.numel() // n * mod.weight[0].numel()  # type: ignore[index]
+            macs[name] = macs.get(name, 0) + int(count)
 
         return fn
 
     for name, mod in model.named_modules():
-        if isinstance(mod, QUANTIZABLE):
-            hooks.append(mod.register_forward_hook(hook(name)))
+        handler = _match(mod)
+        if handler is not None:
+            hooks.append(mod.register_forward_hook(hook(name, handler.kind)))
     try:
         with torch.no_grad():
-            model(example_input[:1])
+            if io is not None:
+                io.forward(model, example_input)
+            else:
+                modelio.call(model, example_input)
     finally:
         for h in hooks:
             h.remove()
     return macs
+
+
+def _used_params(model: nn.Module, io: ModelIO, example_input: Any, params: Sequence[str]) -> set[str]:
+    """The parameters the selected output depends on (one backward pass; no data leaves the model)."""
+    tensors = [model.get_parameter(p) for p in params]
+    saved = [t.requires_grad for t in tensors]
+    try:
+        for t in tensors:
+            t.requires_grad_(True)
+        with torch.enable_grad(), double_backward_attention():
+            out = io.forward(model, example_input)
+            if not out.requires_grad:
+                return set()
+            grads = torch.autograd.grad(out.float().sum(), tensors, allow_unused=True)
+    finally:
+        for t, s in zip(tensors, saved, strict=True):
+            t.requires_grad_(s)
+    return {p for p, g in zip(params, grads, strict=True) if g is not None}
 
 
 def resolve_pins(pins: Mapping[str, str], fqns: Sequence[str]) -> dict[str, str]:
@@ -143,52 +414,87 @@ def first_batch(batches: object, split: str = "calibration") -> Batch:
 
 
 def prepare_model(
-    model: nn.Module, example_input: torch.Tensor, *, pins: Mapping[str, str] | None = None
+    model: nn.Module,
+    example_input: Any,
+    *,
+    pins: Mapping[str, str] | None = None,
+    io: ModelIO | None = None,
 ) -> PreparedModel:
     """Fold BatchNorm, find the quantizable layers and apply pins.
 
+    Args:
+        model: the user's trained model (not modified).
+        example_input: one batch of inputs (a tensor or a tuple / dict of tensors).
+        pins: FQN or ``re:`` regex -> format.
+        io: the model-I/O contract; by default inferred from ``example_input`` alone.
+
     Raises:
-        UsageError: not an ``nn.Module``, no quantizable layers, non-finite weights, or folding
-            changed the outputs (an unsupported conv/BN arrangement).
+        UsageError: not an ``nn.Module``, no quantizable layers, non-finite weights or outputs, or
+            folding changed the outputs (an unsupported conv/BN arrangement).
     """
     if not isinstance(model, nn.Module):
         raise UsageError(f"the model factory returned {type(model).__name__}, not a torch.nn.Module")
     for name, param in model.named_parameters():
-        if not torch.isfinite(param).all():
+        if param.is_floating_point() and not torch.isfinite(param).all():
             raise UsageError(f"parameter {name!r} has NaN or Inf weights")
-    folded = fold_batchnorm(model)
+    io = io or ModelIO.from_batches([(example_input, None)])
+    folded = fold_batchnorm(model, example_input, io=io)
     with torch.no_grad():
-        ref = copy.deepcopy(model).eval()(example_input)
-        got = folded(example_input)
+        ref = io.forward(copy.deepcopy(model).eval(), example_input)
+        got = io.forward(folded, example_input)
     if not torch.isfinite(ref).all():
         raise UsageError(
             "the model's outputs on the first calibration batch contain NaN or Inf: check the data"
         )
     if not torch.allclose(ref, got, rtol=1e-3, atol=1e-4 * float(ref.abs().max()) + 1e-5):
         raise UsageError("BatchNorm folding changed the model's outputs; unsupported conv/BN layout")
-    layers = []
-    for name, mod in folded.named_modules():
-        if isinstance(mod, QUANTIZABLE):
-            layers.append((name, mod))
-    if not layers:
-        raise UsageError(f"{type(model).__name__} has no quantizable layers (Conv1d, Conv2d or Linear)")
-    fqns = [n for n, _ in layers]
-    pinned = resolve_pins(pins or {}, fqns)
-    macs = count_macs(folded, example_input)
-    infos = tuple(
-        LayerInfo(
-            fqn=n,
-            kind=_kind(m),
-            weight_shape=tuple(m.weight.shape),
-            params=m.weight.numel(),
-            macs=macs.get(n, 0),
-            pinned=pinned.get(n),
+    found, unsupported = _discover(folded)
+    if not found:
+        raise UsageError(
+            f"{type(model).__name__} has no quantizable layers; known kinds: "
+            f"{', '.join(h.kind for h in HANDLERS)}"
         )
-        for n, m in layers
-    )
+    macs = count_macs(folded, example_input, io)
+    users = _tensor_users(folded)
+    used = _used_params(folded, io, example_input, [p for _, _, p, _, _ in found])
+    unused = tuple(fqn for fqn, _, p, _, _ in found if p not in used)
+    found = [row for row in found if row[2] in used]
+    if not found:
+        raise UsageError(f"the selected output of {type(model).__name__} depends on none of its layers")
+    if unused:
+        log.info("layers the selected output does not use (excluded, kept float): %s", ", ".join(unused))
+    if unsupported:
+        log.warning("weights no layer handler knows (kept float): %s", ", ".join(unsupported))
+    fqns = [row[0] for row in found]
+    pinned = resolve_pins(pins or {}, fqns)
+    infos = []
+    for fqn, handler, pname, mname, _mod in found:
+        p = folded.get_parameter(pname)
+        shape = tuple(p.shape[::-1]) if handler.transposed else tuple(p.shape)
+        sharers = [u for u in users.get(id(p), []) if u != mname]
+        infos.append(
+            LayerInfo(
+                fqn=fqn,
+                kind=handler.kind,
+                weight_shape=shape,
+                params=p.numel(),
+                macs=macs.get(mname, 0) + sum(macs.get(u, 0) for u in sharers),
+                pinned=pinned.get(fqn),
+                param=pname,
+                transposed=handler.transposed,
+                shared=tuple(sharers),
+            )
+        )
     for p in folded.parameters():
         p.requires_grad_(False)
-    return PreparedModel(model=folded, layers=infos, example_input=example_input)
+    return PreparedModel(
+        model=folded,
+        layers=tuple(infos),
+        example_input=example_input,
+        io=io,
+        unused=unused,
+        unsupported=tuple(unsupported),
+    )
 
 
 @contextlib.contextmanager
@@ -196,7 +502,7 @@ def double_backward_attention() -> Iterator[None]:
     """Route ``scaled_dot_product_attention`` to the math backend, which has a double backward.
 
     The fused CPU kernel raises "derivative for aten::_scaled_dot_product_flash_attention_for_cpu
-    _backward is not implemented" under ``create_graph=True`` (FACTS.md).
+    _backward is not implemented" under ``create_graph=True`` (docs/facts.md).
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -206,14 +512,15 @@ def double_backward_attention() -> Iterator[None]:
 
 @contextlib.contextmanager
 def swapped_weights(prepared: PreparedModel, weights: Mapping[str, torch.Tensor]) -> Iterator[nn.Module]:
-    """Temporarily replace some layers' weights (e.g. with fake-quantized ones); restored on exit."""
+    """Temporarily replace some layers' weights (views, output channels first, e.g. fake-quantized);
+    restored on exit."""
     saved = {}
     try:
         for fqn, w in weights.items():
-            mod = prepared.module(fqn)
-            saved[fqn] = mod.weight.data
-            mod.weight.data = w.to(saved[fqn].dtype)
+            p = prepared.param(fqn)
+            saved[fqn] = p.data
+            p.data = to_param_layout(prepared.info(fqn), w).to(saved[fqn].dtype)
         yield prepared.model
     finally:
         for fqn, w in saved.items():
-            prepared.module(fqn).weight.data = w
+            prepared.param(fqn).data = w

@@ -6,7 +6,7 @@ full signed grid [-2^(b-1), 2^(b-1) - 1] (int4: [-8, 7], 16 levels). Sensitivity
 
 Why the full grid and a clipping search: on the small CNN trained on MNIST-5k, a symmetric [-7, 7]
 int4 grid with a max-abs scale lost 15 points more top-1 than onnxruntime's [-8, 7] ``QInt4``
-(FACTS.md). The max-abs scale is ``max|w| / (qmax + 0.5)`` (what onnxruntime's symmetric QInt4
+(docs/facts.md). The max-abs scale is ``max|w| / (qmax + 0.5)`` (what onnxruntime's symmetric QInt4
 computes): the most negative weight lands exactly on ``qmin`` and the most positive is clipped by
 half a step. The per-channel search picks, by least squared error, among ``alpha`` times that scale
 (:data:`CLIP_RATIOS`) and the no-clip scale ``max(max(w)/qmax, -min(w)/-qmin)``, which puts the
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hawqtool.types import FLOAT, format_bits
+from hawqtool.types import parse_format
 
 #: Candidate clipping ratios of the per-channel scale search (1.0 = no clipping).
 CLIP_RATIOS = tuple(1.0 - 0.02 * i for i in range(26))  # 1.0 down to 0.5
@@ -35,7 +35,8 @@ class QuantizedWeight:
 
     Attributes:
         q: integers, ``int8`` (a container for every b ≤ 8), same shape as the weight.
-        scale: float32 per-output-channel scales, shape ``(out_channels,)``.
+        scale: float32 per-output-channel scales, shape ``(out_channels,)``, or per channel and
+            block, ``(out_channels, blocks)``.
         dequantized: ``q * scale`` in float32, exactly what ``DequantizeLinear`` computes.
         sq_error: ‖dequantized − W‖² (float64 sum).
         bits: the format's bits.
@@ -65,8 +66,10 @@ def _fake_quant(w2d: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) ->
     return torch.clamp(torch.round(w2d / scale[:, None]), qmin, qmax)
 
 
-def quantize_weight(weight: torch.Tensor, bits: int, *, clip_search: bool = True) -> QuantizedWeight:
-    """Quantize ``weight`` (output channels first) to ``bits`` bits per output channel.
+def quantize_weight(
+    weight: torch.Tensor, bits: int, *, clip_search: bool = True, block: int | None = None
+) -> QuantizedWeight:
+    """Quantize ``weight`` (output channels first) to ``bits`` bits per output channel or block.
 
     Args:
         weight: float tensor, shape ``(out_channels, ...)``.
@@ -74,6 +77,10 @@ def quantize_weight(weight: torch.Tensor, bits: int, *, clip_search: bool = True
         clip_search: choose each channel's scale by least squared error among :data:`CLIP_RATIOS`
             times the max-abs scale and the no-clip scale; otherwise use the max-abs scale
             (``alpha = 1``, onnxruntime's symmetric grid).
+        block: one scale per output channel and block of ``block`` consecutive input elements
+            (the weight flattened to ``(out_channels, K)``; a last partial block is treated as if
+            padded with zeros, which quantize exactly). ``scale`` then has shape
+            ``(out_channels, ceil(K / block))``.
 
     Example:
         >>> qw = quantize_weight(torch.tensor([[1.0, -0.5, 0.25]]), 4, clip_search=False)
@@ -82,11 +89,42 @@ def quantize_weight(weight: torch.Tensor, bits: int, *, clip_search: bool = True
     """
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be in 2..8, got {bits}")
+    if block is not None and block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
     qmin, qmax = int_range(bits)
     w = weight.detach().to(torch.float32)
     w2d = w.reshape(w.shape[0], -1)
+    k = w2d.shape[1]
+    if block is not None:
+        blocks = -(-k // block)
+        padded = torch.zeros(w2d.shape[0], blocks * block, dtype=w2d.dtype, device=w2d.device)
+        padded[:, :k] = w2d
+        rows = padded.reshape(-1, block)
+    else:
+        rows = w2d
+    q, scale = _search(rows, qmin, qmax, clip_search=clip_search)
+    if block is not None:
+        q = q.reshape(w2d.shape[0], -1)[:, :k]
+        scale = scale.reshape(w2d.shape[0], -1)
+        deq2d = q * scale.repeat_interleave(block, dim=1)[:, :k]
+    else:
+        deq2d = q * scale[:, None]
+    deq = deq2d.reshape(w.shape)
+    return QuantizedWeight(
+        q=q.to(torch.int8).reshape(w.shape),
+        scale=scale.contiguous(),
+        dequantized=deq,
+        sq_error=float(((deq - w).double() ** 2).sum()),
+        bits=bits,
+    )
+
+
+def _search(
+    w2d: torch.Tensor, qmin: int, qmax: int, *, clip_search: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integers and one scale per row of ``w2d``, by the module docstring's scale search."""
     absmax = w2d.abs().amax(dim=1)
-    # An all-zero channel has no scale to speak of; 1.0 keeps DequantizeLinear well defined.
+    # An all-zero row has no scale to speak of; 1.0 keeps DequantizeLinear well defined.
     absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax) * (qmax + 0.5))
     base = absmax / (qmax + 0.5)
     candidates = [base * r for r in CLIP_RATIOS] if clip_search else [base]
@@ -102,22 +140,26 @@ def quantize_weight(weight: torch.Tensor, bits: int, *, clip_search: bool = True
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, s, best_scale)
-    q = _fake_quant(w2d, best_scale, qmin, qmax)
-    deq = (q * best_scale[:, None]).reshape(w.shape)
-    return QuantizedWeight(
-        q=q.to(torch.int8).reshape(w.shape),
-        scale=best_scale.contiguous(),
-        dequantized=deq,
-        sq_error=float(((deq - w).double() ** 2).sum()),
-        bits=bits,
-    )
+    return _fake_quant(w2d, best_scale, qmin, qmax), best_scale
+
+
+def quantize_as(weight: torch.Tensor, fmt: str, *, clip_search: bool = True) -> QuantizedWeight:
+    """Quantize ``weight`` as format ``fmt`` (bits and block size from the format).
+
+    Raises:
+        ValueError: ``fmt`` is ``float``.
+    """
+    f = parse_format(fmt)
+    if not f.quantized:
+        raise ValueError("float is not a quantized format")
+    return quantize_weight(weight, f.bits, clip_search=clip_search, block=f.block)
 
 
 def dequantize_as(weight: torch.Tensor, fmt: str, *, clip_search: bool = True) -> torch.Tensor:
     """The weight a layer holds under format ``fmt`` (``float`` returns it unchanged)."""
-    if fmt == FLOAT:
+    if not parse_format(fmt).quantized:
         return weight.detach()
-    return quantize_weight(weight, format_bits(fmt), clip_search=clip_search).dequantized.to(weight.dtype)
+    return quantize_as(weight, fmt, clip_search=clip_search).dequantized.to(weight.dtype)
 
 
 def quant_error(weight: torch.Tensor, fmt: str, *, clip_search: bool = True) -> torch.Tensor:

@@ -22,9 +22,16 @@ from hawqtool.errors import UsageError
 # --------------------------------------------------------------------------------------------
 
 FLOAT = "float"
-#: Integer weight formats: symmetric, per output channel, full signed range [-2^(b-1), 2^(b-1)-1].
+#: The base integer formats: symmetric, per output channel, full signed range [-2^(b-1), 2^(b-1)-1],
+#: with uint8 activations around the layer (onnxruntime's integer kernels).
 INT_FORMATS = tuple(f"int{b}" for b in range(2, 9))
-KNOWN_FORMATS = (*INT_FORMATS, FLOAT)
+#: Examples of every format family, for error messages and docs; :func:`parse_format` is the rule.
+KNOWN_FORMATS = (*INT_FORMATS, *(f"{f}-w" for f in INT_FORMATS), "int4-b32", "int8-b32", FLOAT)
+FORMAT_GRAMMAR = (
+    "float, intB (B = 2..8: weights per output channel + uint8 activations), intB-w (weight-only), "
+    "intB-bK (weight-only, blocks of K input channels, K a power of two >= 16)"
+)
+_FORMAT_RE = re.compile(r"int([2-8])(?:-(w)|-b(\d+))?")
 
 #: How sub-8-bit integers are stored: ``packed`` (ONNX INT2/INT4) or ``container`` (INT8).
 STORAGES = ("packed", "container")
@@ -35,23 +42,80 @@ INT2_MIN_OPSET = 25
 DEFAULT_OPSET = 25
 
 
+@dataclass(frozen=True)
+class Format:
+    """A quantization format as data; recipes name it by a short string (:func:`parse_format`).
+
+    Attributes:
+        name: the short name (``int8``, ``int4-w``, ``int4-b32``, ``float``).
+        bits: weight bits (32 for float).
+        activations: the layer's input and output activations are quantized to uint8 (integer
+            kernels); otherwise the format is weight-only (weights dequantized, float compute).
+        block: block size along the input axis (one scale per output channel and block), or
+            ``None`` for one scale per output channel.
+    """
+
+    name: str
+    bits: int
+    activations: bool
+    block: int | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits < 32
+
+    @property
+    def weight_only(self) -> bool:
+        return self.quantized and not self.activations
+
+
+def parse_format(name: str) -> Format:
+    """The :class:`Format` a short name stands for.
+
+    Raises:
+        UsageError: a name outside :data:`FORMAT_GRAMMAR`, naming it and the allowed forms.
+
+    Example:
+        >>> parse_format("int4-b32")
+        Format(name='int4-b32', bits=4, activations=False, block=32)
+        >>> parse_format("int8").activations, parse_format("int8-w").activations
+        (True, False)
+    """
+    if name == FLOAT:
+        return Format(FLOAT, 32, False)
+    m = _FORMAT_RE.fullmatch(name) if isinstance(name, str) else None
+    if m is None:
+        raise UsageError(f"unknown format {name!r}; allowed: {FORMAT_GRAMMAR}")
+    bits = int(m.group(1))
+    if m.group(3) is not None:
+        block = int(m.group(3))
+        if block < 16 or block & (block - 1):
+            raise UsageError(f"format {name!r}: block size {block} must be a power of two >= 16")
+        return Format(name, bits, False, block)
+    return Format(name, bits, m.group(2) is None)
+
+
+def is_format(name: str) -> bool:
+    """Whether ``name`` is a valid format name."""
+    try:
+        parse_format(name)
+    except UsageError:
+        return False
+    return True
+
+
 def format_bits(fmt: str) -> int:
     """Storage bits per weight of a format: ``int4`` -> 4, ``float`` -> 32.
 
     Raises:
-        UsageError: ``fmt`` is not one of :data:`KNOWN_FORMATS`.
+        UsageError: ``fmt`` is not a format (:data:`FORMAT_GRAMMAR`).
     """
-    if fmt == FLOAT:
-        return 32
-    m = re.fullmatch(r"int([2-8])", fmt)
-    if m is None:
-        raise UsageError(f"unknown format {fmt!r}; allowed: {', '.join(KNOWN_FORMATS)}")
-    return int(m.group(1))
+    return parse_format(fmt).bits
 
 
 def is_quantized(fmt: str) -> bool:
     """Whether a format quantizes the layer (anything but ``float``)."""
-    return format_bits(fmt) < 32
+    return parse_format(fmt).quantized
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,15 +125,20 @@ def is_quantized(fmt: str) -> bool:
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """A quantizable layer found by :mod:`hawqtool.prepare`.
+    """A quantizable weight tensor found by :mod:`hawqtool.prepare`.
 
     Attributes:
-        fqn: fully-qualified module name (``layer1.0.conv1``).
-        kind: ``conv1d``, ``conv2d`` or ``linear``.
-        weight_shape: shape of the (BN-folded) weight, output channels first.
+        fqn: the layer's name: the module's fully-qualified name (``layer1.0.conv1``), or for a
+            packed parameter the module's name and a suffix (``encoder.0.self_attn.in_proj``).
+        kind: the handler's kind (``linear``, ``conv1d``, ``conv2d``, ``mha_in_proj``,
+            ``embedding``, ``hf_conv1d``).
+        weight_shape: shape of the (BN-folded) weight view, output channels first.
         params: number of weight elements.
-        macs: multiply-accumulates of one forward pass on one sample (0 when unknown).
+        macs: multiply-accumulates of one forward pass on one sample (0 when unknown or a lookup).
         pinned: format the recipe pins this layer to, or ``None``.
+        param: fully-qualified name of the parameter tensor (``fqn + ".weight"`` by default).
+        transposed: the parameter is stored as the transpose of the view (``(in, out)``).
+        shared: other modules that use the same tensor (tied weights: one decision for all).
     """
 
     fqn: str
@@ -78,6 +147,13 @@ class LayerInfo:
     params: int
     macs: int = 0
     pinned: str | None = None
+    param: str = ""
+    transposed: bool = False
+    shared: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.param:
+            object.__setattr__(self, "param", f"{self.fqn}.weight")
 
     @property
     def out_channels(self) -> int:
@@ -173,6 +249,9 @@ class OptionTable:
     options: Mapping[str, tuple[LayerOption, ...]]
     cost_model: str
     params: Mapping[str, int] = field(default_factory=dict)
+    #: What the costs and Ω assumed about the export (storage, opset, clip search, ...): the
+    #: exporter and the dependency model must agree with it (checked where the stages meet).
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
     def option(self, fqn: str, fmt: str) -> LayerOption:
         for o in self.options[fqn]:
@@ -193,6 +272,7 @@ class OptionTable:
             "options": {k: [asdict(o) for o in v] for k, v in self.options.items()},
             "cost_model": self.cost_model,
             "params": dict(self.params),
+            "settings": dict(self.settings),
         }
 
     @classmethod
@@ -202,6 +282,7 @@ class OptionTable:
             options={k: tuple(LayerOption(**o) for o in v) for k, v in d["options"].items()},
             cost_model=d["cost_model"],
             params=dict(d.get("params", {})),
+            settings=dict(d.get("settings", {})),
         )
 
 
@@ -274,6 +355,9 @@ class Budget:
     mode: str = "absolute"
     min_drop: float | None = None
     higher_is_better: bool = True
+    #: One-sided confidence of the bound on the drop a candidate must keep within ``max_drop``
+    #: (paired against the float model on the same samples); 0 = the point estimate decides.
+    confidence: float = 0.0
 
     def drop(self, baseline: float, metric: float) -> float:
         """The drop of ``metric`` from ``baseline`` in this budget's mode (positive = worse)."""
@@ -304,6 +388,12 @@ class Trial:
     seconds: float
     allocation: Mapping[str, str]
     note: str = ""
+    drop_lower: float | None = None  # one-sided bounds on the drop at ``confidence``
+    drop_upper: float | None = None
+    confidence: float = 0.0
+    bound: str = "point"  # how the bounds were computed (hawqtool.confidence)
+    source: str = "candidates"  # the list the probe came from: candidates | frontier (gap fill)
+    latency_ms: float | None = None  # measured end-to-end latency, when timed
 
 
 def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> None:
