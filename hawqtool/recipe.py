@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hawqtool.errors import RecipeError
-from hawqtool.types import DEFAULT_OPSET, KNOWN_FORMATS, Budget, format_bits
+from hawqtool.types import DEFAULT_OPSET, FORMAT_GRAMMAR, Budget, format_bits, is_format
 
 
 class _Section(BaseModel):
@@ -40,15 +40,41 @@ class DataSection(_Section):
 
 
 class TaskSection(_Section):
-    """The loss the Hessian is taken of, and the metric the budget is stated in."""
+    """The loss the Hessian is taken of, the metric the budget is stated in, and what they compare.
 
-    loss: str = "cross_entropy"
-    metric: str = "top1"
-    higher_is_better: bool = True
+    ``targets: labels`` takes targets from the data (``(inputs, targets)`` batches);
+    ``targets: model`` uses the float model's own outputs (teacher fidelity: no labels needed).
+    ``output`` picks the tensor loss and metric see when the model returns a tuple, dict or
+    ``ModelOutput``: a key or attribute (``logits``, ``last_hidden_state``), an index, or an import
+    path ``package.module:function``. Defaults: labels → ``cross_entropy`` + ``top1``; model →
+    ``kl`` + ``top1_agreement`` (for embeddings give ``loss: mse`` and ``metric: cosine``).
+    """
+
+    loss: str | None = None
+    metric: str | None = None
+    higher_is_better: bool | None = None
+    targets: Literal["labels", "model"] = "labels"
+    output: str | int | None = None
+
+    @property
+    def loss_name(self) -> str:
+        return self.loss or ("kl" if self.targets == "model" else "cross_entropy")
+
+    @property
+    def metric_name(self) -> str:
+        return self.metric or ("top1_agreement" if self.targets == "model" else "top1")
+
+    @property
+    def higher_is_better_resolved(self) -> bool:
+        if self.higher_is_better is not None:
+            return self.higher_is_better
+        from hawqtool.tasks import HIGHER_IS_BETTER
+
+        return HIGHER_IS_BETTER.get(self.metric_name, True)
 
 
 class HessianSection(_Section):
-    """Per-layer Hutchinson trace estimation (DESIGN.md §2)."""
+    """Per-layer Hutchinson trace estimation (docs/design.md §2)."""
 
     seed: int = 0
     rel_tol: float = Field(0.05, gt=0, lt=1)
@@ -58,6 +84,9 @@ class HessianSection(_Section):
     # Images per probe, drawn afresh from the calibration split (an unbiased estimate of the split's
     # Hessian that costs less per HVP); null uses the whole split for every probe.
     sub_batch: int | None = Field(128, ge=1)
+    # Compute dtype of the Hessian stages; the half precisions need CUDA (checked when the device is
+    # known: hessian.device may be auto).
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     @model_validator(mode="after")
     def _probes(self) -> HessianSection:
@@ -70,7 +99,8 @@ class AllocationSection(_Section):
     """Candidate formats per layer, the cost model and pins (FQN or ``re:`` regex → format)."""
 
     formats: tuple[str, ...] = ("int4", "int8", "float")
-    cost: Literal["size", "bops"] = "size"
+    # size (bytes) | bops | latency (ms, measured per layer and format on evaluate.provider)
+    cost: Literal["size", "bops", "latency"] = "size"
     pins: dict[str, str] = Field(default_factory=dict)
     # Bounds on the frontier's size for models with hundreds of layers; null = exact. cost_grid is a
     # bucket width in cost units, omega_grid one in ln(ΣΩ); both together stay within 0.5 % of the
@@ -83,10 +113,10 @@ class AllocationSection(_Section):
     @classmethod
     def _formats(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         if not v:
-            raise ValueError(f"give at least one format; allowed: {', '.join(KNOWN_FORMATS)}")
+            raise ValueError(f"give at least one format; allowed: {FORMAT_GRAMMAR}")
         for f in v:
-            if f not in KNOWN_FORMATS:
-                raise ValueError(f"unknown format {f!r}; allowed: {', '.join(KNOWN_FORMATS)}")
+            if not is_format(f):
+                raise ValueError(f"unknown format {f!r}; allowed: {FORMAT_GRAMMAR}")
         if len(set(v)) != len(v):
             raise ValueError(f"formats repeat: {list(v)}")
         return tuple(sorted(v, key=format_bits))
@@ -95,8 +125,8 @@ class AllocationSection(_Section):
     @classmethod
     def _pins(cls, v: dict[str, str]) -> dict[str, str]:
         for key, f in v.items():
-            if f not in KNOWN_FORMATS:
-                raise ValueError(f"pin {key!r}: unknown format {f!r}; allowed: {', '.join(KNOWN_FORMATS)}")
+            if not is_format(f):
+                raise ValueError(f"pin {key!r}: unknown format {f!r}; allowed: {FORMAT_GRAMMAR}")
         return v
 
 
@@ -106,6 +136,9 @@ class BudgetSection(_Section):
     max_drop: float = Field(ge=0)
     mode: Literal["absolute", "relative"]
     min_drop: float | None = Field(None, ge=0)
+    # A candidate meets the budget when the one-sided upper confidence bound of its drop (paired
+    # against the float model on the same evaluation samples) is within max_drop; 0 = point estimate.
+    confidence: float = Field(0.95, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _range(self) -> BudgetSection:
@@ -128,7 +161,7 @@ class ExportSection(_Section):
     # converter lifts it. Packed int4 needs >= 21.
     opset: int = Field(DEFAULT_OPSET, ge=18, le=25)
     # container: b-bit integers in int8 (ORT's fast int8 kernels); packed: INT2/INT4 initializers
-    # (smaller file, dequantize + float compute on CPU; FACTS.md).
+    # (smaller file, dequantize + float compute on CPU; docs/facts.md).
     int4_storage: Literal["container", "packed"] = "packed"
     calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
 
@@ -138,6 +171,8 @@ class EvaluateSection(_Section):
 
     threads: int = Field(2, ge=1)
     latency_runs: int = Field(20, ge=1)
+    # The execution provider the model is evaluated and timed on (latency costs are measured there).
+    provider: Literal["cpu", "cuda", "tensorrt"] = "cpu"
 
 
 class Recipe(_Section):
@@ -158,7 +193,13 @@ class Recipe(_Section):
     @property
     def budget_spec(self) -> Budget:
         b = self.budget
-        return Budget(b.max_drop, b.mode, b.min_drop, higher_is_better=self.task.higher_is_better)
+        return Budget(
+            b.max_drop,
+            b.mode,
+            b.min_drop,
+            higher_is_better=self.task.higher_is_better_resolved,
+            confidence=b.confidence,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

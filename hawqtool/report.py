@@ -11,9 +11,22 @@ import io
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hawqtool.types import Frontier, SensitivityTable, write_bytes_atomic, write_json_atomic
+from hawqtool.types import (
+    Frontier,
+    FrontierPoint,
+    SensitivityTable,
+    parse_format,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+
+if TYPE_CHECKING:
+    from hawqtool.evaluate import Evaluation
+    from hawqtool.prepare import PreparedModel
+    from hawqtool.recipe import Recipe
+    from hawqtool.search import SearchResult
 
 
 def _csv_bytes(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> bytes:
@@ -25,7 +38,7 @@ def _csv_bytes(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> bytes:
 
 
 def sensitivity_rows(table: SensitivityTable) -> list[dict[str, Any]]:
-    """One dict per layer in model order, with the keys of DESIGN.md's output contract."""
+    """One dict per layer in model order, with the keys of the output contract in docs/design.md."""
     return [
         {
             "layer": r.layer,
@@ -79,6 +92,167 @@ def write_frontier_csv(frontier: Frontier, out: Path) -> None:
         for r in rows
     ]
     write_bytes_atomic(out / "frontier.csv", _csv_bytes(header, body))
+
+
+def _drop(recipe: Recipe, base: Evaluation, cand: Evaluation, seed: int) -> dict[str, Any]:
+    """The drop of ``cand`` from ``base`` on the same split, with paired bounds at the budget's
+    confidence (see :func:`hawqtool.search.judge`)."""
+    from hawqtool.search import Measurement, judge
+
+    b = recipe.budget_spec
+    est = judge(b, Measurement.of(base), Measurement.of(cand), seed=seed)
+    return {**est.to_dict(), "met": est.upper <= b.max_drop + 1e-12}
+
+
+def build_report(
+    *,
+    recipe: Recipe,
+    prepared: PreparedModel,
+    table: SensitivityTable,
+    front: Frontier,
+    result: SearchResult,
+    baseline: tuple[Evaluation, Evaluation],
+    final: tuple[Evaluation, Evaluation] | None,
+    chosen: FrontierPoint | None,
+    candidates: int,
+    dependency: bool,
+    timings: Mapping[str, float],
+    versions: Mapping[str, str],
+    model_path: Path | None,
+) -> dict[str, Any]:
+    """``report.json``: the output contract of docs/design.md, plus what each stage assumed.
+
+    Keys of 0.1 are kept (``baseline``, ``result`` {metric, test_metric, latency_ms, size_bytes,
+    allocation}, ``budget``, ``budget_met``, ``search``, ``sensitivity``, ``frontier``, ``seed``,
+    ``versions``); 0.2 adds the drop intervals on evaluation and test, the smallest drop the split
+    resolves, the model-I/O contract and the layers kept float (unused or unsupported).
+    """
+    from hawqtool.confidence import is_binary, resolvable_drop
+
+    r = recipe
+    base_eval, base_test = baseline
+    budget = r.budget_spec
+    res: dict[str, Any] = {
+        "metric": None,
+        "test_metric": None,
+        "latency_ms": None,
+        "size_bytes": None,
+        "allocation": None,
+    }
+    if final is not None and chosen is not None and model_path is not None:
+        final_eval, final_test = final
+        on_eval = _drop(r, base_eval, final_eval, r.hessian.seed)
+        on_test = _drop(r, base_test, final_test, r.hessian.seed)
+        formats: dict[str, int] = {}
+        for fmt in chosen.allocation.values():
+            formats[fmt] = formats.get(fmt, 0) + 1
+        res = {
+            "metric": final_eval.metric,
+            "test_metric": final_test.metric,
+            "drop": on_eval["drop"],
+            "test_drop": on_test["drop"],
+            "drop_interval": on_eval,
+            "test_drop_interval": on_test,
+            "test_budget_met": on_test["met"],
+            "latency_ms": final_eval.latency_ms,
+            "size_bytes": model_path.stat().st_size,
+            "cost": chosen.cost,
+            "avg_bits": chosen.avg_bits,
+            "sum_omega": chosen.omega,
+            "score": chosen.score,
+            "allocation": dict(chosen.allocation),
+            "formats": formats,
+            "weight_only_layers": sum(1 for f in chosen.allocation.values() if parse_format(f).weight_only),
+        }
+    resolvable = None
+    if base_eval.values is not None and budget.confidence > 0:
+        binary = is_binary(base_eval.values)
+        base = base_eval.metric if budget.mode == "relative" and base_eval.metric else None
+        if budget.mode == "absolute" or base is not None:
+            resolvable = resolvable_drop(
+                base_eval.samples,
+                confidence=budget.confidence,
+                binary=binary,
+                mode=budget.mode,
+                baseline=base,
+            )
+    return {
+        "name": r.name,
+        "baseline": {
+            "metric": base_eval.metric,
+            "test_metric": base_test.metric,
+            "latency_ms": base_eval.latency_ms,
+            "size_bytes": base_eval.size_bytes,
+            "samples": base_eval.samples,
+            "test_samples": base_test.samples,
+        },
+        "result": res,
+        "budget": {
+            **r.budget.model_dump(),
+            "higher_is_better": budget.higher_is_better,
+            "metric": r.task.metric_name,
+            "split": "evaluation",
+            "per_sample": base_eval.values is not None,
+            "resolvable_drop": resolvable,
+        },
+        "budget_met": result.budget_met,
+        "search": {
+            **result.to_dict(),
+            "evaluations": len(result.trials),
+            "candidates": candidates,
+            "dependency": dependency,
+        },
+        "sensitivity": sensitivity_rows(table),
+        "hessian": {
+            "hvps": table.hvps,
+            "seconds": table.seconds,
+            "device": table.device,
+            "fingerprint": table.fingerprint,
+            "rel_tol": table.rel_tol,
+        },
+        "layers": {
+            "quantizable": len(prepared.layers),
+            "kinds": {
+                k: sum(1 for i in prepared.layers if i.kind == k)
+                for k in sorted({i.kind for i in prepared.layers})
+            },
+            "unused": list(prepared.unused),
+            "unsupported": list(prepared.unsupported),
+        },
+        "io": prepared.io.to_dict() if prepared.io is not None else None,
+        "frontier": frontier_rows(front),
+        "cost_model": front.cost_model,
+        "seed": r.hessian.seed,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "recipe": r.to_dict(),
+        "versions": dict(versions),
+    }
+
+
+def budget_not_met_message(report: Mapping[str, Any], md: Path) -> str:
+    """The CLI's one-paragraph explanation of an unmet budget, with the closest candidates."""
+    b = report["budget"]
+    trials = report["search"]["trials"]
+    if report["search"].get("reason") == "only-float":
+        head = (
+            "budget not met: only the all-float model meets it, and keeping every layer float is not a result"
+        )
+    else:
+        head = "budget not met: no quantized candidate keeps the metric within the budget"
+
+    def upper(t: Mapping[str, Any]) -> float:
+        return float(t["drop"] if t.get("drop_upper") is None else t["drop_upper"])
+
+    misses = sorted((t for t in trials if not t["met"]), key=upper)[:3]
+    closest = "; ".join(
+        f"{t['avg_bits']:.2f} avg bits: drop {t['drop']:.4g}, bound {upper(t):.4g}, "
+        f"missed by {upper(t) - b['max_drop']:.4g}"
+        for t in misses
+    )
+    return (
+        f"{head} (max_drop {b['max_drop']:g} {b['mode']} on {b['metric']} at confidence "
+        f"{b.get('confidence', 0)}). Closest: {closest or 'none probed'}. Report: {md}"
+    )
 
 
 def sensitivity_text(table: SensitivityTable) -> str:
@@ -167,14 +341,51 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         + f". Bisection over {report['search'].get('candidates', '?')} candidates took "
         f"{report['search']['evaluations']} onnxruntime evaluations:",
         "",
-        "| # | candidate | avg bits | cost | metric | drop | within budget | seconds | note |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| # | candidate | avg bits | cost | metric | drop | interval | within budget | seconds | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, t in enumerate(report["search"]["trials"], 1):
+        lo, hi = t.get("drop_lower"), t.get("drop_upper")
+        interval = "—" if lo is None or t.get("bound", "point") == "point" else f"[{lo:.4f}, {hi:.4f}]"
+        note = t.get("note", "") + (" (frontier gap)" if t.get("source") == "frontier" else "")
         lines.append(
             f"| {i} | {t['index']} | {t['avg_bits']:.2f} | {t['cost']:.4g} | {_pct(t['metric'])} | "
-            f"{t['drop']:.4f} | {'yes' if t['met'] else 'no'} | {t['seconds']:.2f} | {t.get('note', '')} |"
+            f"{t['drop']:.4f} | {interval} | {'yes' if t['met'] else 'no'} | {t['seconds']:.2f} | {note} |"
         )
+    conf = budget.get("confidence", 0) or 0
+    if conf > 0:
+        lines += [
+            "",
+            f"A candidate meets the budget when the one-sided {100 * conf:g} % upper bound of its drop, "
+            "paired against the float model on the same evaluation samples, is within max_drop"
+            + (
+                f"; the evaluation split ({b.get('samples', '?')} samples) resolves drops down to "
+                f"{budget['resolvable_drop']:.4g}."
+                if budget.get("resolvable_drop") is not None
+                else "."
+            ),
+        ]
+    for key, split in (("drop_interval", "evaluation"), ("test_drop_interval", "test")):
+        iv = r.get(key)
+        if iv:
+            lines.append(
+                f"- chosen model on {split}: drop {iv['drop']:.4f}"
+                + (
+                    f", {100 * iv['confidence']:g} % bounds [{iv['lower']:.4f}, {iv['upper']:.4f}] ({iv['method']})"
+                    if iv.get("method") != "point"
+                    else ""
+                )
+                + f"; {'within' if iv['met'] else 'NOT within'} the budget"
+            )
+    layers = report.get("layers") or {}
+    if layers.get("unused") or layers.get("unsupported"):
+        lines += [""]
+        if layers.get("unused"):
+            lines.append(
+                f"Unused by the selected output (excluded, kept float): {', '.join(layers['unused'])}."
+            )
+        if layers.get("unsupported"):
+            lines.append(f"Kept float (unsupported kind): {', '.join(layers['unsupported'])}.")
     alloc = r.get("allocation") or {}
     lines += [
         "",

@@ -1,4 +1,4 @@
-"""Bisection along cost-ordered candidates under an accuracy budget (DESIGN.md §6).
+"""Bisection along cost-ordered candidates under an accuracy budget (docs/design.md §6).
 
 Each probe is expensive in the real pipeline (export a QDQ ONNX model, evaluate it in onnxruntime),
 so the search spends at most ⌈log2 N⌉ + 1 evaluations on N candidates, plus one optional repair
@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from hawqtool.errors import UsageError
@@ -26,7 +27,43 @@ from hawqtool.types import Budget, FrontierPoint, Trial
 
 log = logging.getLogger(__name__)
 
-Evaluate = Callable[[FrontierPoint], float]
+
+@dataclass(frozen=True)
+class Measurement:
+    """What one model measured on a split: the metric, its per-sample values when the metric gives
+    them, else its values on fixed chunks of the split (``(values, sizes)``), and latency if timed."""
+
+    metric: float
+    values: np.ndarray | None = None
+    latency_ms: float | None = None
+    chunks: tuple[np.ndarray, np.ndarray] | None = None
+
+    @classmethod
+    def of(cls, evaluation: Any) -> Measurement:
+        """From a :class:`hawqtool.evaluate.Evaluation`."""
+        return cls(evaluation.metric, evaluation.values, None, evaluation.chunks)
+
+
+def judge(budget: Budget, reference: Measurement, candidate: Measurement, *, seed: int = 0) -> Any:
+    """The candidate's drop from the reference on the same samples, as a
+    :class:`hawqtool.confidence.DropEstimate` at ``budget.confidence``: paired per-sample bounds, or
+    a paired bootstrap over chunks for a metric that is one number per split, or the point
+    estimate (``confidence == 0``, or nothing to pair)."""
+    from hawqtool.confidence import DropEstimate, paired_drop, paired_drop_batches
+
+    opts = {"confidence": budget.confidence, "mode": budget.mode, "higher_is_better": budget.higher_is_better}
+    if budget.confidence > 0 and reference.values is not None and candidate.values is not None:
+        return paired_drop(reference.values, candidate.values, seed=seed, **opts)
+    if budget.confidence > 0 and reference.chunks is not None and candidate.chunks is not None:
+        return paired_drop_batches(
+            reference.chunks[0], candidate.chunks[0], reference.chunks[1], seed=seed, **opts
+        )
+    d = budget.drop(reference.metric, candidate.metric)
+    n = len(candidate.values) if candidate.values is not None else 0
+    return DropEstimate(d, d, d, 0.0, 0.0, "point", n)
+
+
+Evaluate = Callable[[FrontierPoint], "float | Measurement"]
 Repair = Callable[[FrontierPoint], FrontierPoint | None]
 
 
@@ -101,11 +138,19 @@ def bisect(
     budget: Budget,
     repair: Repair | None = None,
     progress: bool = True,
+    reference: Measurement | None = None,
+    gap_points: Sequence[FrontierPoint] = (),
+    seed: int = 0,
 ) -> SearchResult:
     """Find the cheapest candidate whose measured metric meets ``budget``, by bisection.
 
     Assumes the metric is (roughly) monotone along the candidates; whatever it returns was measured
     to meet the budget. A non-finite metric counts as a miss.
+
+    With ``budget.confidence > 0`` and per-sample (or per-chunk) values of the baseline
+    (``reference``) and of each probe (:class:`Measurement`), a candidate meets the budget when the one-sided upper confidence bound of
+    its drop, paired against the baseline on the same samples, is within ``max_drop``
+    (:func:`hawqtool.confidence.paired_drop`); a ``min_drop`` range uses the lower bound.
 
     Args:
         candidates: points sorted by increasing cost (cheapest first), e.g. a frontier.
@@ -117,6 +162,11 @@ def bisect(
             promoted allocation (or ``None``). It is evaluated once, and chosen if it passes and
             costs less than the chosen candidate.
         progress: show a tqdm bar over the evaluations.
+        reference: the baseline's measurement on the same samples (for paired bounds).
+        gap_points: the unfiltered frontier. When bisection ends with a missing candidate and a
+            meeting one next to each other in ``candidates`` but the frontier has points between
+            their costs, the search goes on among those (their trials say ``source="frontier"``).
+        seed: seeds the bootstrap of the bounds.
 
     Returns:
         A :class:`SearchResult` with every trial.
@@ -154,45 +204,61 @@ def bisect(
         leave=False,
     )
 
-    def probe(index: int, point: FrontierPoint, note: str) -> Trial:
+    def probe(index: int, point: FrontierPoint, note: str, source: str = "candidates") -> Trial:
         key = _key(point)
         if key in memo:
             return memo[key]
         t0 = time.perf_counter()
-        metric = float(evaluate(point))
+        got = evaluate(point)
         seconds = time.perf_counter() - t0
+        m = got if isinstance(got, Measurement) else Measurement(float(got))
+        metric = float(m.metric)
         if not math.isfinite(metric):
             log.warning("candidate #%d has a non-finite metric (%s); counted as a miss", index, metric)
         drop = budget.drop(baseline, metric)
+        lower = upper = drop
+        bound = "point"
+        if reference is not None and math.isfinite(metric):
+            est = judge(budget, reference, m, seed=seed)
+            drop, lower, upper, bound = est.drop, est.lower, est.upper, est.method
+        met = math.isfinite(metric) and upper <= budget.max_drop + 1e-12
         trial = Trial(
             index=index,
             cost=point.cost,
             avg_bits=point.avg_bits,
             metric=metric,
             drop=drop,
-            met=budget.meets(baseline, metric),
+            met=met,
             seconds=seconds,
             allocation=dict(point.allocation),
             note=note,
+            drop_lower=lower,
+            drop_upper=upper,
+            confidence=budget.confidence if bound != "point" else 0.0,
+            bound=bound,
+            source=source,
+            latency_ms=m.latency_ms,
         )
         memo[key] = trial
         trials.append(trial)
         bar.update(1)
         bar.set_postfix(index=index, metric=f"{metric:.4g}", met=trial.met)
         log.info(
-            "search probe #%d (%s): cost %.6g, %.2f avg bits, metric %.6g, drop %.4g -> %s",
+            "search probe #%d (%s): cost %.6g, %.2f avg bits, metric %.6g, drop %.4g (bound %.4g) -> %s",
             index,
             note,
             point.cost,
             point.avg_bits,
             metric,
             drop,
+            upper,
             "meets" if trial.met else "misses",
         )
         return trial
 
     def in_range(t: Trial) -> bool:
-        return budget.min_drop is not None and budget.inside_range(baseline, t.metric)
+        lower = t.drop if t.drop_lower is None else t.drop_lower
+        return budget.min_drop is not None and t.met and lower >= budget.min_drop - 1e-12
 
     def done(chosen: int | None, reason: str, point: FrontierPoint | None = None) -> SearchResult:
         if point is None and chosen is not None:
@@ -228,6 +294,23 @@ def bisect(
                     return done(hi, "in_range")
             else:
                 lo = mid
+
+        if lo >= 0 and gap_points:
+            # The filtered candidates leave nothing between a miss and a meet; the frontier may.
+            c_lo, c_hi = candidates[lo].cost, candidates[hi].cost
+            gap = sorted((p for p in gap_points if c_lo < p.cost < c_hi), key=lambda p: p.cost)
+            g_lo, g_hi = -1, len(gap)
+            while g_hi - g_lo > 1:
+                mid = (g_lo + g_hi) // 2
+                t = probe(mid, gap[mid], "gap fill", source="frontier")
+                if t.met:
+                    g_hi = mid
+                    if in_range(t):
+                        return done(None, "in_range", gap[g_hi])
+                else:
+                    g_lo = mid
+            if g_hi < len(gap):
+                return done(None, "gap", gap[g_hi])
 
         if repair is not None and lo >= 0:
             fixed = repair(candidates[lo])

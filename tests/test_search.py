@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given, seed, settings
 from hypothesis import strategies as st
@@ -176,3 +177,59 @@ def test_result_round_trips_and_rejects_bad_input() -> None:
         bisect([], Planted([]), baseline=0.9, budget=Budget(0.01), progress=False)
     with pytest.raises(UsageError, match="sorted by increasing cost"):
         bisect(points(3)[::-1], Planted([0.9] * 3), baseline=0.9, budget=Budget(0.01), progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Confidence bounds and frontier gaps (0.2)
+# --------------------------------------------------------------------------------------------
+
+
+def _binary(n: int, wrong: int) -> np.ndarray:
+    v = np.ones(n)
+    v[:wrong] = 0
+    return v
+
+
+def test_a_candidate_at_the_point_estimate_edge_fails_at_95_and_passes_at_0() -> None:
+    from hawqtool.search import Measurement
+
+    # 600 samples, float all right; the candidate loses exactly 6 = 1 point: at the edge of 0.01.
+    ref = Measurement(1.0, _binary(600, 0))
+    cand = Measurement(0.99, _binary(600, 6))
+    pts = [FrontierPoint(cost=1.0, omega=1.0, allocation={"fc": "int4"})]
+    for confidence, met in ((0.95, False), (0.0, True)):
+        r = bisect(
+            pts,
+            lambda p: cand,
+            baseline=1.0,
+            budget=Budget(0.01, confidence=confidence),
+            reference=ref,
+            progress=False,
+        )
+        t = r.trials[0]
+        assert t.met is met and math.isclose(t.drop, 0.01)
+        if confidence:
+            assert t.bound == "score-paired" and t.drop_upper > 0.01 > t.drop_lower
+        else:
+            assert t.bound == "point" and t.drop_upper == t.drop
+
+
+def test_an_empty_bracket_in_the_candidates_is_filled_from_the_frontier() -> None:
+    from hawqtool.search import Measurement
+
+    # Candidates: cost 1 (misses) and cost 10 (meets). The frontier also has costs 2..9, of which
+    # 6 and up meet: the search must end on cost 6, probing only frontier points in the gap.
+    frontier = [
+        FrontierPoint(cost=float(c), omega=10.0 - c, allocation={"fc": f"c{c}"}) for c in range(1, 11)
+    ]
+    candidates = [frontier[0], frontier[-1]]
+
+    def measure(p: FrontierPoint) -> Measurement:
+        return Measurement(0.99 if p.cost >= 6 else 0.9)
+
+    r = bisect(candidates, measure, baseline=1.0, budget=Budget(0.02), gap_points=frontier, progress=False)
+    assert r.budget_met and r.chosen is not None and r.chosen.cost == 6.0
+    assert r.reason == "gap"
+    gap_trials = [t for t in r.trials if t.source == "frontier"]
+    assert gap_trials and all(1 < t.cost < 10 for t in gap_trials)
+    assert len(gap_trials) <= math.ceil(math.log2(8)) + 1

