@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 from hawqtool import pipeline
+from hawqtool.distributed import is_main
 from hawqtool.errors import ExportError, UsageError
 from hawqtool.report import sensitivity_text, write_frontier_csv, write_sensitivity
-from hawqtool.types import FLOAT, KNOWN_FORMATS
+from hawqtool.types import FLOAT, FORMAT_GRAMMAR, is_format
 
 log = logging.getLogger("hawqtool")
 
@@ -20,7 +21,23 @@ def _progress(args: argparse.Namespace) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
 
+def _check_out_dir(path: Path) -> Path:
+    """Fail fast, before any work, when ``--out`` cannot become a folder because a file is in the way.
+
+    Raises:
+        UsageError: ``path`` or one of its parents exists and is not a folder (exit 2).
+    """
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "--out" if p == path else f"--out {str(path)!r}: its parent"
+                raise UsageError(f"{what} {str(p)!r} is an existing file, not a folder; give a folder path")
+            break
+    return path
+
+
 def _out_dir(path: Path) -> Path:
+    _check_out_dir(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -33,8 +50,11 @@ def _say(text: str) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    _check_out_dir(args.out)
     ws = pipeline.load(args.recipe, overrides=args.overrides)
     table = pipeline.analyze(ws, progress=_progress(args))
+    if not is_main():  # under torchrun: rank 0 alone writes
+        return 0
     out = _out_dir(args.out)
     write_sensitivity(table, out)
     _say(sensitivity_text(table))
@@ -46,9 +66,12 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     from hawqtool.frontier import uniform_points
     from hawqtool.plots import plot_frontier
 
+    _check_out_dir(args.out)
     ws = pipeline.load(args.recipe, overrides=args.overrides)
     table = pipeline.analyze(ws, progress=_progress(args))
     options, front = pipeline.frontier(ws, table=table, progress=_progress(args))
+    if not is_main():  # under torchrun: rank 0 alone writes
+        return 0
     out = _out_dir(args.out)
     write_sensitivity(table, out)
     write_frontier_csv(front, out)
@@ -81,12 +104,12 @@ def _read_allocation(path: Path) -> dict[str, str]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if not is_main():  # under torchrun: nothing to share, rank 0 alone exports
+        return 0
     ws = pipeline.load(args.recipe, overrides=args.overrides)
     if args.uniform is not None:
-        if args.uniform not in KNOWN_FORMATS:
-            raise UsageError(
-                f"--uniform {args.uniform!r}: unknown format; allowed: {', '.join(KNOWN_FORMATS)}"
-            )
+        if not is_format(args.uniform):
+            raise UsageError(f"--uniform {args.uniform!r}: unknown format; allowed: {FORMAT_GRAMMAR}")
         allocation = pipeline.uniform_allocation(ws, args.uniform)
     else:
         allocation = _read_allocation(args.allocation)
@@ -97,6 +120,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if not is_main():  # under torchrun: nothing to share, rank 0 alone evaluates
+        return 0
     ws = pipeline.load(args.recipe, overrides=args.overrides)
     ev = pipeline.evaluate(args.model, ws, split=args.split)
     _say(
@@ -116,9 +141,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    _check_out_dir(args.out)  # pipeline.quantize would report a file in the way as an export error
     result = pipeline.quantize(
         recipe=args.recipe, out=args.out, overrides=args.overrides, progress=_progress(args)
     )
+    if not is_main():  # under torchrun: the other ranks only share the Hessian stages
+        return 0
     rep = result.report
     b, r = rep["baseline"], rep["result"]
     _say(

@@ -1,4 +1,4 @@
-"""Errors that reach users, each mapped to the CLI exit code of DESIGN.md's output contract."""
+"""Errors that reach users, each mapped to the CLI exit code of the output contract in docs/design.md."""
 
 from __future__ import annotations
 

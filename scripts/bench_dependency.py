@@ -210,7 +210,7 @@ def run(key: str, n_allocs: int, seed: int, budgets: Sequence[float]) -> dict[st
     idx = sorted(set(np.linspace(0, len(pts) - 1, min(40, len(pts))).round().astype(int).tolist()))
     fdrop = [base_eval - measure(pts[i]) for i in idx]
     print(
-        "frontier points (DESIGN §5 bar), Spearman vs top-1 drop: "
+        "frontier points (docs/design.md §5 bar), Spearman vs top-1 drop: "
         f"ΣΩ {rho([pts[i].omega for i in idx], fdrop):.3f}, "
         f"gᵀΔ+½ΔᵀHΔ {rho([dep.predict(pts[i].allocation) for i in idx], fdrop):.3f}, "
         f"score {rho([dep.score(pts[i].allocation) for i in idx], fdrop):.3f}"

@@ -76,3 +76,16 @@ def nan_data() -> DataSplits:
 def as_dict(batch_size: int = 128) -> dict:
     d = zoo.digits(batch_size=batch_size)
     return {"calibration": d.calibration, "evaluation": d.evaluation, "test": d.test}
+
+
+def raising_model() -> nn.Module:
+    raise ValueError("no checkpoint for this model")
+
+
+def raising_data(batch_size: int = 128) -> DataSplits:
+    raise RuntimeError("the data server is unreachable")
+
+
+def type_error_inside() -> nn.Module:
+    # A TypeError from the factory's own code, not from a kwargs mismatch.
+    return nn.Linear(4, "two")  # type: ignore[arg-type]

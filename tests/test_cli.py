@@ -104,3 +104,81 @@ def test_usage_errors_exit_2() -> None:
         main(["quantize"])
     assert e.value.code == 2
     assert main([]) == 2
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "data_kwargs", "needle"),
+    [
+        (
+            "factories:raising_model",
+            "hawqtool.zoo:digits",
+            {},
+            "model.factory 'factories:raising_model' raised ValueError: no checkpoint for this model",
+        ),
+        (
+            "hawqtool.zoo:mlp_digits",
+            "factories:raising_data",
+            {},
+            "data.factory 'factories:raising_data' raised RuntimeError: the data server is unreachable",
+        ),
+        (
+            "factories:type_error_inside",
+            "hawqtool.zoo:digits",
+            {},
+            "model.factory 'factories:type_error_inside' raised TypeError:",
+        ),
+        (
+            "hawqtool.zoo:mlp_digits",
+            "factories:raising_data",
+            {"batch_sise": 8},
+            "data.factory 'factories:raising_data' rejected data.kwargs:",
+        ),
+    ],
+)
+@pytest.mark.parametrize("flag", [None, "--debug", "-v"])
+def test_a_factory_that_raises_exits_2_traceback_only_when_asked(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    model: str,
+    data: str,
+    data_kwargs: dict[str, object],
+    needle: str,
+    flag: str | None,
+) -> None:
+    monkeypatch.syspath_prepend(str(TESTS))
+    recipe = _recipe(tmp_path, model, data)
+    body = yaml.safe_load(recipe.read_text())
+    recipe.write_text(yaml.safe_dump({**body, "data": {"factory": data, "kwargs": data_kwargs}}))
+    argv = ["quantize", str(recipe), "--out", str(tmp_path / "o"), "-q"]
+    with caplog.at_level(logging.ERROR, logger="hawqtool"):
+        code = main([*argv, flag] if flag else argv)
+    assert code == 2
+    (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert needle in record.getMessage()
+    if flag is None:
+        assert not record.exc_info and "Traceback" not in caplog.text
+    else:
+        assert record.exc_info and "Traceback" in caplog.text
+        factory = (model if "model.factory" in needle else data).split(":")[1]
+        if "raised" in needle:  # the user's own frame is in the traceback
+            assert f"in {factory}" in caplog.text
+    assert not (tmp_path / "o" / "report.json").exists()
+
+
+@pytest.mark.parametrize("command", ["quantize", "analyze", "frontier"])
+def test_out_naming_an_existing_file_exits_2(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, command: str
+) -> None:
+    taken = tmp_path / "taken.txt"
+    taken.write_text("keep me\n")
+    for out, needle in (
+        (taken, f"--out {str(taken)!r} is an existing file, not a folder"),
+        (taken / "sub", f"its parent {str(taken)!r} is an existing file, not a folder"),
+    ):
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="hawqtool"):
+            assert main([command, "tiny", "--out", str(out), "-q"]) == 2
+        assert needle in caplog.text
+    assert taken.read_text() == "keep me\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.txt"]

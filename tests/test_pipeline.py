@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from hawqtool.cli import main
+from hawqtool.contract import check_output
 
-CHECKER = Path(__file__).resolve().parents[2] / "shared" / "tools" / "check_quantize_output.py"
 FILES = ["model.onnx", "report.json", "report.md", "sensitivity.csv", "frontier.csv", "frontier.png"]
 
 pytestmark = pytest.mark.slow
@@ -36,10 +36,13 @@ def test_quantize_writes_the_contract(tiny_run: Path) -> None:
     assert "Budget met" in (tiny_run / "report.md").read_text()
 
 
-@pytest.mark.skipif(not CHECKER.is_file(), reason="shared/tools/check_quantize_output.py not beside the repo")
-def test_output_passes_the_shared_contract_checker(tiny_run: Path) -> None:
-    proc = subprocess.run([sys.executable, str(CHECKER), str(tiny_run)], capture_output=True, text=True)
+def test_output_passes_the_contract_checker(tiny_run: Path) -> None:
+    assert check_output(tiny_run) == []
+    proc = subprocess.run(
+        [sys.executable, "-m", "hawqtool.contract", str(tiny_run)], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "output matches the contract" in proc.stdout
 
 
 def test_report_agrees_with_hawqtool_eval(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -79,6 +82,8 @@ def test_impossible_budget_exits_3_without_a_model(tmp_path: Path, caplog: pytes
                 "allocation.formats=[int2]",
                 "--set",
                 "budget.max_drop=0.0",
+                "--set",
+                "budget.confidence=0",
             ]
         )
     assert code == 3
@@ -88,6 +93,22 @@ def test_impossible_budget_exits_3_without_a_model(tmp_path: Path, caplog: pytes
     assert rep["budget_met"] is False
     assert rep["search"]["evaluations"] >= 1
     assert "NOT met" in (out / "report.md").read_text()
+
+
+def test_a_budget_the_split_cannot_resolve_exits_2_before_any_hessian_work(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # tiny evaluates on 300 digits: at 95 % one lost image already bounds the drop at 0.0174.
+    out = tmp_path / "out"
+    with caplog.at_level(logging.ERROR, logger="hawqtool"):
+        code = main(["quantize", "tiny", "--out", str(out), "-q", "--set", "budget.max_drop=0.005"])
+    assert code == 2
+    assert "cannot be resolved with 300 evaluation samples at confidence 0.95" in caplog.text
+    assert "it needs at least 1053 samples" in caplog.text
+    assert not out.exists()
+    with caplog.at_level(logging.ERROR, logger="hawqtool"):
+        assert main(["quantize", "tiny", "--out", str(out), "-q", "--set", "budget.max_drop=0"]) == 2
+    assert "max_drop 0" in caplog.text
 
 
 def test_broken_recipe_exits_2(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hawqtool.quantizer import CLIP_RATIOS, int_range, quant_error, quantize_weight
+from hawqtool.quantizer import int_range, quant_error, quantize_weight
 
 PROPS = settings(derandomize=True, max_examples=150, deadline=None)
 
@@ -165,9 +165,43 @@ def test_rejects_bad_bits() -> None:
         quantize_weight(torch.ones(2, 2), 9)
 
 
-def test_clip_ratios_start_at_one() -> None:
-    # The max-abs scale is always a candidate, so the search can only improve on it.
-    assert CLIP_RATIOS[0] == 1.0 and all(0 < r <= 1 for r in CLIP_RATIOS)
+def test_search_finds_an_exact_grid_by_hand() -> None:
+    # w = [-1, 0.5] at 2 bits (grid [-2, 1]). The max-abs scale 1 / 1.5 = 2/3 gives
+    # w/s = [-1.5, 0.75] -> [-2, 1] -> [-4/3, 2/3]: error 1/9 + 1/36 = 5/36. The no-clip scale
+    # max(0.5 / 1, -1 / -2) = 0.5 gives [-2, 1] exactly: error 0. No clipping ratio reaches 0.5
+    # (it would need alpha = 0.75, which CLIP_RATIOS skips), and no other scale is exact.
+    w = torch.tensor([[-1.0, 0.5]])
+    plain = quantize_weight(w, 2, clip_search=False)
+    assert plain.q.tolist() == [[-2, 1]] and plain.sq_error == pytest.approx(5 / 36)
+    searched = quantize_weight(w, 2)
+    assert searched.scale.tolist() == [0.5] and searched.q.tolist() == [[-2, 1]]
+    assert searched.sq_error == 0.0
+
+
+@st.composite
+def on_grid(draw: st.DrawFn) -> tuple[torch.Tensor, int]:
+    """Weights that ARE a b-bit grid: integers in range times a power-of-two step per row (so the
+    products are exact floats), each row holding qmin or qmax."""
+    bits = draw(BITS)
+    qmin, qmax = int_range(bits)
+    rows, cols = draw(st.integers(1, 5)), draw(st.integers(1, 12))
+    q = torch.tensor(draw(st.lists(st.integers(qmin, qmax), min_size=rows * cols, max_size=rows * cols)))
+    q = q.reshape(rows, cols).float()
+    q[:, 0] = torch.tensor(
+        draw(st.lists(st.sampled_from([qmin, qmax]), min_size=rows, max_size=rows))
+    ).float()
+    steps = torch.tensor([2.0 ** draw(st.integers(-12, 3)) for _ in range(rows)])
+    return q * steps[:, None], bits
+
+
+@PROPS
+@given(case=on_grid())
+def test_weights_already_on_a_grid_quantize_exactly(case: tuple[torch.Tensor, int]) -> None:
+    # The search's no-clip candidate is that grid's step, so the least-error choice is lossless.
+    w, bits = case
+    qw = quantize_weight(w, bits)
+    assert qw.sq_error == 0.0 and torch.equal(qw.dequantized, w)
+    assert (qw.scale > 0).all() and (qw.scale <= w.abs().amax(dim=1)).all()
 
 
 def _ort_qint4_dequantized(w: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -103,12 +104,32 @@ def test_missing_or_bad_file_is_a_recipe_error(tmp_path: Path) -> None:
         load_recipe(bad)
 
 
-def test_frontier_grids_reach_the_solver() -> None:
+def test_frontier_grids_reach_the_solver_and_keep_their_bound() -> None:
+    """On the tiny recipe (3 layers × 4 formats, a 14-point exact frontier), a cost grid of a
+    quarter of the frontier's cost range keeps at most one point per bucket plus the cheapest end,
+    at most floor(hi/g) - floor(lo/g) + 2 = 6 points: pruning must happen. What it keeps is within
+    the documented bound OPT(T) <= ΣΩ <= OPT(T - n_layers · cost_grid) at every target T."""
     from hawqtool import pipeline
+    from hawqtool.frontier import select
 
-    ws = pipeline.load("tiny", overrides=["allocation.cost_grid=64", "allocation.omega_grid=0.5"])
+    ws = pipeline.load("tiny")
     table = pipeline.analyze(ws, progress=False)
-    _, exact = pipeline.frontier(pipeline.load("tiny"), table=table, progress=False)
-    _, bounded = pipeline.frontier(ws, table=table, progress=False)
-    assert (bounded.cost_grid, bounded.omega_grid) == (64, 0.5)
-    assert exact.cost_grid is None and len(bounded) <= len(exact)
+    _, exact = pipeline.frontier(ws, table=table, progress=False)
+    lo, hi = exact.points[0].cost, exact.points[-1].cost
+    grid = (hi - lo) / 4
+    most = math.floor(hi / grid) - math.floor(lo / grid) + 2
+    assert exact.cost_grid is None and len(exact) > most  # so the grid must prune
+
+    gridded = pipeline.load("tiny", overrides=[f"allocation.cost_grid={grid}", "allocation.omega_grid=0.5"])
+    _, both = pipeline.frontier(gridded, table=table, progress=False)
+    assert (both.cost_grid, both.omega_grid) == (grid, 0.5)  # both settings reach the solver
+
+    bounded_ws = pipeline.load("tiny", overrides=[f"allocation.cost_grid={grid}"])
+    _, bounded = pipeline.frontier(bounded_ws, table=table, progress=False)
+    assert len(bounded) <= most < len(exact)
+    n = len(table.layers)
+    for point in exact.points:  # every exact point's cost is a target T with OPT(T) = its ΣΩ
+        got = select(bounded, max_cost=point.cost).omega
+        assert got >= point.omega * (1 - 1e-12)
+        if point.cost - n * grid >= lo:
+            assert got <= select(exact, max_cost=point.cost - n * grid).omega * (1 + 1e-12)
