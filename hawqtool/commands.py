@@ -82,7 +82,9 @@ def cmd_frontier(args: argparse.Namespace) -> int:
         uniform=uniform,
         title=f"{ws.recipe.name}: Pareto frontier ({front.cost_model} vs ΣΩ)",
     )
-    unit = "bytes" if front.cost_model == "size" else "BOPs"
+    from hawqtool.costs import unit as cost_unit
+
+    unit = cost_unit(front.cost_model)
     _say(
         f"{len(front)} Pareto points, cost {front.points[0].cost:.4g}–{front.points[-1].cost:.4g} {unit}, "
         f"average bits {front.points[0].avg_bits:.2f}–{front.points[-1].avg_bits:.2f}"

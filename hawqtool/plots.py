@@ -11,11 +11,23 @@ import os
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
+from hawqtool.errors import UsageError
 from hawqtool.types import Frontier, write_bytes_atomic
 
 _NO_UNIFORM: Mapping[str, tuple[float, float]] = MappingProxyType({})
 # Cost units: (divisor, axis label) per cost model.
 _UNITS = {"size": (1e6, "weight size (MB)"), "bops": (1e9, "bit operations per sample (GBOPs)")}
+
+
+def _unit(cost_model: str) -> str:
+    from hawqtool.costs import unit
+
+    try:
+        return unit(cost_model)
+    except UsageError:
+        return cost_model
+
+
 _UNIFORM_STYLE = {"int2": "#7b3294", "int4": "#c2a5cf", "int8": "#5aae61", "float": "#1b7837"}
 # More points than this and markers would only blur the line.
 _MAX_MARKERS = 400
@@ -62,7 +74,7 @@ def plot_frontier(
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    div, xlabel = _UNITS.get(frontier.cost_model, (1.0, f"cost ({frontier.cost_model})"))
+    div, xlabel = _UNITS.get(frontier.cost_model, (1.0, f"cost ({_unit(frontier.cost_model)})"))
     xs = [p.cost / div for p in frontier.points]
     ys = [p.omega for p in frontier.points]
     marks = [(c / div, o) for c, o, _ in trials] + ([(chosen[0] / div, chosen[1])] if chosen else [])

@@ -7,7 +7,7 @@ quantizer that export uses. Cost models:
 - ``size``: bytes of the weights as stored, including one float32 scale per output channel for
   quantized formats. ``storage="packed"`` stores 2- to 4-bit integers as ONNX int4 (two per byte)
   and 5- to 8-bit ones as int8; ``storage="container"`` stores every integer format in int8, which
-  keeps onnxruntime's integer kernels on CPU (FACTS.md). Biases stay float whatever the format and
+  keeps onnxruntime's integer kernels on CPU (docs/facts.md). Biases stay float whatever the format and
   are the same for every allocation, so they are left out.
 - ``bops``: MACs per sample × weight bits (nominal: int4 counts 4 even in an int8 container,
   float 32) × activation bits (``activation_bits`` for a quantized layer, 32 for a float one).
@@ -21,19 +21,23 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from hawqtool import costs
+from hawqtool.costs import CostModel
 from hawqtool.errors import UsageError
-from hawqtool.quantizer import quantize_weight
+from hawqtool.quantizer import quantize_as
 from hawqtool.types import (
     DEFAULT_OPSET,
     FLOAT,
+    FORMAT_GRAMMAR,
     INT2_MIN_OPSET,
-    KNOWN_FORMATS,
     STORAGES,
     LayerInfo,
     LayerOption,
     OptionTable,
     SensitivityTable,
     format_bits,
+    is_format,
+    parse_format,
 )
 
 log = logging.getLogger(__name__)
@@ -44,8 +48,8 @@ SCALE_BYTES = 4
 
 
 def _check_format(fmt: str) -> int:
-    if fmt not in KNOWN_FORMATS:
-        raise UsageError(f"unknown format {fmt!r}; allowed: {', '.join(KNOWN_FORMATS)}")
+    if not is_format(fmt):
+        raise UsageError(f"unknown format {fmt!r}; allowed: {FORMAT_GRAMMAR}")
     return format_bits(fmt)
 
 
@@ -62,6 +66,11 @@ def storage_bits(fmt: str, *, storage: str = "packed", opset: int = DEFAULT_OPSE
         storage: ``packed`` (2-bit integers as ONNX INT2 from opset 25, 3–4-bit as INT4, 5–8-bit
             as INT8) or ``container`` (every integer format in INT8).
         opset: the exported model's opset; below 25 there is no INT2, so int2 is packed as INT4.
+
+    Every emitter of :mod:`hawqtool.export` stores exactly these bits: DequantizeLinear
+    initializers (INT2 / INT4 / INT8), and MatMulNBits / GatherBlockQuantized, which pack the same
+    2, 4 or 8 bits per weight into ``uint8`` rows without padding (the exporter uses them only
+    where the rows fill whole bytes and the blocks divide them).
 
     Raises:
         UsageError: unknown format or storage.
@@ -94,6 +103,11 @@ def layer_cost(
 ) -> float:
     """Cost of one layer in one format: bytes (``size``) or bit operations per sample (``bops``).
 
+    ``size`` is what the exported file stores for the layer's weight, once however many nodes read
+    it (a tied embedding / lm_head, a weight the ONNX exporter copied in another layout): the
+    integers at :func:`storage_bits` plus 4 bytes per :func:`scale_count` scale, or 4 bytes per
+    weight for ``float``.
+
     Args:
         layer: the layer (``params``, ``out_channels`` and, for ``bops``, ``macs``).
         fmt: its format.
@@ -117,14 +131,37 @@ def layer_cost(
     _check_choice(storage, STORAGES, "storage")
     if not 1 <= activation_bits <= 32:
         raise UsageError(f"activation_bits must be in 1..32, got {activation_bits}")
+    f = parse_format(fmt)
     if cost == "bops":
-        act = 32 if fmt == FLOAT else activation_bits
+        act = activation_bits if f.activations else 32
         return float(layer.macs * bits * act)
     if fmt == FLOAT:
         return float(layer.params * 4)
     # Packed int4/int2 hold two/four weights per byte; a partial last byte is padding.
     weight_bytes = math.ceil(layer.params * storage_bits(fmt, storage=storage, opset=opset) / 8)
-    return float(weight_bytes + SCALE_BYTES * layer.out_channels)
+    return float(weight_bytes + SCALE_BYTES * scale_count(layer, fmt))
+
+
+def scale_count(layer: LayerInfo, fmt: str) -> int:
+    """float32 scales a quantized layer stores: one per output channel, or per channel and block."""
+    f = parse_format(fmt)
+    if f.block is None:
+        return layer.out_channels
+    k = layer.params // max(layer.out_channels, 1)
+    return layer.out_channels * -(-k // f.block)
+
+
+def supports(layer: LayerInfo, fmt: str) -> bool:
+    """Whether a layer's kind can take a format: an embedding has no activations to quantize (its
+    input is ids), and block-wise formats are for matrix weights (Linear-like and embeddings)."""
+    from hawqtool.prepare import ACTIVATION_KINDS
+
+    f = parse_format(fmt)
+    if not f.quantized:
+        return True
+    if f.activations and layer.kind not in ACTIVATION_KINDS:
+        return False
+    return not (f.block is not None and len(layer.weight_shape) != 2)
 
 
 def build_options(
@@ -133,11 +170,12 @@ def build_options(
     weights: Mapping[str, torch.Tensor],
     *,
     formats: Sequence[str] = ("int4", "int8", "float"),
-    cost: str = "size",
+    cost: str | CostModel = "size",
     storage: str = "packed",
     clip_search: bool = True,
     activation_bits: int = 8,
     opset: int = DEFAULT_OPSET,
+    activation_omega: Mapping[str, float] | None = None,
 ) -> OptionTable:
     """One :class:`~hawqtool.types.LayerOption` per allowed format per layer: the frontier's input.
 
@@ -151,20 +189,29 @@ def build_options(
     for. The frontier then treats the layer as insensitive and sends it to its cheapest format;
     the search's measured accuracy is what vets that. Each clamped layer is logged as a warning.
 
+    With ``activation_omega`` (HAWQ-V2's activation term, :mod:`hawqtool.activations`), every format
+    that quantizes the layer's input activation (``Format.activations``: ``intB``) adds the layer's
+    Ω_act to its Ω; weight-only formats (``intB-w``, ``intB-bK``) and ``float`` do not.
+
     Args:
         layers: the quantizable layers (``PreparedModel.layers``), in model order.
         traces: the Hessian stage's table; must cover every layer.
         weights: the (BN-folded) weight of every layer, by FQN.
         formats: candidate formats for unpinned layers, in :data:`~hawqtool.types.KNOWN_FORMATS`.
-        cost: cost model, ``size`` (bytes) or ``bops``.
+        cost: a :class:`~hawqtool.costs.CostModel`, or the name of a registered one (``size``,
+            ``bops``, or one added with :func:`hawqtool.costs.register`), built for ``storage``,
+            ``activation_bits`` and ``opset``. The table records its ``name``.
         storage: integer storage for ``size``, ``packed`` or ``container``.
         clip_search: passed to the quantizer (the export must use the same setting).
         activation_bits: bits of quantized activations for ``bops``.
         opset: the exported model's opset, which decides packed int2 storage for ``size``.
+        activation_omega: Ω_act per layer (fqn -> finite number >= 0), added to the Ω of its
+            activation-quantizing formats; a layer that can take such a format must be covered.
 
     Raises:
         UsageError: unknown format, cost model or storage; no formats; a layer without a trace or
-            a weight, or whose weight or trace does not match the layer's shape.
+            a weight, or whose weight or trace does not match the layer's shape; an activation Ω
+            missing for a layer that needs one, negative or not finite; a cost that is not finite.
 
     Example:
         >>> from hawqtool.types import LayerTrace
@@ -177,11 +224,18 @@ def build_options(
     """
     formats = tuple(dict.fromkeys(formats))  # de-duplicated, order kept
     if not formats:
-        raise UsageError(f"no candidate formats given; allowed: {', '.join(KNOWN_FORMATS)}")
+        raise UsageError(f"no candidate formats given; allowed: {FORMAT_GRAMMAR}")
     for fmt in formats:
         _check_format(fmt)
-    _check_choice(cost, COST_MODELS, "cost model")
     _check_choice(storage, STORAGES, "storage")
+    cost_model = (
+        costs.get(cost, costs.CostSettings(storage=storage, opset=opset, activation_bits=activation_bits))
+        if isinstance(cost, str)
+        else cost
+    )
+    for fqn, value in (activation_omega or {}).items():
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise UsageError(f"activation Ω of layer {fqn!r} must be a finite number >= 0, got {value!r}")
     known = {row.layer for row in traces}
     options: dict[str, tuple[LayerOption, ...]] = {}
     clamped = []
@@ -206,19 +260,35 @@ def build_options(
             clamped.append(f"{layer.fqn} ({trace.avg_trace:.3g})")
         avg_trace = max(trace.avg_trace, 0.0)
         row = []
-        for fmt in (layer.pinned,) if layer.pinned is not None else formats:
-            bits = _check_format(fmt)
-            sq_error = 0.0 if fmt == FLOAT else quantize_weight(w, bits, clip_search=clip_search).sq_error
-            row.append(
-                LayerOption(
-                    format=fmt,
-                    cost=layer_cost(
-                        layer, fmt, cost=cost, storage=storage, activation_bits=activation_bits, opset=opset
-                    ),
-                    sq_error=sq_error,
-                    omega=avg_trace * sq_error,
+        if layer.pinned is not None:
+            if not supports(layer, layer.pinned):
+                raise UsageError(
+                    f"layer {layer.fqn!r} ({layer.kind}) is pinned to {layer.pinned!r}, which it cannot "
+                    f"take; allowed for it: {', '.join(f for f in formats if supports(layer, f))}"
                 )
-            )
+            allowed: tuple[str, ...] = (layer.pinned,)
+        else:
+            allowed = tuple(f for f in formats if supports(layer, f)) or (FLOAT,)
+            if FLOAT not in allowed and all(not supports(layer, f) for f in formats):
+                allowed = (FLOAT,)
+        for fmt in allowed:
+            _check_format(fmt)
+            sq_error = 0.0 if fmt == FLOAT else quantize_as(w, fmt, clip_search=clip_search).sq_error
+            omega = avg_trace * sq_error
+            if activation_omega is not None and parse_format(fmt).activations:
+                if layer.fqn not in activation_omega:
+                    raise UsageError(
+                        f"no activation Ω for layer {layer.fqn!r}, which can take {fmt!r}; given for: "
+                        f"{', '.join(sorted(activation_omega)) or '(nothing)'}"
+                    )
+                omega += float(activation_omega[layer.fqn])
+            layer_cost_value = float(cost_model.layer_cost(layer, fmt))
+            if not math.isfinite(layer_cost_value):
+                raise UsageError(
+                    f"cost model {cost_model.name!r} gives layer {layer.fqn!r} in {fmt!r} a non-finite "
+                    f"cost ({layer_cost_value})"
+                )
+            row.append(LayerOption(format=fmt, cost=layer_cost_value, sq_error=sq_error, omega=omega))
         options[layer.fqn] = tuple(row)
     if clamped:
         log.warning(
@@ -228,6 +298,6 @@ def build_options(
     return OptionTable(
         layers=tuple(layer.fqn for layer in layers),
         options=options,
-        cost_model=cost,
+        cost_model=cost_model.name,
         params={layer.fqn: layer.params for layer in layers},
     )

@@ -203,8 +203,8 @@ def test_build_options_bad_input(prepared_cnn) -> None:  # type: ignore[no-untyp
         build_options(layers, traces, weights, formats=("int4", "int16"))
     with pytest.raises(UsageError, match=r"no candidate formats"):
         build_options(layers, traces, weights, formats=())
-    with pytest.raises(UsageError, match=r"unknown cost model 'latency'; allowed: size, bops"):
-        build_options(layers, traces, weights, cost="latency")
+    with pytest.raises(UsageError, match=r"unknown cost model 'energy'; registered: size, bops, latency"):
+        build_options(layers, traces, weights, cost="energy")
     with pytest.raises(UsageError, match=r"unknown storage 'int4'; allowed: packed, container"):
         build_options(layers, traces, weights, storage="int4")
     partial = SensitivityTable(traces.layers[:2], 0, "cpu", 0.05, 0, 0.0)

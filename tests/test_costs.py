@@ -1,0 +1,286 @@
+"""Cost models: the protocol and registry, a custom model through the frontier, measured latency."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hawqtool import costs
+from hawqtool.costs import (
+    CostSettings,
+    LatencyEntry,
+    LatencyTable,
+    latency_pairs,
+    measure_latency,
+    predicted_latency,
+)
+from hawqtool.errors import UsageError
+from hawqtool.frontier import pareto_frontier
+from hawqtool.prepare import prepare_model
+from hawqtool.sensitivity import build_options, layer_cost
+from hawqtool.types import LayerInfo, LayerTrace, SensitivityTable, parse_format
+
+CONV = LayerInfo("conv", "conv2d", (32, 16, 3, 3), params=4608, macs=294912)
+
+
+def _traces(layers: tuple[LayerInfo, ...]) -> SensitivityTable:
+    rows = tuple(LayerTrace(x.fqn, float(x.params), 1.0, 0.0, 2, True, x.params) for x in layers)
+    return SensitivityTable(rows, 0, "cpu", 0.05, 0, 0.0)
+
+
+class TinyMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 96)
+        self.fc2 = nn.Linear(96, 64)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x.flatten(1))))))
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(32, 64, generator=gen), torch.randint(0, 10, (32,), generator=gen)) for _ in range(2)
+    ]
+    return TinyMLP().eval(), batches
+
+
+@pytest.fixture(scope="module")
+def exported(tiny):  # type: ignore[no-untyped-def]
+    """The tiny MLP with ``head`` pinned to float, and its exporter (built once: export takes seconds)."""
+    from hawqtool.export import QDQExporter
+
+    model, batches = tiny
+    prepared = prepare_model(model, batches[0][0], pins={"head": "float"})
+    return prepared, QDQExporter.build(prepared, batches), {"input": batches[0][0].numpy()}
+
+
+# --------------------------------------------------------------------------------------------
+# The protocol and the registry
+# --------------------------------------------------------------------------------------------
+
+
+def test_size_and_bops_wrap_layer_cost() -> None:
+    settings = CostSettings(storage="container", opset=21, activation_bits=4)
+    size, bops = costs.get("size", settings), costs.get("bops", settings)
+    assert isinstance(size, costs.CostModel) and isinstance(bops, costs.CostModel)
+    assert (size.name, size.unit, bops.name, bops.unit) == ("size", "bytes", "bops", "BOPs")
+    for fmt in ("int2", "int4", "int8", "int4-w", "float"):
+        assert size.layer_cost(CONV, fmt) == layer_cost(CONV, fmt, storage="container", opset=21)
+        assert bops.layer_cost(CONV, fmt) == layer_cost(CONV, fmt, cost="bops", activation_bits=4)
+    assert size.fingerprint() != costs.get("size").fingerprint()
+    assert costs.unit("latency") == "ms"
+
+
+def test_registry_errors_name_what_is_allowed() -> None:
+    with pytest.raises(UsageError, match=r"unknown cost model 'energy'; registered: size, bops, latency"):
+        costs.get("energy")
+    with pytest.raises(UsageError, match=r"cost model 'size' is already registered"):
+        costs.register("size", costs.SizeCost)
+    with pytest.raises(UsageError, match=r"unknown storage 'int4'; allowed: packed, container"):
+        CostSettings(storage="int4")
+    with pytest.raises(UsageError, match=r"latency costs are measured per model"):
+        costs.get("latency").layer_cost(CONV, "int8")
+    with pytest.raises(UsageError, match=r"latency costs are measured per model"):
+        build_options((CONV,), _traces((CONV,)), {"conv": torch.ones(32, 16, 3, 3)}, cost="latency")
+
+
+class ParamsCost:
+    """A custom cost model: bytes of the weight integers only (no scales)."""
+
+    name = "params-bytes"
+    unit = "bytes"
+
+    def layer_cost(self, layer: LayerInfo, fmt: str) -> float:
+        return layer.params * parse_format(fmt).bits / 8
+
+    def fingerprint(self) -> str:
+        return "params-bytes/v1"
+
+
+def test_a_custom_cost_model_plugs_in_without_touching_the_frontier() -> None:
+    costs.register("params-bytes", lambda settings: ParamsCost(), replace=True)
+    assert "params-bytes" in costs.names()
+    layers = (
+        LayerInfo("a", "linear", (4, 8), params=32),
+        LayerInfo("b", "linear", (8, 4), params=32),
+        LayerInfo("c", "linear", (2, 8), params=16),
+    )
+    gen = torch.Generator().manual_seed(0)
+    weights = {x.fqn: torch.randn(*x.weight_shape, generator=gen) for x in layers}
+    formats = ("int2", "int4", "int8", "float")
+    by_name = build_options(layers, _traces(layers), weights, formats=formats, cost="params-bytes")
+    by_object = build_options(layers, _traces(layers), weights, formats=formats, cost=ParamsCost())
+    assert by_name == by_object
+    assert by_name.cost_model == "params-bytes"
+    assert by_name.option("a", "int4").cost == 16.0
+    front = pareto_frontier(by_name)
+    assert front.cost_model == "params-bytes" and front.float_cost == 4 * 80
+    # The frontier is the brute-force Pareto set of the custom costs.
+    pairs = set()
+    for combo in itertools.product(*(by_name.options[x.fqn] for x in layers)):
+        pairs.add((math.fsum(o.cost for o in combo), math.fsum(o.omega for o in combo)))
+    pareto = sorted(p for p in pairs if not any(q[0] <= p[0] and q[1] <= p[1] and q != p for q in pairs))
+    assert [p.cost for p in front] == [c for c, _ in pareto]
+    assert [p.omega for p in front] == pytest.approx([o for _, o in pareto], rel=1e-12)
+
+
+def test_the_frontier_takes_negative_costs() -> None:
+    """Latency deltas can be negative (an integer kernel faster than float): still exact."""
+    from hawqtool.types import LayerOption, OptionTable
+
+    rng = np.random.default_rng(0)
+    layers = tuple(f"l{i}" for i in range(5))
+    options = {
+        f: tuple(
+            LayerOption(fmt, float(rng.integers(-6, 6)), 0.0, float(rng.integers(0, 9)))
+            for fmt in ("int4", "int8", "float")
+        )
+        for f in layers
+    }
+    table = OptionTable(layers, options, "latency", dict.fromkeys(layers, 1))
+    front = pareto_frontier(table)
+    pairs = {
+        (math.fsum(o.cost for o in c), math.fsum(o.omega for o in c))
+        for c in itertools.product(*(options[f] for f in layers))
+    }
+    pareto = sorted(p for p in pairs if not any(q[0] <= p[0] and q[1] <= p[1] and q != p for q in pairs))
+    assert [(p.cost, p.omega) for p in front] == pareto
+    assert front.points[0].cost < 0
+
+
+# --------------------------------------------------------------------------------------------
+# Latency
+# --------------------------------------------------------------------------------------------
+
+
+def _table() -> LatencyTable:
+    entries = {
+        "a": {
+            "float": LatencyEntry(0.0, 0.0),
+            "int8": LatencyEntry(-0.5, 0.01),
+            "int8-w": LatencyEntry(0.2, 0.01),
+        },
+        "b": {"float": LatencyEntry(0.0, 0.0), "int8": LatencyEntry(0.25, 0.01)},
+    }
+    return LatencyTable(
+        2.0, 0.01, {"a": 1.5, "b": 0.5}, entries, "cpu", 2, {"input": (8, 4)}, "both", 10, 1.0, "fp"
+    )
+
+
+def test_predicted_latency_and_pairs_have_known_answers() -> None:
+    t = _table()
+    assert predicted_latency(t, {"a": "int8", "b": "int8"}) == pytest.approx(1.75)
+    assert predicted_latency(t, {"a": "float", "b": "float"}) == 2.0
+    assert latency_pairs(t, [({"a": "int8-w", "b": "float"}, 2.3)]) == [(pytest.approx(2.2), 2.3)]
+    model = t.cost_model()
+    a = LayerInfo("a", "linear", (4, 4), params=16)
+    # Σ layer costs of an allocation is its predicted latency; costs may be negative.
+    assert model.layer_cost(a, "int8") == pytest.approx(1.0)
+    assert model.fingerprint() == "latency/fp"
+    with pytest.raises(
+        UsageError,
+        match=r"format 'int4' of layer 'a' has no latency measurement; measured: float, int8, int8-w",
+    ):
+        model.layer_cost(a, "int4")
+    assert LatencyTable.from_dict(t.to_dict()) == t
+
+
+def test_latency_table_is_reproducible_within_its_noise_and_cached(exported, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    prepared, exporter, feeds = exported
+    kw: dict[str, Any] = {
+        "formats": ("int4", "int8", "int8-w", "float"),
+        "threads": 1,
+        "runs": 20,
+        "clock": "cpu",
+    }
+    first = measure_latency(exporter, feeds, context="float", cache_dir=tmp_path, **kw)
+    assert set(first.entries["fc1"]) == {"int4", "int8", "int8-w", "float"}
+    # A layer pinned to float costs its float latency: delta 0, nothing measured.
+    assert dict(first.entries["head"]) == {"float": LatencyEntry(0.0, 0.0)}
+    assert first.cost_model().layer_cost(prepared.info("head"), "float") == first.base_ms["head"]
+    assert math.fsum(first.base_ms.values()) == pytest.approx(first.float_ms)
+    assert first.predict({f: "float" for f in prepared.fqns}) == first.float_ms
+    again = measure_latency(exporter, feeds, context="float", cache_dir=tmp_path, **kw)
+    assert again == first  # loaded from the cache
+    second = measure_latency(exporter, feeds, context="float", **kw)
+    assert second.fingerprint == first.fingerprint
+    for fqn, row in first.entries.items():
+        for fmt, e in row.items():
+            other = second.entries[fqn][fmt]
+            # 5 combined standard errors, and a floor for the clock's resolution.
+            tol = 5 * math.hypot(e.stderr_ms, other.stderr_ms) + 0.02 * first.float_ms
+            assert abs(e.delta_ms - other.delta_ms) <= tol, (fqn, fmt, e, other)
+    options = build_options(
+        prepared.layers,
+        _traces(prepared.layers),
+        dict(zip(prepared.fqns, prepared.weights(), strict=True)),
+        formats=kw["formats"],
+        cost=first.cost_model(),
+    )
+    assert options.cost_model == "latency"
+    assert options.option("fc1", "int8").cost == pytest.approx(
+        first.base_ms["fc1"] + first.delta("fc1", "int8")
+    )
+    assert pareto_frontier(options).float_cost == pytest.approx(first.float_ms)
+
+
+def test_other_contexts_and_bad_settings(exported) -> None:  # type: ignore[no-untyped-def]
+    prepared, exporter, feeds = exported
+    kw: dict[str, Any] = {"formats": ("int8", "float"), "threads": 1, "runs": 4, "clock": "cpu"}
+    for context in ("quantized", "both", "random"):
+        t = measure_latency(exporter, feeds, context=context, **kw)
+        assert t.context == context and set(t.entries) == set(prepared.fqns)
+        assert {f: set(row) for f, row in t.entries.items()} == {
+            "fc1": {"int8", "float"},
+            "fc2": {"int8", "float"},
+            "head": {"float"},  # pinned
+        }
+        assert all(row["float"] == LatencyEntry(0.0, 0.0) for row in t.entries.values())
+        assert all(
+            math.isfinite(e.delta_ms) and e.stderr_ms >= 0 for row in t.entries.values() for e in row.values()
+        )
+    with pytest.raises(
+        UsageError, match=r"unknown latency context 'mixed'; allowed: float, quantized, both, random"
+    ):
+        measure_latency(exporter, feeds, context="mixed", **kw)
+    with pytest.raises(UsageError, match=r"unknown clock 'gpu'; allowed: wall, cpu"):
+        measure_latency(exporter, feeds, **{**kw, "clock": "gpu"})
+    with pytest.raises(UsageError, match=r"need runs >= 4"):
+        measure_latency(exporter, feeds, **{**kw, "runs": 2})
+    with pytest.raises(UsageError, match=r"unknown execution provider 'tpu'; allowed: cpu, cuda, tensorrt"):
+        measure_latency(exporter, feeds, provider="tpu", **kw)
+
+
+def test_providers_are_checked() -> None:
+    import onnxruntime as ort
+
+    from hawqtool.evaluate import make_session
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(
+            UsageError, match=r"execution provider 'cuda' .* is not available .*; available: .*cpu"
+        ):
+            make_session(b"", provider="cuda")
+    with pytest.raises(UsageError, match=r"unknown execution provider 'tpu'"):
+        make_session(b"", provider="tpu")
+
+
+def test_recipe_fields() -> None:
+    from hawqtool.errors import RecipeError
+    from hawqtool.recipe import load_recipe
+
+    r = load_recipe("tiny", ["allocation.cost=latency", "evaluate.provider=cpu"])
+    assert (r.allocation.cost, r.evaluate.provider) == ("latency", "cpu")
+    with pytest.raises(RecipeError, match=r"evaluate.provider"):
+        load_recipe("tiny", ["evaluate.provider=tpu"])
