@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +23,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from hawqtool import __version__
+from hawqtool import __version__, modelio
 from hawqtool.cache import cache_dir, settings_key
+from hawqtool.distributed import is_main
 from hawqtool.errors import BudgetNotMetError, ExportError, UsageError
-from hawqtool.prepare import Batch, PreparedModel, prepare_model
+from hawqtool.modelio import Batch, ModelIO
+from hawqtool.prepare import PreparedModel, prepare_model
 from hawqtool.recipe import Recipe, load_recipe
 from hawqtool.tasks import LossFn, MetricFn, import_object, resolve_loss, resolve_metric
 from hawqtool.types import (
-    FLOAT,
     DataSplits,
     Frontier,
     FrontierPoint,
     OptionTable,
     SensitivityTable,
+    is_quantized,
+    parse_format,
     write_json_atomic,
 )
 
@@ -60,34 +63,53 @@ class Workspace:
     test: list[Batch]
     loss_fn: LossFn
     metric_fn: MetricFn
+    #: Built once, shared by the stages that need them (the exporter, the latency table).
+    cache: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def split(self, name: str) -> list[Batch]:
         if name not in SPLITS:
             raise UsageError(f"unknown split {name!r}; allowed: {', '.join(SPLITS)}")
         return getattr(self, name)  # type: ignore[no-any-return]
 
-
-def _as_tensor(x: Any, what: str) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, np.ndarray):
-        return torch.from_numpy(x)
-    raise UsageError(f"{what} is a {type(x).__name__}; batches must be (inputs, targets) tensors")
+    @property
+    def io(self) -> ModelIO:
+        assert self.prepared.io is not None
+        return self.prepared.io
 
 
-def _materialise(batches: Iterable[Any] | None, name: str) -> list[Batch]:
+def _materialise(batches: Iterable[Any] | None, name: str, *, labels: bool) -> list[Batch]:
+    """The split as a list of ``(inputs, targets)``; inputs any pytree of tensors / arrays.
+
+    With ``labels`` every batch must be an ``(inputs, targets)`` pair. Without (``task.targets:
+    model``), a batch is the model's inputs, or an ``(inputs, None)`` pair; targets come later.
+    """
     if batches is None:
         raise UsageError(f"the data has no {name!r} split; it needs {', '.join(SPLITS)}")
-    out = []
+    out: list[Batch] = []
     for i, b in enumerate(batches):
-        if not isinstance(b, (tuple, list)) or len(b) != 2:
-            raise UsageError(f"{name} batch {i} is not an (inputs, targets) pair")
-        out.append(
-            (_as_tensor(b[0], f"{name} batch {i} inputs"), _as_tensor(b[1], f"{name} batch {i} targets"))
-        )
+        what = f"{name} batch {i}"
+        if labels:
+            if not isinstance(b, (tuple, list)) or len(b) != 2:
+                raise UsageError(
+                    f"{what} is not an (inputs, targets) pair; unlabelled data needs task.targets: model"
+                )
+            x, y = b
+            out.append(
+                (modelio.as_tensors(x, what=f"{what} inputs"), modelio.as_tensors(y, what=f"{what} targets"))
+            )
+        else:
+            x = b[0] if isinstance(b, (tuple, list)) and len(b) == 2 and b[1] is None else b
+            out.append((modelio.as_tensors(x, what=f"{what} inputs"), None))
+        modelio.batch_size(out[-1][0], what=f"{what} inputs")
     if not out:
         raise UsageError(f"the {name} split is empty: give at least one (inputs, targets) batch")
     return out
+
+
+@torch.no_grad()
+def teacher_targets(prepared: PreparedModel, batches: Sequence[Batch]) -> list[Batch]:
+    """The batches with the float model's selected outputs as targets (``task.targets: model``)."""
+    return [(x, prepared.forward(x).detach()) for x, _ in batches]
 
 
 def _split_of(data: Any, name: str) -> Any:
@@ -99,11 +121,21 @@ def _split_of(data: Any, name: str) -> Any:
 def _load_model(recipe: Recipe) -> nn.Module:
     if recipe.model is None:
         raise UsageError("the recipe has no model section: give model.factory ('package.module:callable')")
+    import inspect
+
     factory = import_object(recipe.model.factory, what="model.factory")
     try:
-        model = factory(**recipe.model.kwargs)
+        inspect.signature(factory).bind(**recipe.model.kwargs)
     except TypeError as e:
         raise UsageError(f"model.factory {recipe.model.factory!r} rejected model.kwargs: {e}") from e
+    except ValueError:
+        pass  # no signature to check (some builtins): the call below reports a mismatch
+    try:
+        model = factory(**recipe.model.kwargs)
+    # The factory is the user's code: whatever it raises is a problem with the recipe's model
+    # (exit 2), named with the factory; the CLI shows the traceback under -v / --debug.
+    except Exception as e:
+        raise UsageError(f"model.factory {recipe.model.factory!r} raised {type(e).__name__}: {e}") from e
     if not isinstance(model, nn.Module):
         raise UsageError(
             f"model.factory {recipe.model.factory!r} returned {type(model).__name__}, not a torch.nn.Module"
@@ -123,11 +155,20 @@ def _load_model(recipe: Recipe) -> nn.Module:
 def _load_data(recipe: Recipe) -> Any:
     if recipe.data is None:
         raise UsageError("the recipe has no data section: give data.factory ('package.module:callable')")
+    import inspect
+
     factory = import_object(recipe.data.factory, what="data.factory")
     try:
-        return factory(**recipe.data.kwargs)
+        inspect.signature(factory).bind(**recipe.data.kwargs)
     except TypeError as e:
         raise UsageError(f"data.factory {recipe.data.factory!r} rejected data.kwargs: {e}") from e
+    except ValueError:
+        pass  # no signature to check (some builtins): the call below reports a mismatch
+    try:
+        return factory(**recipe.data.kwargs)
+    # As for the model factory: anything the user's data code raises is exit 2, named.
+    except Exception as e:
+        raise UsageError(f"data.factory {recipe.data.factory!r} raised {type(e).__name__}: {e}") from e
 
 
 def _as_recipe(recipe: Recipe | str | Path | None, overrides: Sequence[str]) -> Recipe:
@@ -160,13 +201,116 @@ def load(
     if not isinstance(model, nn.Module):
         raise UsageError(f"model is a {type(model).__name__}, not a torch.nn.Module")
     data = data if data is not None else _load_data(r)
-    splits = {name: _materialise(_split_of(data, name), name) for name in SPLITS}
-    loss_fn = resolve_loss(r.task.loss)
-    metric_fn = resolve_metric(r.task.metric)
-    prepared = prepare_model(model, splits["calibration"][0][0], pins=r.allocation.pins)
+    labels = r.task.targets == "labels"
+    splits = {name: _materialise(_split_of(data, name), name, labels=labels) for name in SPLITS}
+    loss_fn = resolve_loss(r.task.loss_name)
+    metric_fn = resolve_metric(r.task.metric_name)
+    io = ModelIO.from_batches([b for name in SPLITS for b in splits[name]], output=r.task.output)
+    prepared = prepare_model(model, splits["calibration"][0][0], pins=r.allocation.pins, io=io)
+    if not labels:
+        # The torch float model is the teacher for the Hessian; evaluation and test are re-targeted
+        # on the float ONNX model in quantize(), so the baseline's fidelity is exactly 1.
+        splits = {name: teacher_targets(prepared, splits[name]) for name in SPLITS}
     return Workspace(
         r, prepared, splits["calibration"], splits["evaluation"], splits["test"], loss_fn, metric_fn
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Checks before any Hessian work: garbage in must never come out as "budget met"
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def check_task(ws: Workspace) -> tuple[float, np.ndarray | None]:
+    """Run the float torch model over the evaluation split and check that targets, outputs and the
+    metric make sense together; returns the float model's metric there and its per-sample values
+    (``None`` when the metric gives one number per split).
+
+    Raises:
+        UsageError: (exit 2) outputs that are NaN/Inf, targets whose batch size, shape or class
+            range cannot match the outputs, a metric that is NaN, or (labels, ``top1``) a float
+            baseline at or below chance (the most frequent class's share), which means the
+            targets or the model are not what the recipe says.
+    """
+    from hawqtool.tasks import per_sample
+
+    outputs, targets = [], []
+    for i, (x, y) in enumerate(ws.evaluation):
+        out = ws.prepared.forward(x)
+        if not torch.isfinite(out).all():
+            raise UsageError(f"the float model's outputs on evaluation batch {i} contain NaN or Inf")
+        yt = torch.as_tensor(y)
+        if yt.shape[:1] != out.shape[:1]:
+            raise UsageError(
+                f"evaluation batch {i}: {yt.shape[0] if yt.ndim else 'scalar'} targets for "
+                f"{out.shape[0]} outputs; targets need one row per sample"
+            )
+        outputs.append(out.float().cpu().numpy())
+        targets.append(yt.cpu().numpy())
+    try:
+        out_np, tgt_np = np.concatenate(outputs), np.concatenate(targets)
+    except ValueError:
+        return float("nan"), None  # ragged token outputs: the ONNX evaluation pads and checks them
+    task = ws.recipe.task
+    if task.targets == "labels" and np.issubdtype(tgt_np.dtype, np.integer) and out_np.ndim >= 2:
+        classes = out_np.shape[-1]
+        lo, hi = int(tgt_np.min()), int(tgt_np.max())
+        if lo < 0 or hi >= classes:
+            raise UsageError(
+                f"targets range over [{lo}, {hi}] but the model's output has {classes} classes "
+                f"(targets must lie in [0, {classes - 1}]); check the data factory's labels"
+            )
+    values = ws.metric_fn(out_np, tgt_np)
+    per = per_sample(values, len(out_np))
+    metric = float(np.mean(per)) if per is not None else float(values)  # type: ignore[arg-type]
+    if not np.isfinite(metric):
+        raise UsageError(
+            f"the metric {task.metric_name!r} of the float model is {metric} on the evaluation split"
+        )
+    if task.targets == "labels" and task.metric_name == "top1" and np.issubdtype(tgt_np.dtype, np.integer):
+        chance = float(np.bincount(tgt_np.reshape(-1).astype(np.int64)).max() / tgt_np.size)
+        if metric <= chance + 1e-12:
+            raise UsageError(
+                f"the float model's top1 on the evaluation split is {metric:.4f}, at or below chance "
+                f"({chance:.4f}, the most frequent class's share): the targets do not match the model"
+            )
+    return metric, per
+
+
+def check_budget_resolvable(ws: Workspace, baseline: float, values: np.ndarray | None) -> None:
+    """Refuse a budget the evaluation split cannot resolve at the recipe's confidence.
+
+    Args:
+        ws: the workspace.
+        baseline: the float model's metric on the evaluation split (for relative budgets).
+        values: its per-sample values; a binary metric (0/1 per sample, as top-1) has a smallest
+            resolvable drop, a continuous one does not.
+
+    Raises:
+        UsageError: (exit 2) saying how many evaluation samples the budget needs.
+    """
+    from hawqtool.confidence import TOLERANCE, is_binary, resolvable_drop, samples_needed
+
+    b = ws.recipe.budget
+    if b.confidence <= 0 or values is None or not is_binary(values):
+        return  # the point rule, or a metric with no granularity to resolve
+    n = len(values)
+    if b.max_drop <= 0:
+        raise UsageError(
+            f"budget.max_drop 0 cannot be met at confidence {b.confidence}: the upper bound of any drop "
+            "measured on a finite split is above 0. Give a positive max_drop, or budget.confidence: 0 "
+            "to accept candidates whose observed drop is 0"
+        )
+    base = baseline if b.mode == "relative" else None
+    smallest = resolvable_drop(n, confidence=b.confidence, mode=b.mode, baseline=base)
+    if b.max_drop < smallest - TOLERANCE:
+        need = samples_needed(b.max_drop, confidence=b.confidence, mode=b.mode, baseline=base)
+        raise UsageError(
+            f"budget.max_drop {b.max_drop} ({b.mode}) cannot be resolved with {n} evaluation samples at "
+            f"confidence {b.confidence}: the smallest drop they resolve is {smallest:.4g}; it needs at "
+            f"least {need} samples (or a larger max_drop, or budget.confidence: 0 for the point rule)"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,6 +338,7 @@ def analyze(
         min_probes=h.min_probes,
         max_probes=h.max_probes,
         device=h.device,
+        dtype=h.dtype,
         sub_batch=h.sub_batch,
         progress=progress,
         cache_dir=cache_dir() / "hessian",
@@ -214,38 +359,170 @@ def frontier(
     ws = recipe if isinstance(recipe, Workspace) else load(recipe, overrides=overrides)
     table = table or analyze(ws, progress=progress)
     a = ws.recipe.allocation
+    s = stage_settings(ws.recipe)
+    cost: Any = a.cost
+    if a.cost == "latency":
+        lat = latency_table(ws, progress=progress)
+        cost = lat.cost_model()
+        s["cost"] = f"latency:{lat.fingerprint}"
     weights = dict(zip(ws.prepared.fqns, ws.prepared.weights(), strict=True))
     options = build_options(
         ws.prepared.layers,
         table,
         weights,
         formats=a.formats,
-        cost=a.cost,
-        storage=ws.recipe.export.int4_storage,
-        clip_search=a.clip_search,
-        opset=ws.recipe.export.opset,
+        cost=cost,
+        storage=s["int4_storage"],
+        clip_search=s["clip_search"],
+        opset=s["opset"],
     )
+    options = replace(options, settings=s)
     return options, pareto_frontier(options, cost_grid=a.cost_grid, omega_grid=a.omega_grid)
 
 
+def stage_settings(recipe: Recipe) -> dict[str, Any]:
+    """The export settings that costs, Ω, the dependency terms and the exporter must share: one
+    source, recorded in the option table so that a mismatch is caught where the stages meet."""
+    e, a = recipe.export, recipe.allocation
+    return {
+        "int4_storage": e.int4_storage,
+        "opset": e.opset,
+        "clip_search": a.clip_search,
+        "calibration": e.calibration,
+        "cost": a.cost,
+    }
+
+
+def _fastest_within_budget(result: Any, table: Any, options: OptionTable) -> tuple[Any, list[dict[str, Any]]]:
+    """Among the timed probes that met the budget (and quantize something), the one with the lowest
+    measured latency; and every probe's predicted vs measured latency."""
+    from hawqtool.costs import predicted_latency
+
+    rows = [
+        {
+            "index": t.index,
+            "note": t.note,
+            "met": t.met,
+            "predicted_ms": predicted_latency(table, t.allocation),
+            "measured_ms": t.latency_ms,
+        }
+        for t in result.trials
+    ]
+    ok = [
+        t
+        for t in result.trials
+        if t.met and t.latency_ms is not None and any(is_quantized(f) for f in t.allocation.values())
+    ]
+    if not ok:
+        return result, rows
+    best = min(ok, key=lambda t: t.latency_ms)
+    if result.chosen is not None and dict(result.chosen.allocation) == dict(best.allocation):
+        return result, rows
+    point = FrontierPoint(
+        cost=best.cost,
+        omega=options.omega(best.allocation),
+        allocation=dict(best.allocation),
+        avg_bits=best.avg_bits,
+    )
+    log.info("fastest measured probe within budget: #%d (%.3f ms)", best.index, best.latency_ms)
+    return replace(result, chosen=point, chosen_index=None, reason="fastest-measured"), rows
+
+
+def check_assumptions(options: OptionTable, exp: Any, dep: Any | None) -> None:
+    """Check that the exporter and the dependency model assume what the option table assumed.
+
+    Raises:
+        UsageError: a setting differs (e.g. a cached artifact from other settings, or an exporter
+            built by hand with another storage), naming the setting and both values.
+    """
+    s = options.settings
+    seen = {
+        "exporter.int4_storage": (s.get("int4_storage"), exp.int4_storage),
+        "exporter.opset": (s.get("opset"), exp.opset),
+        "exporter.clip_search": (s.get("clip_search"), exp.clip_search),
+    }
+    if dep is not None:
+        seen["dependency.clip_search"] = (s.get("clip_search"), dep.clip_search)
+    bad = [f"{k}: options assumed {a!r}, got {b!r}" for k, (a, b) in seen.items() if a is not None and a != b]
+    if bad:
+        raise UsageError("stages disagree on their settings: " + "; ".join(bad))
+
+
 def exporter(ws: Workspace) -> Any:
-    """A QDQ exporter for the workspace's model, activations calibrated on its calibration split."""
+    """A QDQ exporter for the workspace's model, activations calibrated on its calibration split
+    (built once per workspace)."""
     from hawqtool.export import QDQExporter
 
-    e = ws.recipe.export
-    return QDQExporter.build(
-        ws.prepared,
-        ws.calibration,
-        opset=e.opset,
-        calibration_method=e.calibration,
-        int4_storage=e.int4_storage,
-        clip_search=ws.recipe.allocation.clip_search,
-    )
+    if "exporter" not in ws.cache:
+        s = stage_settings(ws.recipe)
+        ws.cache["exporter"] = QDQExporter.build(
+            ws.prepared,
+            ws.calibration,
+            opset=s["opset"],
+            calibration_method=s["calibration"],
+            int4_storage=s["int4_storage"],
+            clip_search=s["clip_search"],
+        )
+    return ws.cache["exporter"]
+
+
+def latency_table(ws: Workspace, *, progress: bool = True) -> Any:
+    """Per layer and format, the latency the format adds on the recipe's execution provider,
+    measured on the exported model at the evaluation batch shape and thread count (cached)."""
+    from hawqtool.costs import measure_latency
+
+    if "latency" not in ws.cache:
+        ev = ws.recipe.evaluate
+        ws.cache["latency"] = measure_latency(
+            exporter(ws),
+            ws.io.feeds(ws.evaluation[0][0]),
+            formats=ws.recipe.allocation.formats,
+            provider=ev.provider,
+            threads=ev.threads,
+            cache_dir=cache_dir() / "latency",
+            progress=progress,
+        )
+    return ws.cache["latency"]
+
+
+def onnx_teacher(ws: Workspace, float_model: Any) -> Workspace:
+    """The workspace with evaluation and test targets replaced by the float ONNX model's outputs,
+    so that teacher fidelity is measured against what onnxruntime runs (the baseline scores
+    exactly 1 on agreement and cosine)."""
+    from hawqtool.evaluate import make_session
+
+    ev = ws.recipe.evaluate
+    session = make_session(float_model.SerializeToString(), threads=ev.threads, provider=ev.provider)
+
+    def retarget(batches: list[Batch]) -> list[Batch]:
+        out = []
+        for x, _ in batches:
+            try:
+                y = session.run(None, ws.io.feeds(x))[0]
+            except Exception as e:  # onnxruntime's pybind errors share only Exception
+                raise ExportError(f"onnxruntime failed to run the float model: {e}") from e
+            out.append((x, torch.from_numpy(np.asarray(y))))
+        return out
+
+    return replace(ws, evaluation=retarget(ws.evaluation), test=retarget(ws.test))
 
 
 def uniform_allocation(ws: Workspace, fmt: str) -> dict[str, str]:
-    """Every layer in ``fmt``, except pinned layers, which keep their pin."""
-    return {layer.fqn: layer.pinned or fmt for layer in ws.prepared.layers}
+    """Every layer in ``fmt``, except pinned layers, which keep their pin, and layers whose kind
+    cannot take ``fmt``: an embedding given ``int8`` (weights + activations) gets ``int8-w``, a
+    conv given a block format gets the per-channel weight-only format of the same bits."""
+    from hawqtool.sensitivity import supports
+
+    f = parse_format(fmt)
+    out = {}
+    for layer in ws.prepared.layers:
+        if layer.pinned is not None:
+            out[layer.fqn] = layer.pinned
+        elif supports(layer, fmt) or not f.quantized:
+            out[layer.fqn] = fmt
+        else:
+            out[layer.fqn] = f"int{f.bits}-w"
+    return out
 
 
 def export(
@@ -276,7 +553,13 @@ def evaluate(
         raise UsageError(f"model {str(path)!r} does not exist")
     ev = ws.recipe.evaluate
     return evaluate_onnx(
-        path, ws.split(split), ws.metric_fn, threads=ev.threads, latency_runs=ev.latency_runs
+        path,
+        ws.split(split),
+        ws.metric_fn,
+        io=ws.io,
+        threads=ev.threads,
+        latency_runs=ev.latency_runs,
+        provider=ev.provider,
     )
 
 
@@ -305,23 +588,44 @@ def _versions() -> dict[str, str]:
         "torch": torch.__version__,
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
+        "cpu": _cpu(),
     }
+
+
+def _cpu() -> str:
+    """The CPU the onnxruntime numbers were measured on, and whether it has VNNI: without it,
+    onnxruntime's u8 x s8 integer kernels saturate on full-range int8 weights, so the measured
+    accuracy of int8 formats differs between machines (docs/facts.md)."""
+    import platform
+
+    name, vnni = platform.machine(), False
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return name
+    for line in info.splitlines():
+        if line.startswith("model name"):
+            name = line.split(":", 1)[1].strip()
+            break
+    vnni = "vnni" in info
+    return f"{name} ({'VNNI' if vnni else 'no VNNI'})"
 
 
 def _dependency_model(ws: Workspace, options: OptionTable, table: SensitivityTable, progress: bool) -> Any:
     from hawqtool.dependency import DependencyModel, build_dependency_model
     from hawqtool.hvp import SplitHessian
 
-    key = settings_key(table.fingerprint, options.to_dict(), ws.recipe.allocation.clip_search, "dep-v2")
+    key = settings_key(table.fingerprint, options.to_dict(), "dep-v3")
     path = cache_dir() / "dependency" / f"{key}.json"
     if path.is_file():
         log.info("dependency terms: cached (%s)", path)
         return DependencyModel.from_dict(json.loads(path.read_text()))
     hessian = SplitHessian(ws.prepared, ws.calibration, ws.loss_fn, device=ws.recipe.hessian.device)
     dep = build_dependency_model(
-        hessian, ws.prepared, options, clip_search=ws.recipe.allocation.clip_search, progress=progress
+        hessian, ws.prepared, options, clip_search=options.settings["clip_search"], progress=progress
     )
-    write_json_atomic(path, dep.to_dict())
+    if is_main():
+        write_json_atomic(path, dep.to_dict())
     return dep
 
 
@@ -360,35 +664,41 @@ def quantize(
     from hawqtool.frontier import uniform_points
     from hawqtool.plots import plot_frontier
     from hawqtool.report import (
-        frontier_rows,
-        sensitivity_rows,
+        budget_not_met_message,
+        build_report,
         write_frontier_csv,
         write_report,
         write_sensitivity,
     )
-    from hawqtool.search import bisect
+    from hawqtool.search import Measurement, bisect
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     ws = load(recipe, model=model, data=data, overrides=overrides)
     r = ws.recipe
+    # Garbage in must stop here, before minutes of Hessian work, never end as "budget met".
+    base_metric, base_values = check_task(ws)
+    check_budget_resolvable(ws, base_metric, base_values)
     out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ExportError(f"cannot create output folder {str(out)!r}: {e}") from e
-    # A stale model from an earlier run must never pass for this run's result.
-    (out / "model.onnx").unlink(missing_ok=True)
+    if is_main():
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ExportError(f"cannot create output folder {str(out)!r}: {e}") from e
+        # A stale model from an earlier run must never pass for this run's result.
+        (out / "model.onnx").unlink(missing_ok=True)
 
     t = time.perf_counter()
     table = analyze(ws, progress=progress)
     timings["hessian"] = time.perf_counter() - t
-    write_sensitivity(table, out)
+    if is_main():
+        write_sensitivity(table, out)
 
     t = time.perf_counter()
     options, front = frontier(ws, table=table, progress=progress)
     timings["frontier"] = time.perf_counter() - t
-    write_frontier_csv(front, out)
+    if is_main():
+        write_frontier_csv(front, out)
 
     candidates: Sequence[FrontierPoint] = front.points
     dep = None
@@ -400,10 +710,23 @@ def quantize(
         front = rescore(front, dep)
         candidates = candidates_for_search(front, dep, options)
         timings["dependency"] = time.perf_counter() - t
-        write_frontier_csv(front, out)
+        if is_main():
+            write_frontier_csv(front, out)
+    if not is_main():
+        # Under torchrun the other ranks only share the Hessian stages; rank 0 searches and writes.
+        return QuantizeResult(out, None, out / "report.json", False, {})
 
+    if "no VNNI" in _cpu() and any(
+        parse_format(f).activations and parse_format(f).bits == 8 for f in r.allocation.formats
+    ):
+        log.warning(
+            "this CPU has no VNNI: onnxruntime's uint8 x int8 kernels can saturate on full-range int8 "
+            "weights, so int8 layers may measure worse here than on a VNNI CPU; int7 (7-bit values in "
+            "int8, onnxruntime's reduce_range) avoids it"
+        )
     t = time.perf_counter()
     exp = exporter(ws)
+    check_assumptions(options, exp, dep)
     ev = r.evaluate
 
     def run(model_or_path: Any, split: str, *, timed: bool = False) -> Any:
@@ -411,33 +734,55 @@ def quantize(
         # checks need the metric, so they skip the repeated timing runs.
         runs = ev.latency_runs if timed else 1
         return evaluate_onnx(
-            model_or_path, ws.split(split), ws.metric_fn, threads=ev.threads, latency_runs=runs
+            model_or_path,
+            ws.split(split),
+            ws.metric_fn,
+            io=ws.io,
+            threads=ev.threads,
+            latency_runs=runs,
+            provider=ev.provider,
         )
 
+    if r.task.targets == "model":
+        ws = onnx_teacher(ws, exp.float_model)
     base_eval = run(exp.float_model, "evaluation", timed=True)
     base_test = run(exp.float_model, "test")
     timings["baseline"] = time.perf_counter() - t
     budget = r.budget_spec
 
-    def measure(point: FrontierPoint) -> float:
-        return float(run(exp.quantized_model(point.allocation), "evaluation").metric)
+    # With the latency cost every probe is timed: latency is not exactly additive, so the choice
+    # among the candidates within budget is made on measured, not predicted, latency.
+    timed_probes = r.allocation.cost == "latency"
+
+    def measure(point: FrontierPoint) -> Measurement:
+        e = run(exp.quantized_model(point.allocation), "evaluation", timed=timed_probes)
+        return replace(Measurement.of(e), latency_ms=e.latency_ms if timed_probes else None)
 
     repair_fn = make_repair(candidates, dep, options) if dep is not None and r.search.repair else None
 
     t = time.perf_counter()
     result = bisect(
-        candidates, measure, baseline=base_eval.metric, budget=budget, repair=repair_fn, progress=progress
+        candidates,
+        measure,
+        baseline=base_eval.metric,
+        budget=budget,
+        repair=repair_fn,
+        progress=progress,
+        reference=Measurement.of(base_eval),
+        gap_points=front.points,
+        seed=r.hessian.seed,
     )
     timings["search"] = time.perf_counter() - t
-
+    latency_check = None
+    if timed_probes:
+        result, latency_check = _fastest_within_budget(result, latency_table(ws), options)
     chosen = result.chosen
-    res: dict[str, Any] = {
-        "metric": None,
-        "test_metric": None,
-        "latency_ms": None,
-        "size_bytes": None,
-        "allocation": None,
-    }
+    if chosen is not None and not any(is_quantized(f) for f in chosen.allocation.values()):
+        # Keeping every layer float is not a quantization result: say so (exit 3).
+        result = replace(result, chosen=None, chosen_index=None, budget_met=False, reason="only-float")
+        chosen = None
+
+    final = None
     model_path = None
     if chosen is not None:
         t = time.perf_counter()
@@ -446,67 +791,27 @@ def quantize(
             out / "model.onnx",
             metadata={"hawqtool.recipe": r.name, "hawqtool.budget": json.dumps(r.budget.model_dump())},
         )
-        final_eval = run(model_path, "evaluation", timed=True)
-        final_test = run(model_path, "test")
+        final = (run(model_path, "evaluation", timed=True), run(model_path, "test"))
         timings["final"] = time.perf_counter() - t
-        res = {
-            "metric": final_eval.metric,
-            "test_metric": final_test.metric,
-            "drop": budget.drop(base_eval.metric, final_eval.metric),
-            "test_drop": budget.drop(base_test.metric, final_test.metric),
-            "test_budget_met": budget.meets(base_test.metric, final_test.metric),
-            "latency_ms": final_eval.latency_ms,
-            "size_bytes": model_path.stat().st_size,
-            "cost": chosen.cost,
-            "avg_bits": chosen.avg_bits,
-            "sum_omega": chosen.omega,
-            "score": chosen.score,
-            "allocation": dict(chosen.allocation),
-            "formats": {
-                f: sum(1 for v in chosen.allocation.values() if v == f)
-                for f in (*r.allocation.formats, FLOAT)
-                if f in chosen.allocation.values()
-            },
-        }
     timings["total"] = time.perf_counter() - t0
 
-    report: dict[str, Any] = {
-        "name": r.name,
-        "baseline": {
-            "metric": base_eval.metric,
-            "test_metric": base_test.metric,
-            "latency_ms": base_eval.latency_ms,
-            "size_bytes": base_eval.size_bytes,
-        },
-        "result": res,
-        "budget": {
-            **r.budget.model_dump(),
-            "higher_is_better": r.task.higher_is_better,
-            "metric": r.task.metric,
-            "split": "evaluation",
-        },
-        "budget_met": result.budget_met,
-        "search": {
-            **result.to_dict(),
-            "evaluations": len(result.trials),
-            "candidates": len(candidates),
-            "dependency": dep is not None,
-        },
-        "sensitivity": sensitivity_rows(table),
-        "hessian": {
-            "hvps": table.hvps,
-            "seconds": table.seconds,
-            "device": table.device,
-            "fingerprint": table.fingerprint,
-            "rel_tol": table.rel_tol,
-        },
-        "frontier": frontier_rows(front),
-        "cost_model": front.cost_model,
-        "seed": r.hessian.seed,
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "recipe": r.to_dict(),
-        "versions": _versions(),
-    }
+    report = build_report(
+        recipe=r,
+        prepared=ws.prepared,
+        table=table,
+        front=front,
+        result=result,
+        baseline=(base_eval, base_test),
+        final=final,
+        chosen=chosen,
+        candidates=len(candidates),
+        dependency=dep is not None,
+        timings=timings,
+        versions=_versions(),
+        model_path=model_path,
+    )
+    if latency_check is not None:
+        report["search"]["latency"] = latency_check
     uniform = uniform_points(options, r.allocation.formats)
     trials = [(t.cost, options.omega(t.allocation), t.met) for t in result.trials]
     plot_frontier(
@@ -519,13 +824,6 @@ def quantize(
     )
     write_report(report, out)
     if not result.budget_met:
-        worst = result.trials[0] if result.trials else None
-        raise BudgetNotMetError(
-            f"budget not met: the most precise candidate drops {r.task.metric} by "
-            f"{worst.drop:.4f} ({r.budget.mode}) > max_drop {r.budget.max_drop}; "
-            f"baseline {base_eval.metric:.4f}, best {worst.metric:.4f}. Report: {out / 'report.md'}"
-            if worst
-            else "budget not met"
-        )
+        raise BudgetNotMetError(budget_not_met_message(report, out / "report.md"))
     assert model_path is not None
     return QuantizeResult(out, model_path, out / "report.json", True, report)
