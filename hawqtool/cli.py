@@ -31,7 +31,14 @@ def _common(p: argparse.ArgumentParser, *, recipe: bool = True) -> None:
             help="override a recipe value, e.g. --set budget.max_drop=0.02 (repeatable)",
         )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        "--debug",
+        dest="verbose",
+        action="store_true",
+        help="debug logging, and the traceback behind an error",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,16 +102,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     _configure_logging(args)
+    import os
+
+    # Under torchrun (WORLD_SIZE > 1) every rank joins one process group for the Hessian stages.
+    torchrun = os.environ.get("WORLD_SIZE", "1") not in ("", "1")
     try:
+        if torchrun:
+            from hawqtool import distributed
+
+            distributed.init_from_env()
         from hawqtool import commands
 
         return int(getattr(commands, f"cmd_{args.command}")(args))
     except HawqError as e:
-        log.error("%s", e)
+        # The message names the bad value; the traceback (with the user's code that raised, for a
+        # failing factory) only under -v / --debug.
+        log.error("%s", e, exc_info=args.verbose)
         return e.exit_code
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
+    finally:
+        if torchrun:
+            from hawqtool import distributed
+
+            distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ ranks the top-1 drop poorly (0.77), the score ranked it at 0.73 against 0.81 for
 for ΣΩ (``scripts/bench_dependency.py``). Without the measurements (``measure_singles=False``) the
 score is the plain second-order prediction.
 
-How the score corrects the frontier (DESIGN.md §5), in :func:`candidates_for_search`: re-score every
+How the score corrects the frontier (docs/design.md §5), in :func:`candidates_for_search`: re-score every
 frontier point; optionally add each point's local improvement under the score at no extra cost; keep
 only the points not dominated in (cost, score), so the sequence bisection walks is monotone in the
 score. The most precise frontier point is always kept: bisection's first probe decides whether the
@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from hawqtool import distributed
 from hawqtool.errors import UsageError
 from hawqtool.hvp import SplitHessian
 from hawqtool.prepare import PreparedModel
@@ -297,7 +298,12 @@ def build_dependency_model(
     position = {f: i for i, f in enumerate(layers)}
     rows = sorted(deltas, key=lambda k: position[k[0]])
     passes = len(layers) + len(deltas) if measure_singles else 0
-    bar = tqdm(total=len(rows) + passes, desc="dependency terms", disable=not progress, leave=False)
+    bar = tqdm(
+        total=len(rows) + passes,
+        desc="dependency terms",
+        disable=not progress or not distributed.is_main(),
+        leave=False,
+    )
     for key in rows:
         bar.update(1)
         later = layers[position[key[0]] :]

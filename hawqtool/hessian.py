@@ -1,4 +1,4 @@
-"""Per-layer Hessian traces Tr(H_ii) by Hutchinson's estimator (DESIGN.md §2).
+"""Per-layer Hessian traces Tr(H_ii) by Hutchinson's estimator (docs/design.md §2).
 
 H is the Hessian of the MEAN loss over the whole calibration split; H_ii is its block on one
 quantizable layer's weight. For a Rademacher probe z_i on that block, E[z_iᵀ H_ii z_i] = Tr(H_ii).
@@ -12,7 +12,7 @@ such layer one second backward ``grad(g_i, W_i, grad_outputs=z_i) = H_ii z_i`` t
 block only, with a fresh probe. So:
 
 - every layer's sample is free of the cross-layer terms z_iᵀH_ijz_j that make one all-layer probe
-  per HVP so slow for small layers (FACTS.md: 13× slower);
+  per HVP so slow for small layers (docs/facts.md: 13× slower);
 - the forward pass and the first backward are shared by all layers instead of repeated per layer,
   and the second backward of a late layer stops at that layer (almost free for the classifier);
 - small sub-batches are cheap per probe, and because an epoch's sub-batches partition the split,
@@ -22,6 +22,19 @@ block only, with a fresh probe. So:
 - a layer leaves once it has converged, so later epochs only pay for the laggards.
 
 ``scripts/bench_hessian.py`` measures this against layer-at-a-time and all-layer Hutchinson.
+
+Scale
+-----
+Randomness is positional: epoch e's partition comes from a generator seeded by (seed, e) and the
+probe of part k for layer i from one seeded by (seed, e, k, i), never from one running generator.
+So under a ``torch.distributed`` process group (:mod:`hawqtool.distributed`, e.g. ``torchrun``)
+each rank computes the parts k ≡ rank (mod world) of every epoch, the per-part samples are
+all-reduced, and 1, 2 or 4 processes produce the same table (to summation order) and take the same
+stopping decisions. The split stays where the data factory put it; each sub-batch is gathered and
+moved to the device on its own, so device memory does not grow with the split.
+``scripts/bench_scale.py`` measures the alternatives tried for fewer HVPs (a lower epoch floor,
+smaller sub-batches, several probes per part in one vmapped backward) and the speed-up with
+processes; none beat today's schedule on CPU (its numbers are in its output).
 
 Stopping
 --------
@@ -36,7 +49,7 @@ trace. Traces are never NaN; a layer the loss does not depend on has trace 0 wit
 No layer stops before ``min_probes`` (rounded up to whole epochs) nor runs past ``max_probes``
 (rounded down to whole epochs; at least 2 epochs). Stopping the first time a layer's own noisy
 stderr looks small enough biases it low and under-states its error (runs that have not yet drawn a
-large sample have both a low mean and a low spread; FACTS.md saw 1–3 %). Simulations on ResNet-20's
+large sample have both a low mean and a low spread; 1–3 % low when measured). Simulations on ResNet-20's
 epoch samples: with the epoch-level stderr allowed from 8 epochs, 89 % of estimates fell within 2
 stderr of the truth and 1.2 % beyond 4; from 16 epochs (:data:`MIN_EPOCHS`), 93 % and 0.4 %; a fixed
 sample size gives 94–95 %. So before 16 epochs a layer may only stop on a conservative bound with
@@ -51,6 +64,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -62,17 +76,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
+from hawqtool import distributed, modelio
 from hawqtool.errors import UsageError
-from hawqtool.hvp import NO_DOUBLE_BACKWARD, SplitHessian, resolve_device, severed_double_backward
-from hawqtool.prepare import Batch, PreparedModel
+from hawqtool.hvp import (
+    NO_DOUBLE_BACKWARD,
+    SplitHessian,
+    resolve_device,
+    resolve_dtype,
+    severed_double_backward,
+)
+from hawqtool.modelio import Batch
+from hawqtool.prepare import PreparedModel
 from hawqtool.tasks import LossFn
 from hawqtool.types import LayerTrace, SensitivityTable, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 #: Version of the estimator; part of the cache key, so a changed schedule never reuses old tables.
-SCHEDULE = "shared-graph-epochs/v2"
+SCHEDULE = "shared-graph-epochs/v3-positional-seeds"
 #: Tiny-trace floor, as a fraction of the average absolute layer trace (see the module docstring).
 TINY_TRACE = 1e-3
 #: Below this many epochs a layer's own epoch-level variance is too noisy to stop on (see above).
@@ -98,7 +121,9 @@ def estimate_traces(
     min_probes: int = 16,
     max_probes: int = 1000,
     device: str = "auto",
+    dtype: str = "float32",
     sub_batch: int | None = 128,
+    probes_per_part: int = 1,
     progress: bool = True,
     cache_dir: Path | None = None,
 ) -> SensitivityTable:
@@ -111,19 +136,25 @@ def estimate_traces(
         prepared: the BN-folded model and its quantizable layers (not modified).
         batches: the calibration split, ``(inputs, targets)`` tensor pairs.
         loss_fn: ``fn(outputs, targets)``, the MEAN loss over a batch, twice differentiable.
-        seed: seeds the ``torch.Generator`` of the probes and sub-batches; the same seed on the
-            same device gives the same table, bit for bit.
+        seed: seeds the probes and sub-batches, per (epoch, part, layer) (see :class:`EpochSampler`);
+            the same seed on the same device type gives the same table, bit for bit in one
+            process, and up to summation order (≤ 1e-6 relative) with any number of processes.
         rel_tol: target relative standard error per layer.
         min_probes: no layer stops before this many probes (at least 2).
         max_probes: a layer stops here (in whole epochs) even if not converged; it is then
             flagged and logged.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        dtype: compute dtype, ``float32``; ``bfloat16`` or ``float16`` on CUDA only.
         sub_batch: images per probe: each epoch splits the calibration data into random near-equal
             parts of at most this size. ``None`` (or at least the split's size) uses the split's
             own batches as the parts.
+        probes_per_part: probes per part and layer, all from one vmapped second backward
+            (``is_grads_batched``); each part's sample is their mean. See ``scripts/bench_scale.py``
+            for when it pays.
         progress: show a tqdm bar (also hidden when stderr is not a terminal).
         cache_dir: when given, the table is stored there under a fingerprint of the weights, the
             data, the loss and every setting, and a later call with the same inputs loads it.
+            Under a process group rank 0 alone writes it, and it is used only if every rank has it.
 
     Returns:
         A :class:`SensitivityTable` in model order, with per-layer trace, average trace, standard
@@ -148,36 +179,43 @@ def estimate_traces(
     if not batches:
         raise UsageError("the calibration split is empty: give at least one (inputs, targets) batch")
     _validate(rel_tol=rel_tol, min_probes=min_probes, max_probes=max_probes, sub_batch=sub_batch)
+    if not isinstance(probes_per_part, int) or probes_per_part < 1:
+        raise UsageError(f"probes_per_part must be a positive integer, got {probes_per_part!r}")
     dev = resolve_device(device)
+    resolve_dtype(dtype, dev)
     settings: dict[str, Any] = {
         "seed": seed,
         "rel_tol": rel_tol,
         "min_probes": min_probes,
         "max_probes": max_probes,
         "sub_batch": sub_batch,
+        "probes_per_part": probes_per_part,
         "device": dev.type,
+        "dtype": dtype,
         "loss": _qualified_name(loss_fn),
         "schedule": SCHEDULE,
     }
     fp = fingerprint(prepared, batches, settings)
     path = Path(cache_dir) / f"traces-{fp}.json" if cache_dir is not None else None
-    if path is not None and path.is_file():
-        cached = _load(path, fp)
-        if cached is not None:
-            log.info("Hessian traces loaded from cache %s", path)
-            return cached
+    cached = _load(path, fp) if path is not None and path.is_file() else None
+    # Every rank must take the same branch: one that computes alone would wait forever.
+    if distributed.all_agree(cached is not None, what="the Hessian cache check") and cached is not None:
+        log.info("Hessian traces loaded from cache %s", path)
+        return cached
 
     start = time.perf_counter()
-    H = SplitHessian(prepared, batches, loss_fn, device=dev.type)
-    gen = torch.Generator(device=H.device).manual_seed(seed)
-    sampler = EpochSampler(H, sub_batch=sub_batch, generator=gen)
+    H = SplitHessian(prepared, batches, loss_fn, device=dev.type, dtype=dtype)
+    sampler = EpochSampler(H, sub_batch=sub_batch, seed=seed, probes_per_part=probes_per_part)
     parts = sampler.parts
+    per_epoch = parts * probes_per_part
     random_parts = sampler.sub_batch is not None
-    max_epochs = max(2, math.ceil(min_probes / parts), max_probes // parts)
+    max_epochs = max(2, math.ceil(min_probes / per_epoch), max_probes // per_epoch)
     floor = math.ceil(MIN_PART_SAMPLES / parts) if random_parts else MIN_EPOCHS
-    min_epochs = min(max(2, floor, math.ceil(min_probes / parts)), max_epochs)
+    min_epochs = min(max(2, floor, math.ceil(min_probes / per_epoch)), max_epochs)
     states = [
-        _LayerState(info.fqn, info.params, target=min_epochs, random_parts=random_parts)
+        _LayerState(
+            info.fqn, info.params, target=min_epochs, random_parts=random_parts, per_part=probes_per_part
+        )
         for info in prepared.layers
     ]
     _run(sampler, states, rel_tol=rel_tol, max_epochs=max_epochs, progress=progress)
@@ -194,7 +232,7 @@ def estimate_traces(
         settings=settings,
     )
     lagging = [r for r in layers if not r.converged]
-    if lagging:
+    if lagging and distributed.is_main():
         log.warning(
             "Hessian trace of %d layer(s) did not reach rel_tol=%g within max_probes=%d: %s",
             len(lagging),
@@ -202,7 +240,7 @@ def estimate_traces(
             max_probes,
             ", ".join(f"{r.layer} (stderr {r.stderr:.3g} on trace {r.trace:.3g})" for r in lagging),
         )
-    if path is not None:
+    if path is not None and distributed.is_main():
         write_json_atomic(path, table.to_dict())
     return table
 
@@ -221,32 +259,74 @@ class EpochSampler:
     ``sub_batch`` is ``None``. Each part k gets its own Rademacher probe z_k per layer, and the
     epoch's sample is Σ_k (|B_k|/N) z_kᵀ H_ii(B_k) z_k. Since Σ_k (|B_k|/N) H(B_k) = H exactly, the
     sample is unbiased and carries no sub-batch sampling noise, only probe noise; epochs are i.i.d.
+
+    Randomness is a function of position, not of history: epoch e's partition is drawn from a
+    generator seeded by (seed, e), and the probe of part k for layer i from one seeded by
+    (seed, e, k, i), with i the layer's index in the model. So the samples do not depend on which
+    process computes which part, nor on which other layers are still active: 1, 2 or 4 processes
+    (each taking the parts k % world == rank, :mod:`hawqtool.distributed`) compute the same
+    numbers, and all-reduce them so every process holds them all.
+
+    Memory: the split stays where the data factory put it (usually host memory); each sub-batch is
+    gathered from the batches it draws rows from and moved to the device on its own, so device
+    memory grows with ``sub_batch``, not with the split.
     """
 
-    def __init__(self, hessian: SplitHessian, *, sub_batch: int | None, generator: torch.Generator) -> None:
+    def __init__(
+        self, hessian: SplitHessian, *, sub_batch: int | None, seed: int, probes_per_part: int = 1
+    ) -> None:
         self.H = hessian
-        self.gen = generator
+        self.seed = seed
+        self.probes_per_part = probes_per_part
+        self.epoch = 0
+        self.layer_index = {f: i for i, f in enumerate(hessian.fqns)}
+        self.gen = torch.Generator(device=hessian.device)  # re-seeded for every probe
         self.sub_batch = sub_batch if sub_batch is not None and sub_batch < hessian.n else None
         if self.sub_batch is None:
             self.parts = len(hessian.batches)
         else:
             self.parts = math.ceil(hessian.n / self.sub_batch)
-            try:
-                self.x = torch.cat([x for x, _ in hessian.batches])
-                self.y = torch.cat([y for _, y in hessian.batches])
-            except RuntimeError as e:
-                raise UsageError(
-                    f"cannot draw sub-batches: the calibration batches do not concatenate ({e}); "
-                    "set hessian.sub_batch to null to use whole batches"
-                ) from e
+            _check_stackable(hessian.batches)
+            self.offsets = torch.tensor([0, *itertools.accumulate(hessian.sizes)], dtype=torch.long)
 
-    def _data(self) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
-        if self.sub_batch is None:
-            return [(x, y, len(x) / self.H.n) for x, y in self.H.batches]
-        perm = torch.randperm(self.H.n, generator=self.gen, device=self.H.device)
-        return [
-            (self.x[idx], self.y[idx], len(idx) / self.H.n) for idx in torch.tensor_split(perm, self.parts)
-        ]
+    def partition(self, epoch: int) -> list[torch.Tensor]:
+        """Epoch ``epoch``'s sub-batches as sorted row indices into the whole split (CPU tensors)."""
+        gen = torch.Generator().manual_seed(seed_of(self.seed, "partition", epoch))
+        perm = torch.randperm(self.H.n, generator=gen)
+        return [idx.sort().values for idx in torch.tensor_split(perm, self.parts)]
+
+    def gather(self, idx: torch.Tensor) -> Batch:
+        """Rows ``idx`` (sorted, into the whole split) as one batch, on the data's own device."""
+        which = torch.searchsorted(self.offsets, idx, right=True) - 1
+        pieces = []
+        for b in torch.unique(which).tolist():
+            rows = idx[which == b] - self.offsets[b]
+            x, y = self.H.batches[b]
+            pieces.append((modelio.take(x, rows), modelio.take(y, rows)))
+        if len(pieces) == 1:
+            return pieces[0]
+        return modelio.concat([x for x, _ in pieces]), modelio.concat([y for _, y in pieces])
+
+    def probe(self, p: torch.Tensor, *, epoch: int, part: int, fqn: str, index: int = 0) -> torch.Tensor:
+        """The Rademacher probe of (epoch, part, layer[, index]), on ``p``'s device and in its dtype."""
+        key = (self.seed, "probe", epoch, part, self.layer_index[fqn], *((index,) if index else ()))
+        self.gen.manual_seed(seed_of(*key))
+        z = torch.randint(0, 2, p.shape, generator=self.gen, device=p.device, dtype=p.dtype)
+        return z.mul_(2).sub_(1)
+
+    def _hz(self, g: torch.Tensor, p: torch.Tensor, z: torch.Tensor) -> torch.Tensor | None:
+        """H_ii z for one probe, or for a stack of probes in one vmapped second backward."""
+        batched = z.dim() > p.dim()
+        try:
+            (hz,) = torch.autograd.grad(
+                g, p, grad_outputs=z, retain_graph=True, allow_unused=True, is_grads_batched=batched
+            )
+        except RuntimeError as e:
+            raise UsageError(
+                f"the loss has no double backward ({e}). Use a twice-differentiable loss "
+                "and model (for attention, scaled_dot_product_attention or eager attention)"
+            ) from e
+        return hz
 
     def sample(self, fqns: Sequence[str]) -> tuple[list[list[float]], list[float]]:
         """One epoch: per layer in ``fqns``, one sample z_kᵀH_ii(B_k)z_k per part k; and the parts'
@@ -254,38 +334,81 @@ class EpochSampler:
 
         Raises:
             UsageError: the loss or a sample is not finite, or there is no double backward.
+            DistributedError: another rank failed (under a process group).
         """
+        epoch = self.epoch
+        self.epoch += 1
+        if self.sub_batch is None:
+            parts: list[torch.Tensor] | None = None
+            weights = [size / self.H.n for size in self.H.sizes]
+        else:
+            parts = self.partition(epoch)
+            weights = [len(idx) / self.H.n for idx in parts]
         params = [self.H.params[f] for f in fqns]
-        data = self._data()
-        acc = torch.zeros(len(data), len(fqns), dtype=torch.float64, device=self.H.device)
-        for k, (x, y, _) in enumerate(data):
-            # One forward and one first backward, shared by every layer; then per layer a second
-            # backward through its own block only: grad(g_i, W_i, z_i) = H_ii z_i, no cross terms.
-            loss = self.H.batch_loss(x, y)
-            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-            for j, (p, g) in enumerate(zip(params, grads, strict=True)):
-                z = torch.randint(0, 2, p.shape, generator=self.gen, device=p.device, dtype=p.dtype)
-                z.mul_(2).sub_(1)
-                if g is None or not g.requires_grad:
-                    continue  # the loss does not depend on W_i, or only linearly: zero curvature
-                try:
-                    (hz,) = torch.autograd.grad(g, p, grad_outputs=z, retain_graph=True, allow_unused=True)
-                except RuntimeError as e:
-                    raise UsageError(
-                        f"the loss has no double backward ({e}). Use a twice-differentiable loss and "
-                        "model (for attention, scaled_dot_product_attention or eager attention)"
-                    ) from e
-                if hz is not None:
-                    acc[k, j] = (hz * z).sum(dtype=torch.float64)
-                elif severed_double_backward(g):
-                    raise UsageError(NO_DOUBLE_BACKWARD.format(fqn=fqns[j]))
+        acc = torch.zeros(len(weights), len(fqns), dtype=torch.float64, device=self.H.device)
+        with distributed.shared_failure("the Hessian stage"):
+            for k in distributed.shard(len(weights)):
+                x, y = self.H.batches[k] if parts is None else self.gather(parts[k])
+                # One forward and one first backward, shared by every layer; then per layer a
+                # second backward through its own block only: grad(g_i, W_i, z_i) = H_ii z_i.
+                loss = self.H.batch_loss(x, y)
+                grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+                for j, (f, p, g) in enumerate(zip(fqns, params, grads, strict=True)):
+                    if g is None or not g.requires_grad:
+                        continue  # the loss does not depend on W_i, or only linearly: zero curvature
+                    if self.probes_per_part == 1:
+                        z = self.probe(p, epoch=epoch, part=k, fqn=f)
+                    else:
+                        z = torch.stack(
+                            [
+                                self.probe(p, epoch=epoch, part=k, fqn=f, index=i)
+                                for i in range(self.probes_per_part)
+                            ]
+                        )
+                    hz = self._hz(g, p, z)
+                    if hz is not None:
+                        # Several probes: the part's sample is their mean (z_1ᵀHz_1 + ...) / P.
+                        acc[k, j] = (hz * z).sum(dtype=torch.float64) / self.probes_per_part
+                    elif severed_double_backward(g):
+                        raise UsageError(NO_DOUBLE_BACKWARD.format(fqn=f))
+                del loss, grads
+        distributed.all_reduce_sum([acc], what="the Hessian stage")
         values = acc.T.tolist()
         for f, v in zip(fqns, values, strict=True):
             if not all(math.isfinite(x) for x in v):
                 raise UsageError(
                     f"a Hessian-vector product of layer {f!r} is not finite: check the model and loss"
                 )
-        return values, [w for _, _, w in data]
+        return values, weights
+
+
+def seed_of(*key: int | str) -> int:
+    """A 63-bit seed from a key such as ``(seed, "probe", epoch, part, layer)`` (blake2b of its repr).
+
+    Example:
+        >>> seed_of(0, "probe", 1, 2, 3) == seed_of(0, "probe", 1, 2, 3) != seed_of(0, "probe", 1, 2, 4)
+        True
+    """
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def _check_stackable(batches: Sequence[Batch]) -> None:
+    """Sub-batches mix rows of different batches: every batch needs the same structure, dtypes and
+    non-batch shapes (checked up front, without copying the data)."""
+
+    def layout(tree: Any) -> tuple[Any, list[Any]]:
+        flat, spec = pytree.tree_flatten(tree)
+        return spec, [(x.dtype, tuple(x.shape[1:])) if isinstance(x, torch.Tensor) else type(x) for x in flat]
+
+    first = [layout(t) for t in batches[0]]
+    for i, b in enumerate(batches[1:], start=1):
+        if [layout(t) for t in b] != first:
+            raise UsageError(
+                f"cannot draw sub-batches: calibration batch {i} differs from batch 0 in structure, "
+                "dtype or a non-batch dimension (e.g. token sequences of different lengths); set "
+                "hessian.sub_batch to null to use whole batches"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,6 +422,7 @@ class _LayerState:
     params: int
     target: int  # next checkpoint (epoch count)
     random_parts: bool  # parts are random equal sub-batches (the part-level bound applies)
+    per_part: int = 1  # probes behind each part's sample
     samples: list[float] = field(default_factory=list)  # one estimate per epoch
     parts: list[float] = field(default_factory=list)  # every part's own sample
     w2: list[float] = field(default_factory=list)  # Σ_k w_k² per epoch
@@ -373,7 +497,7 @@ class _LayerState:
             trace=trace,
             avg_trace=trace / self.params,
             stderr=stderr,
-            probes=len(self.parts),
+            probes=len(self.parts) * self.per_part,
             converged=self.converged,
             params=self.params,
         )
@@ -389,7 +513,7 @@ def _run(
         total=len(states),
         desc="Hessian traces",
         unit="layer",
-        disable=not progress or not sys.stderr.isatty(),
+        disable=not progress or not sys.stderr.isatty() or not distributed.is_main(),
     )
     try:
         while True:
@@ -397,7 +521,7 @@ def _run(
             if not active:
                 break
             values, weights = sampler.sample([s.fqn for s in active])
-            hvps += len(active) * len(weights)
+            hvps += len(active) * len(weights) * sampler.probes_per_part
             for s, v in zip(active, values, strict=True):
                 s.add(v, weights)
             floor = TINY_TRACE * sum(abs(s.mean) for s in states) / len(states)
@@ -448,9 +572,12 @@ def fingerprint(prepared: PreparedModel, batches: Sequence[Batch], settings: dic
     for name, t in prepared.model.state_dict().items():
         _hash_tensor(h, name, t)
     h.update(json.dumps(list(prepared.fqns)).encode())
+    h.update(json.dumps(prepared.io.to_dict() if prepared.io is not None else None).encode())
     for i, (x, y) in enumerate(batches):
-        _hash_tensor(h, f"x{i}", x)
-        _hash_tensor(h, f"y{i}", y)
+        for j, leaf in enumerate(modelio.leaves(x)):
+            _hash_tensor(h, f"x{i}.{j}", leaf)
+        for j, leaf in enumerate(modelio.leaves(y)):
+            _hash_tensor(h, f"y{i}.{j}", leaf)
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()
 

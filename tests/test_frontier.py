@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -274,3 +275,67 @@ def test_without_params_layers_count_equally() -> None:
     }
     f = pareto_frontier(OptionTable(("a", "b"), opts, "size"))
     assert f.points[0].avg_bits == 6.0
+
+
+def _distinct_table(n: int, seed: int) -> OptionTable:
+    """``n`` layers of all-different sizes and log-normal sensitivities: the frontier's worst case."""
+    import random
+
+    rng = random.Random(seed)
+    layers = tuple(f"l{i}" for i in range(n))
+    options, params = {}, {}
+    for fqn in layers:
+        size = int(math.exp(rng.uniform(math.log(1e3), math.log(1e6))))
+        trace = math.exp(rng.gauss(0.0, 2.0))
+        row = [LayerOption("float", 4.0 * size, 0.0, 0.0)]
+        for bits in (2, 4, 8):
+            err = size * 4.0**-bits * rng.uniform(0.8, 1.2)
+            row.append(LayerOption(f"int{bits}", math.ceil(size * bits / 8) + 64.0, err, trace * err))
+        options[fqn] = tuple(row)
+        params[fqn] = size
+    return OptionTable(layers, options, "size", params)
+
+
+def test_auto_bounds_keep_small_frontiers_exact() -> None:
+    from hawqtool.frontier import auto_buckets
+
+    table = _distinct_table(24, seed=0)
+    exact = pareto_frontier(table, max_error=None)
+    assert exact.cost_grid is None and exact.omega_grid is None
+    assert len(exact) < auto_buckets(24)  # far below the bucket count: nothing to thin
+    default = pareto_frontier(table)
+    assert [(p.cost, p.omega) for p in default] == [(p.cost, p.omega) for p in exact]
+    assert default.cost_grid is None and default.omega_grid is None
+
+
+def test_auto_bounds_thin_large_frontiers_within_the_accepted_error() -> None:
+    from hawqtool.frontier import AUTO_ERROR, auto_buckets
+
+    table = _distinct_table(56, seed=0)
+    n = len(table.layers)
+    exact = pareto_frontier(table, max_error=None)
+    assert len(exact) > 2 * auto_buckets(n)  # big enough to be thinned
+    auto = pareto_frontier(table)
+    assert auto.cost_grid is not None and auto.omega_grid is not None  # it thinned, and says so
+    assert len(auto) < len(exact)
+    sample = dataclasses.replace(auto, points=auto.points[::97] + auto.points[-1:])
+    assert_points_are_their_allocations(table, sample)
+    assert (auto.points[0].cost, auto.points[-1].omega) == (exact.points[0].cost, exact.points[-1].omega)
+    lo, hi = exact.points[0].cost, exact.float_cost
+    worst = 0.0
+    for i in range(1, 60):
+        target = lo + (hi - lo) * i / 60
+        got, opt = select(auto, max_cost=target).omega, select(exact, max_cost=target).omega
+        # The grids' proven bounds ...
+        assert opt * (1 - 1e-12) <= got <= math.exp(n * auto.omega_grid) * opt * (1 + 1e-12)
+        if target - n * auto.cost_grid >= lo:
+            assert got <= select(exact, max_cost=target - n * auto.cost_grid).omega * (1 + 1e-12)
+        worst = max(worst, got / opt - 1)
+    assert worst <= AUTO_ERROR, worst  # ... and the accepted error, which is far tighter
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, float("nan"), "0.5"])
+def test_bad_max_error_is_a_usage_error(bad: object) -> None:
+    table = _distinct_table(2, seed=1)
+    with pytest.raises(UsageError, match="max_error"):
+        pareto_frontier(table, max_error=bad)  # type: ignore[arg-type]

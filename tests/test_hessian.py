@@ -14,6 +14,7 @@ from torch.func import functional_call
 from hawqtool import hessian
 from hawqtool.errors import UsageError
 from hawqtool.hessian import estimate_traces
+from hawqtool.hvp import SplitHessian
 from hawqtool.prepare import prepare_model
 from hawqtool.types import SensitivityTable
 
@@ -228,8 +229,74 @@ def test_non_finite_loss_is_a_usage_error(tiny_models, digits_splits):
         ({"min_probes": 8, "max_probes": 4}, "max_probes"),
         ({"sub_batch": 0}, "sub_batch"),
         ({"device": "tpu"}, "device"),
+        ({"probes_per_part": 0}, "probes_per_part"),
+        ({"dtype": "bfloat16", "device": "cpu"}, r"'bfloat16' needs a CUDA device.*allowed on cpu: float32"),
+        ({"dtype": "int8", "device": "cpu"}, "allowed: float32, bfloat16, float16"),
     ],
 )
 def test_bad_settings_are_usage_errors(tiny_models, digits_splits, kw, match):
     with pytest.raises(UsageError, match=match):
         estimate_traces(tiny_models["mlp"], digits_splits.calibration, F.cross_entropy, progress=False, **kw)
+
+
+def test_sub_batches_are_gathered_rows_of_the_whole_split(tiny_models) -> None:
+    # Uneven batches, never concatenated: each part is the split's rows at its indices.
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(n, 64, generator=gen), torch.randint(0, 10, (n,), generator=gen)) for n in (100, 60, 37)
+    ]
+    H = SplitHessian(tiny_models["mlp"], batches, F.cross_entropy, device="cpu")
+    sampler = hessian.EpochSampler(H, sub_batch=50, seed=0)
+    x_all = torch.cat([x for x, _ in batches])
+    y_all = torch.cat([y for _, y in batches])
+    parts = sampler.partition(3)
+    assert sampler.parts == len(parts) == 4
+    assert torch.equal(torch.sort(torch.cat(parts)).values, torch.arange(197))  # a partition
+    for idx in parts:
+        x, y = sampler.gather(idx)
+        assert torch.equal(x, x_all[idx]) and torch.equal(y, y_all[idx])
+    assert all(torch.equal(a, b) for a, b in zip(parts, sampler.partition(3), strict=True))  # seeded by epoch
+    assert not all(torch.equal(a, b) for a, b in zip(parts, sampler.partition(4), strict=True))
+
+
+def test_probes_depend_on_position_not_on_which_layers_are_active(tiny_models, digits_splits) -> None:
+    H = SplitHessian(tiny_models["cnn"], digits_splits.calibration, F.cross_entropy, device="cpu")
+    both, _ = hessian.EpochSampler(H, sub_batch=128, seed=5).sample(["conv", "fc"])
+    alone, _ = hessian.EpochSampler(H, sub_batch=128, seed=5).sample(["fc"])
+    assert alone[0] == pytest.approx(both[1], rel=1e-6)
+
+
+def test_unstackable_batches_need_whole_batches(tiny_models) -> None:
+    # The MLP flattens its input, so both layouts run, but rows of the two cannot share a sub-batch.
+    y = torch.zeros(4, dtype=torch.long)
+    batches = [(torch.randn(4, 64), y), (torch.randn(4, 1, 8, 8), y)]
+    H = SplitHessian(tiny_models["mlp"], batches, F.cross_entropy, device="cpu")
+    with pytest.raises(UsageError, match=r"batch 1 differs.*sub_batch to null"):
+        hessian.EpochSampler(H, sub_batch=2, seed=0)
+    assert hessian.EpochSampler(H, sub_batch=None, seed=0).parts == 2
+    table = estimate_traces(
+        tiny_models["mlp"],
+        batches,
+        F.cross_entropy,
+        sub_batch=None,
+        rel_tol=0.5,
+        device="cpu",
+        progress=False,
+    )
+    assert all(math.isfinite(r.trace) for r in table)
+
+
+def test_several_probes_per_part_match_exact_hessian(tiny_models, exact_traces, digits_splits) -> None:
+    table = estimate_traces(
+        tiny_models["cnn"],
+        digits_splits.calibration,
+        F.cross_entropy,
+        rel_tol=0.03,
+        sub_batch=128,
+        probes_per_part=4,
+        device="cpu",
+        progress=False,
+    )
+    for row in table:
+        assert row.converged and row.probes % 16 == 0  # 4 parts x 4 probes per epoch
+        assert abs(row.trace - exact_traces["cnn"][row.layer]) <= 4 * row.stderr
