@@ -87,6 +87,10 @@ class HessianSection(_Section):
     # Compute dtype of the Hessian stages; the half precisions need CUDA (checked when the device is
     # known: hessian.device may be auto).
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Also estimate each layer's input-activation Hessian trace and add Ω_act to the formats that
+    # quantize activations (HAWQ-V2 §iii). Off by default: on the zoo it did not improve how well ΣΩ
+    # ranks allocations (scripts/bench_latency.py), and it costs a second round of probes.
+    activations: bool = False
 
     @model_validator(mode="after")
     def _probes(self) -> HessianSection:
@@ -102,7 +106,8 @@ class AllocationSection(_Section):
     # size (bytes) | bops | latency (ms, measured per layer and format on evaluate.provider)
     cost: Literal["size", "bops", "latency"] = "size"
     pins: dict[str, str] = Field(default_factory=dict)
-    # Bounds on the frontier's size for models with hundreds of layers; null = exact. cost_grid is a
+    # Bounds on the frontier's size for models with hundreds of layers; null = automatic (exact until
+    # the frontier outgrows its bucket budget, then within 0.5 % of ΣΩ). cost_grid is a
     # bucket width in cost units, omega_grid one in ln(ΣΩ); both together stay within 0.5 % of the
     # ILP optimum on 1000 synthetic layers at 1e5 buckets each (scripts/bench_frontier.py).
     cost_grid: float | None = Field(None, gt=0)
@@ -205,7 +210,15 @@ class Recipe(_Section):
         return self.model_dump(mode="json")
 
 
-BUILTIN = ("default", "resnet20-digits", "small-cnn-digits", "small-cnn-mnist", "transformer-digits", "tiny")
+BUILTIN = (
+    "default",
+    "resnet20-digits",
+    "small-cnn-digits",
+    "small-cnn-mnist",
+    "transformer-digits",
+    "tiny",
+    "minilm",
+)
 
 
 def builtin_path(name: str) -> Path:

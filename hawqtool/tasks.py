@@ -68,7 +68,9 @@ def top1_agreement(outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
 def cosine(outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Per sample: cosine similarity of the flattened outputs with the teacher's (``targets``).
 
-    In float64. Two zero vectors are identical (1.0); one zero vector against a nonzero one is 0.0.
+    In float64, clipped to [-1, 1]. Identical vectors score exactly 1.0 (rounding in the norms would
+    otherwise give 0.9999999999999993, and the float model's fidelity to itself must be 1); a zero
+    vector against a nonzero one is 0.0.
 
     Example:
         >>> cosine(np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]), np.array([[2.0, 0.0], [1.0, -1.0], [0.0, 0.0]]))
@@ -79,10 +81,10 @@ def cosine(outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
     t = tgt.reshape(len(tgt), -1).astype(np.float64)
     dot = np.einsum("ij,ij->i", o, t)
     norms = np.linalg.norm(o, axis=1) * np.linalg.norm(t, axis=1)
-    both_zero = ~o.any(axis=1) & ~t.any(axis=1)
+    identical = (o == t).all(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         sim = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 0.0)
-    return np.where(both_zero, 1.0, sim)
+    return np.where(identical, 1.0, np.clip(sim, -1.0, 1.0))
 
 
 def mse(outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:

@@ -89,7 +89,9 @@ def _package_dir(module: str, dist: str, what: str) -> Path:
     """The folder of an installed package, found without importing it."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise UsageError(f"{what} needs the {dist} package: {INSTALL_HINT} (or pip install {dist})")
+        raise UsageError(
+            f"{what} needs the {dist} package: pip install 'hawqtool[bench]' (or pip install {dist})"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
