@@ -365,6 +365,10 @@ def frontier(
         lat = latency_table(ws, progress=progress)
         cost = lat.cost_model()
         s["cost"] = f"latency:{lat.fingerprint}"
+    activation_omega = None
+    if ws.recipe.hessian.activations:
+        activation_omega = activation_table(ws, progress=progress).omegas()
+        s["activation_traces"] = True
     weights = dict(zip(ws.prepared.fqns, ws.prepared.weights(), strict=True))
     options = build_options(
         ws.prepared.layers,
@@ -375,6 +379,7 @@ def frontier(
         storage=s["int4_storage"],
         clip_search=s["clip_search"],
         opset=s["opset"],
+        activation_omega=activation_omega,
     )
     options = replace(options, settings=s)
     return options, pareto_frontier(options, cost_grid=a.cost_grid, omega_grid=a.omega_grid)
@@ -464,6 +469,26 @@ def exporter(ws: Workspace) -> Any:
             clip_search=s["clip_search"],
         )
     return ws.cache["exporter"]
+
+
+def activation_table(ws: Workspace, *, progress: bool = True) -> Any:
+    """Hutchinson traces of the Hessian w.r.t. each activation-quantizable layer's input, times its
+    uint8 quantization error (cached by fingerprint, like the weight traces)."""
+    from hawqtool.activations import estimate_activation_traces
+
+    h = ws.recipe.hessian
+    return estimate_activation_traces(
+        ws.prepared,
+        ws.calibration,
+        ws.loss_fn,
+        seed=h.seed,
+        rel_tol=h.rel_tol,
+        min_probes=h.min_probes,
+        max_probes=h.max_probes,
+        device=h.device,
+        progress=progress,
+        cache_dir=cache_dir() / "activations",
+    )
 
 
 def latency_table(ws: Workspace, *, progress: bool = True) -> Any:

@@ -323,9 +323,10 @@ def count_macs(model: nn.Module, example_input: Any, io: ModelIO | None = None) 
     n = modelio.batch_size(example_input)
 
     def hook(name: str, kind: str):  # type: ignore[no-untyped-def]
-        def fn(mod: nn.Module, inp: tuple[Any, ...], out: Any) -> None:
+        def fn(mod: Any, inp: tuple[Any, ...], out: Any) -> None:
             # Every output element is one dot product with one output channel's filter (a module
             # called twice, e.g. shared weights, counts twice).
+            count: int
             if kind == "embedding":
                 count = 0
             elif kind == "mha_in_proj":
@@ -336,14 +337,14 @@ def count_macs(model: nn.Module, example_input: Any, io: ModelIO | None = None) 
                     if q is not None
                     else 0
                 )
-                count = per * mod.in_proj_weight.shape[0]  # type: ignore[union-attr]
+                count = per * int(mod.in_proj_weight.shape[0])
                 # MultiheadAttention applies its out_proj functionally: the hook never fires there.
                 out_name = f"{name}.out_proj" if name else "out_proj"
-                macs[out_name] = macs.get(out_name, 0) + per * mod.out_proj.out_features  # type: ignore[union-attr]
+                macs[out_name] = macs.get(out_name, 0) + per * int(mod.out_proj.out_features)
             elif kind == "hf_conv1d":
-                count = out.numel() // n * mod.weight.shape[0]  # type: ignore[union-attr]
+                count = out.numel() // n * int(mod.weight.shape[0])
             else:
-                count = out.numel() // n * mod.weight[0].numel()  # type: ignore[index]
+                count = out.numel() // n * int(mod.weight[0].numel())
             macs[name] = macs.get(name, 0) + int(count)
 
         return fn

@@ -51,12 +51,20 @@ def judge(budget: Budget, reference: Measurement, candidate: Measurement, *, see
     estimate (``confidence == 0``, or nothing to pair)."""
     from hawqtool.confidence import DropEstimate, paired_drop, paired_drop_batches
 
-    opts = {"confidence": budget.confidence, "mode": budget.mode, "higher_is_better": budget.higher_is_better}
-    if budget.confidence > 0 and reference.values is not None and candidate.values is not None:
-        return paired_drop(reference.values, candidate.values, seed=seed, **opts)
-    if budget.confidence > 0 and reference.chunks is not None and candidate.chunks is not None:
+    c, mode, hib = budget.confidence, budget.mode, budget.higher_is_better
+    if c > 0 and reference.values is not None and candidate.values is not None:
+        return paired_drop(
+            reference.values, candidate.values, confidence=c, mode=mode, higher_is_better=hib, seed=seed
+        )
+    if c > 0 and reference.chunks is not None and candidate.chunks is not None:
         return paired_drop_batches(
-            reference.chunks[0], candidate.chunks[0], reference.chunks[1], seed=seed, **opts
+            reference.chunks[0],
+            candidate.chunks[0],
+            reference.chunks[1],
+            confidence=c,
+            mode=mode,
+            higher_is_better=hib,
+            seed=seed,
         )
     d = budget.drop(reference.metric, candidate.metric)
     n = len(candidate.values) if candidate.values is not None else 0
