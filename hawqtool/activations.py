@@ -54,7 +54,7 @@ from torch import nn
 
 from hawqtool import modelio
 from hawqtool.errors import UsageError
-from hawqtool.hessian import GROWTH, MIN_EPOCHS, MIN_STEP, SAFETY, TINY_TRACE, fingerprint
+from hawqtool.hessian import GROWTH, MIN_EPOCHS, MIN_STEP, SAFETY, TINY_TRACE, SampleMean, fingerprint
 from hawqtool.hvp import resolve_device
 from hawqtool.modelio import Batch
 from hawqtool.prepare import ACTIVATION_KINDS, PreparedModel, double_backward_attention
@@ -303,27 +303,12 @@ def _epoch(
 
 
 @dataclass
-class _State:
+class _State(SampleMean):
     fqn: str
     target: int
     samples: list[float] = field(default_factory=list)
     done: bool = False
     converged: bool = False
-
-    @property
-    def n(self) -> int:
-        return len(self.samples)
-
-    @property
-    def mean(self) -> float:
-        return math.fsum(self.samples) / self.n if self.samples else 0.0
-
-    @property
-    def variance(self) -> float:
-        if self.n < 2:
-            return math.inf
-        m = self.mean
-        return math.fsum((s - m) ** 2 for s in self.samples) / (self.n - 1)
 
     @property
     def stderr(self) -> float:

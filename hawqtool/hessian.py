@@ -416,23 +416,11 @@ def _check_stackable(batches: Sequence[Batch]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _LayerState:
-    fqn: str
-    params: int
-    target: int  # next checkpoint (epoch count)
-    random_parts: bool  # parts are random equal sub-batches (the part-level bound applies)
-    per_part: int = 1  # probes behind each part's sample
-    samples: list[float] = field(default_factory=list)  # one estimate per epoch
-    parts: list[float] = field(default_factory=list)  # every part's own sample
-    w2: list[float] = field(default_factory=list)  # Σ_k w_k² per epoch
-    done: bool = False
-    converged: bool = False
+class SampleMean:
+    """Mean and sample variance of ``self.samples`` (i.i.d. estimates, e.g. one per epoch); shared
+    by the weight and the activation trace estimators."""
 
-    def add(self, values: Sequence[float], weights: Sequence[float]) -> None:
-        self.samples.append(math.fsum(w * v for w, v in zip(weights, values, strict=True)))
-        self.parts.extend(values)
-        self.w2.append(math.fsum(w * w for w in weights))
+    samples: list[float]
 
     @property
     def n(self) -> int:
@@ -448,6 +436,25 @@ class _LayerState:
             return math.inf
         m = self.mean
         return math.fsum((s - m) ** 2 for s in self.samples) / (self.n - 1)
+
+
+@dataclass
+class _LayerState(SampleMean):
+    fqn: str
+    params: int
+    target: int  # next checkpoint (epoch count)
+    random_parts: bool  # parts are random equal sub-batches (the part-level bound applies)
+    per_part: int = 1  # probes behind each part's sample
+    samples: list[float] = field(default_factory=list)  # one estimate per epoch
+    parts: list[float] = field(default_factory=list)  # every part's own sample
+    w2: list[float] = field(default_factory=list)  # Σ_k w_k² per epoch
+    done: bool = False
+    converged: bool = False
+
+    def add(self, values: Sequence[float], weights: Sequence[float]) -> None:
+        self.samples.append(math.fsum(w * v for w, v in zip(weights, values, strict=True)))
+        self.parts.extend(values)
+        self.w2.append(math.fsum(w * w for w in weights))
 
     @property
     def early(self) -> bool:
