@@ -192,3 +192,43 @@ def test_tied_weights_are_one_layer() -> None:
     assert prepared.fqns == ("emb",)
     assert prepared.info("emb").shared == ("lm_head",)
     assert prepared.info("emb").macs == 3 * 4 * 10  # the lm_head's matmul, charged to the tensor
+
+
+def test_attention_hessian_takes_the_math_path_and_matches_the_exact_trace() -> None:
+    # nn.MultiheadAttention runs scaled_dot_product_attention, whose fused CPU kernel has no double
+    # backward; the Hessian stage routes it to the math kernel. Known answer: the exact trace of the
+    # in_proj block, from the full Hessian of that block.
+    import torch.nn.functional as F
+
+    from hawqtool.hessian import estimate_traces
+    from hawqtool.prepare import double_backward_attention
+
+    torch.manual_seed(0)
+    model = TinyEncoder(vocab=12, d=8)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    x = _ids(8, 4)
+    x["input_ids"] %= 12
+    y = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(1))
+    io = ModelIO.from_batches([(x, y)], output="logits")
+    prepared = prepare_model(model, x, io=io)
+    fqn = "enc.layers.0.self_attn.in_proj"
+    table = estimate_traces(
+        prepared, [(x, y)], F.cross_entropy, rel_tol=0.05, max_probes=1000, sub_batch=None, progress=False
+    )
+    row = table[fqn]
+
+    info = prepared.info(fqn)
+    w0 = prepared.param(fqn).detach().reshape(-1)
+    params = dict(prepared.model.named_parameters())
+
+    def loss(w: torch.Tensor) -> torch.Tensor:
+        ps = {**params, info.param: w.reshape(info.weight_shape)}
+        out = torch.func.functional_call(prepared.model, ps, kwargs=x)["logits"]
+        return F.cross_entropy(out, y)
+
+    with double_backward_attention():
+        exact = float(torch.autograd.functional.hessian(loss, w0).diagonal().sum())
+    assert abs(row.trace - exact) <= 4 * row.stderr, (row.trace, exact, row.stderr)
