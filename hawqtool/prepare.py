@@ -171,9 +171,8 @@ def fold_batchnorm(model: nn.Module, example_input: Any = None, *, io: ModelIO |
     if not pairs:
         return model
 
-    def run(m: nn.Module) -> torch.Tensor:
-        with torch.no_grad():
-            return io.forward(m, example_input) if io is not None else modelio.call(m, example_input)
+    def run(m: nn.Module) -> Any:
+        return _forward(m, example_input, io)
 
     ref = run(model)
 
@@ -197,6 +196,12 @@ def fold_batchnorm(model: nn.Module, example_input: Any = None, *, io: ModelIO |
         else:
             log.info("BatchNorm %r is not folded into %r: its conv output is used elsewhere", bn, conv)
     return model
+
+
+@torch.no_grad()
+def _forward(model: nn.Module, example_input: Any, io: ModelIO | None) -> Any:
+    """One forward pass: the selected output through the I/O contract, or the raw call without one."""
+    return io.forward(model, example_input) if io is not None else modelio.call(model, example_input)
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d)
@@ -245,11 +250,7 @@ def _dataflow_pairs(model: nn.Module, example_input: Any, io: ModelIO | None) ->
         elif isinstance(mod, _BNS):
             hooks.append(mod.register_forward_pre_hook(bn_hook(name)))
     try:
-        with torch.no_grad():
-            if io is not None:
-                io.forward(model, example_input)
-            else:
-                modelio.call(model, example_input)
+        _forward(model, example_input, io)
     finally:
         for h in hooks:
             h.remove()
@@ -354,11 +355,7 @@ def count_macs(model: nn.Module, example_input: Any, io: ModelIO | None = None) 
         if handler is not None:
             hooks.append(mod.register_forward_hook(hook(name, handler.kind)))
     try:
-        with torch.no_grad():
-            if io is not None:
-                io.forward(model, example_input)
-            else:
-                modelio.call(model, example_input)
+        _forward(model, example_input, io)
     finally:
         for h in hooks:
             h.remove()
