@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
-import json
 import logging
 import math
 import time
@@ -53,6 +51,7 @@ import torch
 from torch import nn
 
 from hawqtool import modelio
+from hawqtool.cache import load_cached, qualified_name
 from hawqtool.errors import UsageError
 from hawqtool.hessian import GROWTH, MIN_EPOCHS, MIN_STEP, SAFETY, TINY_TRACE, SampleMean, fingerprint
 from hawqtool.hvp import resolve_device
@@ -328,13 +327,6 @@ class _State(SampleMean):
         self.target = min(max_epochs, math.ceil(max(self.n + step, min(needed, GROWTH * self.n))))
 
 
-def _qualified_name(fn: Any) -> str:
-    if isinstance(fn, functools.partial):
-        return f"partial({_qualified_name(fn.func)}, {fn.args!r}, {sorted(fn.keywords.items())!r})"
-    qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-    return f"{getattr(fn, '__module__', None) or type(fn).__module__}.{qualname}"
-
-
 def estimate_activation_traces(
     prepared: PreparedModel,
     batches: Sequence[Batch],
@@ -393,20 +385,14 @@ def estimate_activation_traces(
         "min_probes": min_probes,
         "max_probes": max_probes,
         "device": dev.type,
-        "loss": _qualified_name(loss_fn),
+        "loss": qualified_name(loss_fn),
         "schedule": SCHEDULE,
     }
     fp = fingerprint(prepared, batches, settings)
     path = Path(cache_dir) / f"activations-{fp}.json" if cache_dir is not None else None
-    if path is not None and path.is_file():
-        try:
-            cached = ActivationTable.from_dict(json.loads(path.read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("ignoring unreadable activation cache %s (%s); recomputing", path, e)
-        else:
-            if cached.fingerprint == fp:
-                log.info("activation traces loaded from cache %s", path)
-                return cached
+    cached = load_cached(path, fp, ActivationTable.from_dict, what="activation traces")
+    if cached is not None:
+        return cached
 
     start = time.perf_counter()
     m = _Model(prepared, dev)

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import logging
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def cache_dir() -> Path:
@@ -18,3 +25,30 @@ def settings_key(*parts: Any) -> str:
     """A short sha256 of JSON-serializable parts (settings, upstream fingerprints)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def qualified_name(fn: Any) -> str:
+    """A stable name of a callable for cache keys: ``module.qualname``, partials spelled out."""
+    if isinstance(fn, functools.partial):
+        return f"partial({qualified_name(fn.func)}, {fn.args!r}, {sorted(fn.keywords.items())!r})"
+    qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{getattr(fn, '__module__', None) or type(fn).__module__}.{qualname}"
+
+
+def load_cached(
+    path: Path | None, fingerprint: str, from_dict: Callable[[Mapping[str, Any]], T], *, what: str
+) -> T | None:
+    """A cached artifact whose ``fingerprint`` matches, or ``None`` (no file, unreadable, or
+    stale: each of the last two logged, so the stage recomputes)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        artifact = from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("ignoring unreadable %s cache %s (%s); recomputing", what, path, e)
+        return None
+    if getattr(artifact, "fingerprint", None) != fingerprint:
+        log.warning("ignoring %s cache %s: its fingerprint does not match; recomputing", what, path)
+        return None
+    log.info("%s loaded from cache %s", what, path)
+    return artifact

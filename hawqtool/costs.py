@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from hawqtool.cache import settings_key
+from hawqtool.cache import load_cached, settings_key
 from hawqtool.errors import ExportError, UsageError
 from hawqtool.types import DEFAULT_OPSET, FLOAT, STORAGES, LayerInfo, is_format, write_json_atomic
 
@@ -628,15 +628,9 @@ def measure_latency(
     }
     fp = settings_key(settings)
     path = Path(cache_dir) / f"latency-{fp}.json" if cache_dir is not None else None
-    if path is not None and path.is_file():
-        try:
-            cached = LatencyTable.from_dict(json.loads(path.read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("ignoring unreadable latency cache %s (%s); measuring again", path, e)
-        else:
-            if cached.fingerprint == fp:
-                log.info("latency table loaded from cache %s", path)
-                return cached
+    cached = load_cached(path, fp, LatencyTable.from_dict, what="latency table")
+    if cached is not None:
+        return cached
 
     start = time.perf_counter()
     timer = _Timer(feeds, runs=runs, warmup=warmup, clock=clock)

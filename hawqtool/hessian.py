@@ -62,7 +62,6 @@ epoch count the current variance says is needed (at least :data:`MIN_STEP` more,
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import json
@@ -79,6 +78,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from hawqtool import distributed, modelio
+from hawqtool.cache import load_cached, qualified_name
 from hawqtool.errors import UsageError
 from hawqtool.hvp import (
     NO_DOUBLE_BACKWARD,
@@ -192,15 +192,14 @@ def estimate_traces(
         "probes_per_part": probes_per_part,
         "device": dev.type,
         "dtype": dtype,
-        "loss": _qualified_name(loss_fn),
+        "loss": qualified_name(loss_fn),
         "schedule": SCHEDULE,
     }
     fp = fingerprint(prepared, batches, settings)
     path = Path(cache_dir) / f"traces-{fp}.json" if cache_dir is not None else None
-    cached = _load(path, fp) if path is not None and path.is_file() else None
+    cached = load_cached(path, fp, SensitivityTable.from_dict, what="Hessian traces")
     # Every rank must take the same branch: one that computes alone would wait forever.
     if distributed.all_agree(cached is not None, what="the Hessian cache check") and cached is not None:
-        log.info("Hessian traces loaded from cache %s", path)
         return cached
 
     start = time.perf_counter()
@@ -560,13 +559,6 @@ def _validate(*, rel_tol: float, min_probes: int, max_probes: int, sub_batch: in
         raise UsageError(f"sub_batch must be a positive integer or None (whole split), got {sub_batch!r}")
 
 
-def _qualified_name(fn: Any) -> str:
-    if isinstance(fn, functools.partial):
-        return f"partial({_qualified_name(fn.func)}, {fn.args!r}, {sorted(fn.keywords.items())!r})"
-    qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-    return f"{getattr(fn, '__module__', None) or type(fn).__module__}.{qualname}"
-
-
 def _hash_tensor(h: Any, name: str, t: torch.Tensor) -> None:
     t = torch.as_tensor(t).detach().cpu().contiguous()
     h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -587,15 +579,3 @@ def fingerprint(prepared: PreparedModel, batches: Sequence[Batch], settings: dic
             _hash_tensor(h, f"y{i}.{j}", leaf)
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()
-
-
-def _load(path: Path, fp: str) -> SensitivityTable | None:
-    try:
-        table = SensitivityTable.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        log.warning("ignoring unreadable Hessian cache %s (%s); recomputing", path, e)
-        return None
-    if table.fingerprint != fp:
-        log.warning("ignoring Hessian cache %s: its fingerprint does not match; recomputing", path)
-        return None
-    return table
