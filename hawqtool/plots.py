@@ -41,12 +41,16 @@ def plot_frontier(
     trials: Sequence[tuple[float, float, bool]] = (),
     chosen: tuple[float, float] | None = None,
     title: str = "",
+    latency: Sequence[tuple[float, float, bool]] = (),
+    chosen_latency: tuple[float, float] | None = None,
 ) -> None:
-    """Draw the frontier to a PNG at ``path`` (written atomically).
+    """Draw the frontier to a PNG at ``path`` (written atomically): :func:`frontier_figure`, saved.
 
     x is the cost (MB for ``size``, GBOPs for ``bops``; with ``size`` a top axis reads it as
     average weight bits), y is ΣΩ (log scale when it spans more than two decades, with a linear
     band around 0 so the all-float point still shows). The frontier is drawn as a staircase.
+    With ``latency`` (the probes timed under ``cost: latency``) a last panel plots each probe's
+    predicted against its measured end-to-end latency, with the line y = x.
 
     Args:
         frontier: from :func:`hawqtool.frontier.pareto_frontier`.
@@ -56,6 +60,8 @@ def plot_frontier(
         trials: search probes as ``(cost, omega, met_budget)``, in the order they were run.
         chosen: ``(cost, omega)`` of the final allocation, highlighted.
         title: figure title.
+        latency: timed probes as ``(predicted ms, measured ms, met_budget)``; no panel when empty.
+        chosen_latency: ``(predicted ms, measured ms)`` of the final allocation, highlighted.
 
     Example:
         >>> import tempfile, pathlib
@@ -67,6 +73,37 @@ def plot_frontier(
         >>> out.read_bytes()[:4] == b"\\x89PNG"
         True
     """
+    fig = frontier_figure(
+        frontier,
+        uniform=uniform,
+        trials=trials,
+        chosen=chosen,
+        title=title,
+        latency=latency,
+        chosen_latency=chosen_latency,
+    )
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    write_bytes_atomic(path, buf.getvalue())
+
+
+#: ``Axes.get_label()`` of the predicted-vs-measured latency panel.
+LATENCY_PANEL = "latency: predicted vs measured"
+
+
+def frontier_figure(  # type: ignore[no-untyped-def]
+    frontier: Frontier,
+    *,
+    uniform: Mapping[str, tuple[float, float]] = _NO_UNIFORM,
+    trials: Sequence[tuple[float, float, bool]] = (),
+    chosen: tuple[float, float] | None = None,
+    title: str = "",
+    latency: Sequence[tuple[float, float, bool]] = (),
+    chosen_latency: tuple[float, float] | None = None,
+):
+    """The matplotlib ``Figure`` that :func:`plot_frontier` saves (same arguments, no path): the
+    frontier panel, a zoom on the search region when there were trials, and the latency panel
+    (its axes labelled :data:`LATENCY_PANEL`) when ``latency`` is given."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)  # no-op if a non-interactive backend is already set
@@ -80,9 +117,13 @@ def plot_frontier(
     marks = [(c / div, o) for c, o, _ in trials] + ([(chosen[0] / div, chosen[1])] if chosen else [])
     zoom = bool(marks) and len(xs) > 1
 
-    fig = Figure(figsize=(13.0, 5.4) if zoom else (8.0, 5.4), dpi=150, layout="constrained")
+    ratios = [1.35] + [1.0] * zoom + [1.0] * bool(latency)
+    fig = Figure(figsize=(8.0 + 5.0 * (len(ratios) - 1), 5.4), dpi=150, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2, width_ratios=(1.35, 1)) if zoom else [fig.add_subplot()]
+    panels = list(fig.subplots(1, len(ratios), width_ratios=ratios, squeeze=False)[0])
+    if latency:
+        _draw_latency(panels.pop(), latency, chosen_latency)
+    axes = panels
     ax = axes[0]
     label = (
         f"Pareto frontier ({len(xs):,} points{', exact' if frontier.cost_grid is None else ', cost grid'})"
@@ -100,16 +141,7 @@ def plot_frontier(
     if uniform:
         handles.append(Line2D([], [], ls="none", marker="D", color="#999999", mec="black", ms=7))
         labels.append("uniform allocations")
-    for met, text in ((True, "search trial: budget met"), (False, "search trial: budget missed")):
-        if any(t[2] == met for t in trials):
-            handles.append(
-                Line2D([], [], ls="none", marker="o", mfc="none", mec=_trial_colour(met), mew=1.8, ms=9)
-            )
-            labels.append(text)
-    if chosen is not None:
-        handles.append(Line2D([], [], ls="none", marker="*", color="#fdb863", mec="black", ms=14))
-        labels.append("chosen allocation")
-    ax.legend(handles, labels, loc="upper right", fontsize=9, framealpha=0.92)
+    _legend(ax, handles, labels, trials, chosen is not None, prefix="search trial: ", loc="upper right")
 
     if zoom:
         # The search region, where the trials are, is usually a sliver of the whole cost range.
@@ -146,10 +178,74 @@ def plot_frontier(
         a.grid(True, which="minor", alpha=0.12)
     if title:
         fig.suptitle(title, fontsize=12)
+    return fig
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    write_bytes_atomic(path, buf.getvalue())
+
+def _draw_latency(  # type: ignore[no-untyped-def]
+    ax,
+    latency: Sequence[tuple[float, float, bool]],
+    chosen: tuple[float, float] | None,
+) -> None:
+    """Predicted (x) against measured (y) latency of the timed probes, coloured as the trials are,
+    on equal axes with the line y = x; the chosen allocation as a star."""
+    from matplotlib.lines import Line2D
+
+    ax.set_label(LATENCY_PANEL)
+    xs = [p for p, _, _ in latency]
+    ys = [m for _, m, _ in latency]
+    colours = [_trial_colour(met) for _, _, met in latency]
+    ax.scatter(xs, ys, s=90, facecolor="none", edgecolors=colours, lw=1.8, zorder=4)
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True), start=1):
+        if len(latency) <= 30:
+            ax.annotate(
+                str(i),
+                (x, y),
+                xytext=(-10, -13),
+                textcoords="offset points",
+                fontsize=8,
+                color=colours[i - 1],
+            )
+    if chosen is not None:
+        ax.scatter(*chosen, marker="*", s=320, color="#fdb863", edgecolor="black", lw=1.0, zorder=5)
+    both = xs + ys + (list(chosen) if chosen is not None else [])
+    lo, hi = min(both), max(both)
+    pad = 0.08 * (hi - lo) if hi > lo else 0.05 * max(abs(hi), 1e-3)
+    lo, hi = lo - pad, hi + pad
+    ax.plot([lo, hi], [lo, hi], color="#555555", lw=1.0, ls="--", zorder=2)
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_aspect("equal", adjustable="box")
+    ax.set_xlabel("predicted latency (ms): float + Σ per-layer deltas")
+    ax.set_ylabel("measured latency (ms)")
+    ax.set_title("timed probes: predicted vs measured", fontsize=10)
+    ax.grid(True, alpha=0.35)
+    handles = [Line2D([], [], color="#555555", lw=1.0, ls="--")]
+    _legend(ax, handles, ["measured = predicted"], latency, chosen is not None, prefix="", loc="upper left")
+
+
+def _legend(  # type: ignore[no-untyped-def]
+    ax,
+    handles: list,  # type: ignore[type-arg]
+    labels: list[str],
+    trials: Sequence[tuple[float, float, bool]],
+    chosen: bool,
+    *,
+    prefix: str,
+    loc: str,
+) -> None:
+    """The legend: the given entries, then met / missed trials (those present) and the chosen star."""
+    from matplotlib.lines import Line2D
+
+    for met, text in ((True, "budget met"), (False, "budget missed")):
+        if any(t[2] == met for t in trials):
+            handles.append(
+                Line2D([], [], ls="none", marker="o", mfc="none", mec=_trial_colour(met), mew=1.8, ms=9)
+            )
+            labels.append(prefix + text)
+    if chosen:
+        handles.append(Line2D([], [], ls="none", marker="*", color="#fdb863", mec="black", ms=14))
+        labels.append("chosen allocation")
+    ax.legend(handles, labels, loc=loc, fontsize=9, framealpha=0.92)
 
 
 def _trial_colour(met: bool) -> str:

@@ -34,3 +34,50 @@ def test_plot_is_a_png_and_leaves_no_temporary_files(tmp_path: Path, with_trials
     )
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["frontier.png"]
+
+
+def _panels(fig) -> list[str]:  # type: ignore[no-untyped-def]
+    return [a.get_label() for a in fig.axes]
+
+
+def test_the_latency_panel_shows_exactly_the_given_pairs_and_only_when_given() -> None:
+    import numpy as np
+
+    from hawqtool.plots import LATENCY_PANEL, frontier_figure
+
+    front = Frontier(POINTS, "latency", float_cost=160.0)
+    trials = [(160.0, 0.0, True), (20.0, 0.1, True), (10.0, 1.0, False)]
+    without = frontier_figure(front, trials=trials, chosen=(20.0, 0.1))
+    assert LATENCY_PANEL not in _panels(without)
+    assert len(without.axes) == 2  # the frontier and the zoom on the search region
+
+    pairs = [(2.0, 2.2, True), (1.5, 1.4, True), (1.2, 1.3, False)]
+    fig = frontier_figure(front, trials=trials, chosen=(20.0, 0.1), latency=pairs, chosen_latency=(1.5, 1.4))
+    assert len(fig.axes) == 3 and _panels(fig).count(LATENCY_PANEL) == 1
+    ax = fig.axes[_panels(fig).index(LATENCY_PANEL)]
+    probes, star = ax.collections  # the probes, then the chosen allocation
+    np.testing.assert_array_equal(probes.get_offsets(), [[p, m] for p, m, _ in pairs])
+    np.testing.assert_array_equal(star.get_offsets(), [[1.5, 1.4]])
+    met, missed = (0x1A / 255, 0x96 / 255, 0x41 / 255, 1.0), (0xD7 / 255, 0x19 / 255, 0x1C / 255, 1.0)
+    np.testing.assert_allclose(probes.get_edgecolors(), [met, met, missed])
+    (diagonal,) = ax.get_lines()
+    x, y = diagonal.get_data()
+    np.testing.assert_array_equal(x, y)  # the line y = x, spanning every point
+    assert min(x) <= 1.2 and max(x) >= 2.2
+    # Without a frontier zoom (no trials) the panel still comes, next to the frontier.
+    alone = frontier_figure(front, latency=pairs)
+    assert _panels(alone)[1:] == [LATENCY_PANEL] and len(alone.axes) == 2
+
+
+def test_plot_frontier_with_latency_writes_one_png(tmp_path: Path) -> None:
+    out = tmp_path / "frontier.png"
+    plot_frontier(
+        Frontier(POINTS, "latency", float_cost=160.0),
+        out,
+        trials=[(160.0, 0.0, True), (20.0, 0.1, True)],
+        chosen=(20.0, 0.1),
+        latency=[(2.0, 2.1, True), (1.0, 1.0, True)],
+        chosen_latency=(1.0, 1.0),
+    )
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["frontier.png"]
