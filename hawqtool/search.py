@@ -2,7 +2,8 @@
 
 Each probe is expensive in the real pipeline (export a QDQ ONNX model, evaluate it in onnxruntime),
 so the search spends at most ⌈log2 N⌉ + 1 evaluations on N candidates, plus one optional repair
-probe, and never evaluates the same allocation twice.
+probe (and the named ``extra`` points the caller asks for), and never evaluates the same
+allocation twice.
 
 Order of probes: the most precise (most expensive) candidate first. If even it misses the budget,
 no candidate can be trusted to meet it: the search stops with ``budget_met = False`` and the
@@ -16,7 +17,8 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -149,6 +151,7 @@ def bisect(
     reference: Measurement | None = None,
     gap_points: Sequence[FrontierPoint] = (),
     seed: int = 0,
+    extra: Mapping[str, FrontierPoint] = MappingProxyType({}),
 ) -> SearchResult:
     """Find the cheapest candidate whose measured metric meets ``budget``, by bisection.
 
@@ -175,6 +178,12 @@ def bisect(
             meeting one next to each other in ``candidates`` but the frontier has points between
             their costs, the search goes on among those (their trials say ``source="frontier"``).
         seed: seeds the bootstrap of the bounds.
+        extra: named points probed after the search, whatever it chose, unless the most precise
+            candidate missed the budget (``impossible``). They do not change ``chosen``: they are
+            there for a choice made afterwards on something the trials measured (under the latency
+            cost, the fastest measured model within budget). A point already probed is not
+            evaluated again. Their trials say ``source="extra"``, the name in ``note`` and their
+            position in ``extra`` in ``index``.
 
     Returns:
         A :class:`SearchResult` with every trial.
@@ -205,7 +214,7 @@ def bisect(
     trials: list[Trial] = []
     memo: dict[tuple[tuple[str, str], ...], Trial] = {}
     bar = tqdm(
-        total=max_evaluations(n, repair=repair is not None),
+        total=max_evaluations(n, repair=repair is not None) + len(extra),
         desc="search",
         unit="eval",
         disable=not progress,
@@ -280,7 +289,7 @@ def bisect(
             reason=reason,
         )
 
-    try:
+    def search() -> SearchResult:
         top = probe(n - 1, candidates[n - 1], "most precise")
         if not top.met:
             log.warning(
@@ -327,5 +336,13 @@ def bisect(
                 if t.met:
                     return done(None, "repaired", fixed)
         return done(hi, "converged")
+
+    try:
+        result = search()
+        if not extra or result.reason == "impossible":
+            return result
+        for i, (name, point) in enumerate(extra.items()):
+            probe(i, point, name, source="extra")
+        return replace(result, trials=tuple(trials))
     finally:
         bar.close()

@@ -233,3 +233,31 @@ def test_an_empty_bracket_in_the_candidates_is_filled_from_the_frontier() -> Non
     gap_trials = [t for t in r.trials if t.source == "frontier"]
     assert gap_trials and all(1 < t.cost < 10 for t in gap_trials)
     assert len(gap_trials) <= math.ceil(math.log2(8)) + 1
+
+
+def test_extra_points_are_probed_once_after_the_search_and_do_not_change_its_choice() -> None:
+    curve = curve_from_threshold(8, first_ok=3)
+    pts = points(8)
+    planted = Planted(curve)
+    plain = bisect(pts, Planted(curve), baseline=0.9, budget=Budget(0.01), progress=False)
+    # One extra is new (cost 0.5, accuracy 0.895: meets), one is a candidate bisection probes anyway.
+    new = FrontierPoint(cost=0.5, omega=9.0, allocation={"fc": "uniform"})
+    planted.repaired = 0.895
+    r = bisect(
+        pts,
+        planted,
+        baseline=0.9,
+        budget=Budget(0.01),
+        progress=False,
+        extra={"uniform": new, "top again": pts[-1]},
+    )
+    assert (r.chosen, r.chosen_index, r.reason) == (plain.chosen, plain.chosen_index, plain.reason)
+    same = [(t.index, dict(t.allocation), t.met, t.source) for t in plain.trials]
+    assert [(t.index, dict(t.allocation), t.met, t.source) for t in r.trials[: plain.evaluations]] == same
+    (extra,) = [t for t in r.trials if t.source == "extra"]
+    assert (extra.note, extra.index, extra.met, extra.cost) == ("uniform", 0, True, 0.5)
+    assert r.evaluations == plain.evaluations + 1 and planted.calls.count(7) == 1
+    # Nothing is probed after an impossible budget.
+    low = Planted([0.5] * 8)
+    r = bisect(pts, low, baseline=0.9, budget=Budget(0.01), progress=False, extra={"uniform": new})
+    assert r.reason == "impossible" and [t.source for t in r.trials] == ["candidates"]
