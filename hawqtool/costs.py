@@ -452,6 +452,87 @@ def _median_se(values: Sequence[float]) -> tuple[float, float]:
     return med, _MEDIAN_SE * mad / math.sqrt(len(values))
 
 
+@dataclass(frozen=True)
+class Timing:
+    """End-to-end latency of one model, timed in rounds interleaved with other models'.
+
+    Attributes:
+        median_ms: median over rounds of each round's median time of one ``session.run``.
+        stderr_ms: its standard error (from the rounds' spread, robust to a few stalls).
+        rounds_ms: each round's median, in round order (paired with the other models' rounds).
+    """
+
+    median_ms: float
+    stderr_ms: float
+    rounds_ms: tuple[float, ...]
+
+    def minus(self, other: Timing) -> tuple[float, float]:
+        """``self − other`` in ms, as the median of the per-round differences, and its standard
+        error: the rounds were interleaved, so load that drifts over seconds cancels in pairs.
+
+        Example:
+            >>> Timing(1.0, 0.1, (1.0, 1.25, 0.75)).minus(Timing(2.0, 0.1, (2.0, 2.25, 1.5)))[0]
+            -1.0
+        """
+        if len(self.rounds_ms) != len(other.rounds_ms):
+            raise UsageError("timings from different rounds cannot be paired")
+        return _median_se([a - b for a, b in zip(self.rounds_ms, other.rounds_ms, strict=True)])
+
+
+def time_interleaved(
+    models: Mapping[str, bytes | str],
+    feeds: Mapping[str, np.ndarray],
+    *,
+    threads: int = 2,
+    provider: str = "cpu",
+    rounds: int = 5,
+    runs: int = 4,
+    warmup: int = 3,
+    clock: str = "wall",
+) -> dict[str, Timing]:
+    """Time several models on one batch in interleaved rounds: every round runs each model
+    ``runs`` times (the order reversed every other round), so models measured together see the
+    same load, and their :class:`Timing` can be compared pairwise (:meth:`Timing.minus`).
+
+    Args:
+        models: name -> serialized model (or path of an ``.onnx`` file).
+        feeds: the timed batch, input name -> array.
+        threads: onnxruntime intra-op threads.
+        provider: execution provider (:data:`hawqtool.evaluate.PROVIDERS`).
+        rounds: interleaved rounds (at least 3).
+        runs: timed runs per model per round.
+        warmup: untimed runs of each session first.
+        clock: ``wall`` or ``cpu`` (:func:`measure_latency`).
+
+    Raises:
+        UsageError: a bad setting.
+        ExportError: onnxruntime cannot load or run a model.
+    """
+    from hawqtool.evaluate import make_session
+
+    if clock not in CLOCKS:
+        raise UsageError(f"unknown clock {clock!r}; allowed: {', '.join(CLOCKS)}")
+    if not (isinstance(rounds, int) and rounds >= 3 and isinstance(runs, int) and runs >= 1):
+        raise UsageError(f"need rounds >= 3 and runs >= 1, got rounds={rounds!r}, runs={runs!r}")
+    timer = _Timer(
+        {k: np.ascontiguousarray(v) for k, v in feeds.items()}, runs=runs, warmup=warmup, clock=clock
+    )
+    sessions = {k: make_session(v, threads=threads, provider=provider) for k, v in models.items()}
+    for sess in sessions.values():
+        for _ in range(warmup):
+            timer.once(sess)
+    per_round: dict[str, list[float]] = {k: [] for k in sessions}
+    names = list(sessions)
+    for r in range(rounds):
+        for k in names if r % 2 == 0 else reversed(names):
+            per_round[k].append(statistics.median(timer.once(sessions[k]) for _ in range(runs)))
+    out = {}
+    for k, v in per_round.items():
+        med, se = _median_se(v)
+        out[k] = Timing(med, se, tuple(v))
+    return out
+
+
 def _one_at_a_time(
     per_layer: Mapping[str, tuple[str, ...]],
     reference: Mapping[str, str],

@@ -284,3 +284,28 @@ def test_recipe_fields() -> None:
     assert (r.allocation.cost, r.evaluate.provider) == ("latency", "cpu")
     with pytest.raises(RecipeError, match=r"evaluate.provider"):
         load_recipe("tiny", ["evaluate.provider=tpu"])
+
+
+def test_time_interleaved_pairs_rounds_of_real_sessions(exported) -> None:  # type: ignore[no-untyped-def]
+    from hawqtool.costs import Timing, time_interleaved
+
+    _, exporter, feeds = exported
+    models = {
+        "float": exporter.float_model.SerializeToString(),
+        "int8": exporter.quantized_model({"fc1": "int8", "fc2": "int8"}).SerializeToString(),
+    }
+    got = time_interleaved(models, feeds, threads=1, rounds=3, runs=2, clock="cpu")
+    assert list(got) == ["float", "int8"]
+    for t in got.values():
+        assert len(t.rounds_ms) == 3 and t.median_ms == sorted(t.rounds_ms)[1] and t.stderr_ms >= 0
+    d, se = got["int8"].minus(got["float"])
+    assert (
+        d == sorted(a - b for a, b in zip(got["int8"].rounds_ms, got["float"].rounds_ms, strict=True))[1]
+        and se >= 0
+    )
+    with pytest.raises(UsageError, match=r"different rounds"):
+        got["int8"].minus(Timing(1.0, 0.0, (1.0, 1.0, 1.0, 1.0)))
+    with pytest.raises(UsageError, match=r"need rounds >= 3"):
+        time_interleaved(models, feeds, rounds=2)
+    with pytest.raises(UsageError, match=r"unknown clock"):
+        time_interleaved(models, feeds, clock="gpu")
