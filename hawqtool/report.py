@@ -388,14 +388,21 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if lat:
         lines += [
             "",
-            "Latency cost: every probe was timed; the choice among those within the budget is the fastest "
-            "measured. Predicted (float latency + Σ per-layer deltas) against measured:",
+            "Latency cost: every probe was timed, the uniform integer models too; the probes within the "
+            "budget were timed again together, in interleaved rounds, and the choice is the fastest of "
+            "those. Predicted (float latency + Σ per-layer deltas) against measured:",
             "",
-            "| candidate | within budget | predicted (ms) | measured (ms) |",
-            "|---|---|---|---|",
+            "| candidate | within budget | predicted (ms) | measured (ms) | re-timed (ms) |",
+            "|---|---|---|---|---|",
             *(
-                f"| {row['index']} | {'yes' if row['met'] else 'no'} | {row['predicted_ms']:.3f} | "
+                f"| {_candidate(row)} | {'yes' if row['met'] else 'no'} | {row['predicted_ms']:.3f} | "
                 + ("—" if row["measured_ms"] is None else f"{row['measured_ms']:.3f}")
+                + " | "
+                + (
+                    "—"
+                    if row.get("retimed_ms") is None
+                    else f"{row['retimed_ms']:.3f} ± {row['retimed_stderr_ms']:.3f}"
+                )
                 + " |"
                 for row in lat
             ),
@@ -433,6 +440,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _candidate(row: Mapping[str, Any]) -> str:
+    """A latency row's probe: its candidate index, or the name of an extra point (``uniform int8``)."""
+    return str(row["note"]) if row.get("source") == "extra" else str(row["index"])
 
 
 def write_report(report: Mapping[str, Any], out: Path) -> None:

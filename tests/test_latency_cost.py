@@ -1,0 +1,115 @@
+"""``allocation.cost: latency``: the uniform integer models are probed too, and the choice is the
+fastest within budget among everything timed (re-timed together), end to end in onnxruntime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hawqtool.costs import Timing
+from hawqtool.pipeline import _fastest_within_budget, uniform_quantized_points
+from hawqtool.search import SearchResult
+from hawqtool.types import FrontierPoint, LayerOption, OptionTable, Trial
+
+
+def _row(*formats: str) -> tuple[LayerOption, ...]:
+    # cost = bits, omega = 32 - bits, less 0.5 without the activation error: float is the most precise.
+    bits = {"int2": 2, "int4": 4, "int7": 7, "int8": 8, "int4-w": 4, "float": 32}
+    return tuple(
+        LayerOption(f, float(bits[f]), 0.0, 32.0 - bits[f] - 0.5 * f.endswith("-w")) for f in formats
+    )
+
+
+def test_uniform_quantized_points_have_known_allocations() -> None:
+    options = OptionTable(
+        ("conv", "emb", "pinned", "no_float"),
+        {
+            "conv": _row("int4", "int7", "int8", "int4-w", "float"),
+            "emb": _row("int4-w", "float"),  # takes no activation format: stays float
+            "pinned": _row("int8"),  # a pin is the only option
+            "no_float": _row("int4", "int4-w"),  # no float offered: its most precise option
+        },
+        "latency",
+        params={"conv": 100, "emb": 100, "pinned": 100, "no_float": 100},
+    )
+    got = uniform_quantized_points(options)
+    assert list(got) == ["uniform int8", "uniform int7", "uniform int4"]  # most bits first
+    assert dict(got["uniform int7"].allocation) == {
+        "conv": "int7",
+        "emb": "float",
+        "pinned": "int8",
+        "no_float": "int4-w",
+    }
+    assert dict(got["uniform int4"].allocation) == {
+        "conv": "int4",
+        "emb": "float",
+        "pinned": "int8",
+        "no_float": "int4",
+    }
+    p = got["uniform int7"]
+    assert (p.cost, p.omega, p.avg_bits) == (7 + 32 + 8 + 4, 25 + 0 + 24 + 27.5, (7 + 32 + 8 + 4) / 4)
+    # No activation format offered: nothing to add.
+    assert uniform_quantized_points(OptionTable(("a",), {"a": _row("int4-w", "float")}, "latency")) == {}
+
+
+def _trial(note: str, alloc: str, met: bool, ms: float | None, source: str = "candidates") -> Trial:
+    return Trial(0, 1.0, 8.0, 0.9, 0.0, met, 0.1, {"a": alloc}, note=note, source=source, latency_ms=ms)
+
+
+def test_the_choice_is_the_fastest_within_budget_of_everything_timed_retimed_together() -> None:
+    from hawqtool.costs import LatencyEntry, LatencyTable
+
+    entries = {"a": {f: LatencyEntry(d, 0.0) for f, d in (("float", 0.0), ("int4", -0.2), ("int8", -0.5))}}
+    table = LatencyTable(2.0, 0.0, {"a": 2.0}, entries, "cpu", 1, {"x": (1,)}, "both", 10, 0.0, "fp")
+    options = OptionTable(("a",), {"a": _row("int4", "int8", "float")}, "latency")
+    trials = (
+        _trial("most precise", "float", True, 2.0),
+        _trial("bisect", "int4", True, 1.5),
+        _trial("uniform int8", "int8", True, 1.4, source="extra"),
+        _trial("bisect", "int8", False, 1.0),  # fastest, but misses the budget
+    )
+    bisected = FrontierPoint(4.0, 28.0, {"a": "int4"}, 4.0)
+    result = SearchResult(bisected, 1, trials, True, 0.9, "converged")
+    # Timed one by one, the uniform model looked fastest; timed together it is not.
+    seen: list[list[str]] = []
+
+    def retime(allocations):  # type: ignore[no-untyped-def]
+        seen.append([a["a"] for a in allocations])
+        known = {"int4": Timing(1.30, 0.01, (1.3, 1.3, 1.3)), "int8": Timing(1.35, 0.01, (1.35,) * 3)}
+        return [known[a["a"]] for a in allocations]
+
+    chosen, rows = _fastest_within_budget(result, table, options, retime)
+    assert seen == [["int4", "int8"]]  # the quantized probes within budget, no float, no miss
+    assert chosen.chosen == bisected and chosen.reason == "converged"
+    assert [r["predicted_ms"] for r in rows] == [2.0, 1.8, 1.5, 1.5]
+    assert [r["measured_ms"] for r in rows] == [2.0, 1.5, 1.4, 1.0]
+    assert [r["retimed_ms"] for r in rows] == [None, 1.30, 1.35, None]
+    assert [r["source"] for r in rows] == ["candidates", "candidates", "extra", "candidates"]
+    # Without re-timing the probe timings decide: the uniform model, which bisection never chose.
+    chosen, rows = _fastest_within_budget(result, table, options)
+    assert chosen.reason == "fastest-measured" and chosen.chosen is not None
+    assert dict(chosen.chosen.allocation) == {"a": "int8"} and chosen.chosen.omega == 24.0
+    assert all(r["retimed_ms"] is None for r in rows)
+
+
+@pytest.mark.slow
+def test_quantize_under_the_latency_cost_times_the_uniform_models(tmp_path: Path) -> None:
+    from hawqtool.cli import main
+
+    out = tmp_path / "out"
+    assert main(["quantize", "tiny", "--out", str(out), "-q", "--set", "allocation.cost=latency"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    trials, rows = rep["search"]["trials"], rep["search"]["latency"]
+    assert len(rows) == len(trials) and all(r["measured_ms"] > 0 for r in rows)
+    probed = {json.dumps(t["allocation"], sort_keys=True) for t in trials}
+    layers = [row["layer"] for row in rep["sensitivity"]]
+    for fmt in ("int8", "int4", "int2"):  # the tiny recipe's activation formats
+        assert json.dumps(dict.fromkeys(sorted(layers), fmt), sort_keys=True) in probed, fmt
+    met = [(r, t) for r, t in zip(rows, trials, strict=True) if r["met"] and r["retimed_ms"] is not None]
+    if met:  # the choice is the fastest of the probes within budget, timed together
+        fastest = min(met, key=lambda rt: rt[0]["retimed_ms"])[1]
+        assert rep["result"]["allocation"] == fastest["allocation"]
+    assert "re-timed (ms)" in (out / "report.md").read_text()
+    assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
