@@ -1,13 +1,17 @@
 """Latency as the cost, and activation precision: every method's latency and accuracy, in one run.
 
-For ResNet-20 and the small CNN on digits and the zoo transformer, formats int2/int4/int8 (uint8
-activations), int4-w (weight-only) and float, budgets 0.1 % and 1 % relative top-1 on the
-evaluation split:
+For ResNet-20 and the small CNN on digits and the zoo transformer, formats int2/int4/int7/int8
+(uint8 activations; int7 is 7-bit weights in int8, which onnxruntime's u8×s8 kernels cannot
+saturate on a CPU without VNNI), int4-w (weight-only) and float (``--formats``), budgets 0.1 % and
+1 % relative top-1 on the evaluation split:
 
 - ``float``: the BN-folded float export;
 - ``ort int8``: onnxruntime's own ``quantize_static`` (QDQ, uint8 / int8 per channel, MinMax);
 - ``hawqtool size``: frontier of (bytes, ΣΩ + Ω_act) → dependency re-scoring → bisection;
-- ``hawqtool latency@B``: the same on (measured latency at batch B, ΣΩ + Ω_act);
+- ``hawqtool latency@B``: what ``allocation.cost: latency`` does, at batch B: the same on (measured
+  latency, ΣΩ + Ω_act), every probe timed, the uniform integer models
+  (:func:`hawqtool.pipeline.uniform_quantized_points`) probed too, the probes within budget
+  re-timed together and the fastest chosen (:func:`hawqtool.pipeline._fastest_within_budget`);
 - ``HAWQ-V3 ILP@B``: min ΣΩ (weights only) s.t. Σ measured latency ≤ the predicted latency of
   hawqtool latency@B's choice, solved exactly with PuLP; no dependency terms, no bisection: one
   evaluation, whatever it scores.
@@ -17,7 +21,10 @@ time of one batch of 1 or 64 images on ONE intra-op thread, measured as the proc
 (``clock="cpu"``): this machine is a shared 2-core VM whose load average sits at 10–15, where
 wall-clock latency of a 2-thread session swings by 3× between identical runs while the CPU time
 stays within a few percent (measured); on an idle machine, one thread's CPU time is its latency.
-The models of one table are timed in interleaved rounds.
+The models of one table are timed in interleaved rounds (:func:`hawqtool.costs.time_interleaved`):
+each latency is the median over rounds ± its standard error, and each row's difference from
+``ort int8`` is the median of the per-round differences ± its standard error, called resolved when
+it is more than twice that.
 
 Then, over ``--allocs`` random allocations of int4 / int6 / int4-w / int6-w / float, the Spearman
 correlation of ΣΩ (weights only, HAWQ-V2) and ΣΩ + Ω_act (with the activation terms of
@@ -25,7 +32,9 @@ correlation of ΣΩ (weights only, HAWQ-V2) and ΣΩ + Ω_act (with the activati
 onnxruntime on the evaluation split; and of each latency table's prediction with the measured
 latency of every model the searches probed.
 
-Usage: ``python scripts/bench_latency.py [--models resnet20,cnn,transformer] [--allocs 40]``
+Usage: ``python scripts/bench_latency.py [--models resnet20,cnn,transformer] [--allocs 40] [--fresh]``
+(``--allocs 0`` skips the Spearman part; ``--fresh`` re-measures the latency tables instead of
+using cached ones, which may come from a differently loaded machine).
 """
 
 from __future__ import annotations
@@ -48,11 +57,11 @@ from scipy.stats import spearmanr
 from hawqtool import pipeline
 from hawqtool.activations import estimate_activation_traces
 from hawqtool.cache import cache_dir
-from hawqtool.costs import LatencyTable, measure_latency
+from hawqtool.costs import LatencyTable, Timing, measure_latency, time_interleaved
 from hawqtool.dependency import candidates_for_search, make_repair, rescore
 from hawqtool.evaluate import make_session
 from hawqtool.frontier import pareto_frontier
-from hawqtool.search import bisect
+from hawqtool.search import Measurement, bisect
 from hawqtool.sensitivity import build_options
 from hawqtool.types import Budget, FrontierPoint, OptionTable, average_bits
 
@@ -60,7 +69,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_export import ort_quantize_static
 
 MODELS = {"resnet20": "resnet20-digits", "cnn": "small-cnn-digits", "transformer": "transformer-digits"}
-FORMATS = ("int2", "int4", "int8", "int4-w", "float")
+FORMATS = ("int2", "int4", "int7", "int8", "int4-w", "float")
 # No 8-bit weights here: on this AVX2 CPU (no VNNI) onnxruntime's fused u8s8 kernels saturate
 # int16 pair sums with full-range int8 weights (all-int8 small CNN: 98.67 % unfused vs 97.50 %
 # fused; int7 and below lose nothing), an error no second-order score predicts.
@@ -93,20 +102,19 @@ class Runner:
 
 def time_models(
     models: Mapping[str, bytes], feeds: Mapping[str, np.ndarray], *, rounds: int, runs: int
-) -> dict[str, float]:
-    """Median CPU time (ms) of one run per model, in interleaved rounds."""
-    sessions = {k: make_session(v, threads=THREADS) for k, v in models.items()}
-    for s in sessions.values():
-        for _ in range(3):
-            s.run(None, dict(feeds))
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            for _ in range(runs):
-                t = time.process_time()
-                s.run(None, dict(feeds))
-                times[k].append(1e3 * (time.process_time() - t))
-    return {k: statistics.median(v) for k, v in times.items()}
+) -> dict[str, Timing]:
+    """CPU time (ms) of one run per model on THREADS threads, in interleaved rounds."""
+    return time_interleaved(models, feeds, threads=THREADS, rounds=rounds, runs=runs, clock="cpu")
+
+
+def pm(t: Timing) -> str:
+    return f"{t.median_ms:.3f} ± {t.stderr_ms:.3f}"
+
+
+def versus(t: Timing, ref: Timing) -> str:
+    """``t − ref`` ± its standard error, and whether the difference is resolved (> 2 standard errors)."""
+    d, se = t.minus(ref)
+    return f"{d:+.3f} ± {se:.3f} ({'resolved' if abs(d) > 2 * se else 'within noise'})"
 
 
 def batch_feeds(ws: pipeline.Workspace, size: int) -> dict[str, np.ndarray]:
@@ -178,15 +186,16 @@ def run(key: str, args: argparse.Namespace) -> None:
 
     feeds = {b: batch_feeds(ws, b) for b in BATCHES}
     lat: dict[int, LatencyTable] = {}
+    formats = tuple(args.formats.split(","))
     for b in BATCHES:
         lat[b] = measure_latency(
             exp,
             feeds[b],
-            formats=FORMATS,
+            formats=formats,
             threads=THREADS,
             clock="cpu",
             runs=args.runs,
-            cache_dir=cache_dir() / "latency",
+            cache_dir=None if args.fresh else cache_dir() / "latency",
             progress=False,
         )
     base_eval, base_ce = runner.scores(exp.float_model, "evaluation")
@@ -215,11 +224,29 @@ def run(key: str, args: argparse.Namespace) -> None:
             memo[k] = runner.scores(exp.quantized_model(p.allocation), "evaluation")[0]
         return memo[k]
 
-    opts_size = options(FORMATS, "size", activations=True)
+    def timed(b: int) -> Any:
+        """Under the latency cost every probe is timed, here at batch b (CPU time, THREADS)."""
+
+        def evaluate(p: FrontierPoint) -> Measurement:
+            blob = exp.quantized_model(p.allocation).SerializeToString()
+            t = time_models({"m": blob}, feeds[b], rounds=3, runs=args.timing_runs)["m"]
+            return Measurement(measure(p), latency_ms=t.median_ms)
+
+        return evaluate
+
+    def retime(b: int) -> Any:
+        def again(allocations: Sequence[Mapping[str, str]]) -> list[Timing]:
+            blobs = {str(i): exp.quantized_model(a).SerializeToString() for i, a in enumerate(allocations)}
+            got = time_models(blobs, feeds[b], rounds=max(3, args.rounds // 2), runs=args.timing_runs)
+            return [got[str(i)] for i in range(len(allocations))]
+
+        return again
+
+    opts_size = options(formats, "size", activations=True)
     dep = pipeline._dependency_model(ws, opts_size, table, progress=False)
     tables = {
         "size": opts_size,
-        **{f"latency@{b}": options(FORMATS, lat[b].cost_model(), activations=True) for b in BATCHES},
+        **{f"latency@{b}": options(formats, lat[b].cost_model(), activations=True) for b in BATCHES},
     }
     rows: dict[str, dict[str, str]] = {}
     notes: dict[str, str] = {}
@@ -229,22 +256,31 @@ def run(key: str, args: argparse.Namespace) -> None:
         for name, opts in tables.items():
             front = rescore(pareto_frontier(opts), dep)
             cands = candidates_for_search(front, dep, opts)
+            b = int(name.partition("@")[2] or 0)
             res = bisect(
                 cands,
-                measure,
+                timed(b) if b else measure,
                 baseline=base_eval,
                 budget=budget,
                 repair=make_repair(cands, dep, opts),
                 progress=False,
+                extra=pipeline.uniform_quantized_points(opts) if b else {},
             )
+            if b:
+                res, _ = pipeline._fastest_within_budget(res, lat[b], opts, retime(b))
             probes += [dict(t.allocation) for t in res.trials]
             label = f"hawqtool {name} {budget_value:.1%}"
             if res.chosen is None:
                 notes[label] = f"budget impossible ({res.evaluations} evals)"
                 continue
             rows[label] = dict(res.chosen.allocation)
-            notes[label] = f"{res.evaluations} evals"
-        opts_w = {b: options(FORMATS, lat[b].cost_model(), activations=False) for b in BATCHES}
+            notes[label] = f"{res.evaluations} evals" + (f", {res.reason}" if b else "")
+            if b:
+                uniform = ", ".join(
+                    f"{t.note} {'meets' if t.met else 'misses'}" for t in res.trials if t.source == "extra"
+                )
+                print(f"{label}: chose {res.reason} {rows[label]} | uniform probes: {uniform or 'none new'}")
+        opts_w = {b: options(formats, lat[b].cost_model(), activations=False) for b in BATCHES}
         for b in BATCHES:
             ref = rows.get(f"hawqtool latency@{b} {budget_value:.1%}")
             target = (
@@ -275,9 +311,14 @@ def run(key: str, args: argparse.Namespace) -> None:
     import onnx
 
     print(
-        "\n| method | budget | ms @1 | ms @64 | pred @1 | pred @64 | KiB | avg bits | top-1 eval | top-1 test | note |"
+        f"\nCPU ms of one batch, median over {args.rounds} interleaved rounds ± standard error; "
+        "Δ ort: the row minus ort int8, paired by round"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| method | budget | ms @1 | ms @64 | Δ ort @1 | Δ ort @64 | pred @1 | pred @64 | KiB | avg bits "
+        "| top-1 eval | top-1 test | note |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, blob in models.items():
         model = onnx.load_from_string(blob)
         ev, _ = runner.scores(model, "evaluation")
@@ -290,18 +331,23 @@ def run(key: str, args: argparse.Namespace) -> None:
         method, _, budget_label = (
             label.rpartition(" ") if label not in ("float", "ort int8") else (label, "", "")
         )
+        vs = [
+            "" if label == "ort int8" else versus(lat_meas[b][label], lat_meas[b]["ort int8"])
+            for b in BATCHES
+        ]
         print(
-            f"| {method} | {budget_label} | {lat_meas[1][label]:.3f} | {lat_meas[64][label]:.3f} | {pred[0]} | {pred[1]} | "
-            f"{len(blob) / 1024:.1f} | {bits:.2f} | {100 * ev:.2f} | {100 * te:.2f} | {notes.get(label, '')} |"
+            f"| {method} | {budget_label} | {pm(lat_meas[1][label])} | {pm(lat_meas[64][label])} | {vs[0]} | "
+            f"{vs[1]} | {pred[0]} | {pred[1]} | {len(blob) / 1024:.1f} | {bits:.2f} | {100 * ev:.2f} | "
+            f"{100 * te:.2f} | {notes.get(label, '')} |"
         )
 
     # -- predicted vs measured latency on every probed model -------------------------------------
     uniq = {tuple(sorted(a.items())): a for a in probes}
     probe_models = {str(i): exp.quantized_model(a).SerializeToString() for i, a in enumerate(uniq.values())}
     for b in BATCHES:
-        meas = time_models(probe_models, feeds[b], rounds=2, runs=args.timing_runs // 2)
+        meas = time_models(probe_models, feeds[b], rounds=5, runs=args.timing_runs)
         predicted = [lat[b].predict(a) for a in uniq.values()]
-        m = [meas[str(i)] for i in range(len(uniq))]
+        m = [meas[str(i)].median_ms for i in range(len(uniq))]
         err = [abs(p - q) / q for p, q in zip(predicted, m, strict=True)]
         print(
             f"predicted vs measured latency, batch {b}, {len(m)} probed models: Spearman {rho(predicted, m):.3f}, "
@@ -309,6 +355,9 @@ def run(key: str, args: argparse.Namespace) -> None:
         )
 
     # -- Spearman: ΣΩ with and without activation terms vs measured drops ------------------------
+    if args.allocs < 4:
+        print(f"({key}: {time.perf_counter() - t_start:.0f} s; Spearman skipped: --allocs {args.allocs})")
+        return
     sp_w = options(SPEARMAN_FORMATS, "size", activations=False)
     sp_wa = options(SPEARMAN_FORMATS, "size", activations=True)
     rng = np.random.default_rng(args.seed)
@@ -344,8 +393,10 @@ def main() -> None:
     ap.add_argument("--models", default="resnet20,cnn,transformer")
     ap.add_argument("--allocs", type=int, default=40)
     ap.add_argument("--runs", type=int, default=20, help="paired runs per latency-table variant")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--timing-runs", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=20, help="interleaved rounds of the final table")
+    ap.add_argument("--timing-runs", type=int, default=5, help="runs per model per round")
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--fresh", action="store_true", help="measure the latency tables again (no cache)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
