@@ -27,6 +27,14 @@ ranks the top-1 drop poorly (0.77), the score ranked it at 0.73 against 0.81 for
 for ΣΩ (``scripts/bench_dependency.py``). Without the measurements (``measure_singles=False``) the
 score is the plain second-order prediction.
 
+Where m_k comes from (:attr:`DependencyModel.numerics`): by default (``weights``) from the torch
+model with the layers' weights fake-quantized, activations float. A format such as ``int8`` also
+quantizes the layer's activations to uint8 in the exported model, and onnxruntime's integer
+kernels have their own numerics (without VNNI they saturate on full-range int8 weights), so the
+pipeline passes ``single_loss``: the calibration loss of the exported QDQ model of an allocation,
+run in onnxruntime (:func:`exported_single_loss`, ``exported``). The Hessian terms stay those of
+the weights: activation errors have no Δ in weight space.
+
 How the score corrects the frontier (docs/design.md §5), in :func:`candidates_for_search`: re-score every
 frontier point; optionally add each point's local improvement under the score at no extra cost; keep
 only the points not dominated in (cost, score), so the sequence bisection walks is monotone in the
@@ -37,12 +45,13 @@ layers whose promotion lowers the score most per unit of added cost.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -62,9 +71,20 @@ from hawqtool.types import (
     is_quantized,
 )
 
+if TYPE_CHECKING:
+    import onnx
+
+    from hawqtool.export import QDQExporter
+    from hawqtool.modelio import ModelIO
+    from hawqtool.tasks import LossFn
+
 log = logging.getLogger(__name__)
 
 Allocation = Mapping[str, str]
+#: The calibration loss of the model with some layers quantized (``fqn -> format``), the rest float.
+SingleLoss = Callable[[Allocation], float]
+#: Where :attr:`DependencyModel.measured` came from (module doc).
+NUMERICS = ("weights", "exported")
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,6 +108,8 @@ class DependencyModel:
         forward_passes: passes over the calibration split spent on ``measured``.
         seconds: wall time of the build.
         clip_search: whether Δ used the quantizer's clipping search (must match export).
+        numerics: what ``measured`` was measured on: ``weights`` (torch, weights fake-quantized),
+            ``exported`` (the exported QDQ model in onnxruntime), or another caller's label.
 
     Example:
         >>> # dep = build_dependency_model(SplitHessian(prep, calib, F.cross_entropy), prep, options)
@@ -105,6 +127,7 @@ class DependencyModel:
     forward_passes: int = 0
     seconds: float = 0.0
     clip_search: bool = True
+    numerics: str = "weights"
     _index: dict[tuple[str, str], int] = field(init=False, repr=False, compare=False)
     _score_linear: np.ndarray = field(init=False, repr=False, compare=False)
     _score_matrix: np.ndarray = field(init=False, repr=False, compare=False)
@@ -222,6 +245,7 @@ class DependencyModel:
             "forward_passes": self.forward_passes,
             "seconds": self.seconds,
             "clip_search": self.clip_search,
+            "numerics": self.numerics,
         }
 
     @classmethod
@@ -238,6 +262,7 @@ class DependencyModel:
             forward_passes=int(d.get("forward_passes", 0)),
             seconds=float(d.get("seconds", 0.0)),
             clip_search=bool(d.get("clip_search", True)),
+            numerics=str(d.get("numerics", "weights")),  # caches from before the setting: torch
         )
 
 
@@ -253,6 +278,8 @@ def build_dependency_model(
     *,
     clip_search: bool = True,
     measure_singles: bool = True,
+    single_loss: SingleLoss | None = None,
+    numerics: str | None = None,
     progress: bool = True,
 ) -> DependencyModel:
     """Measure gᵀΔ_k and Δ_kᵀHΔ_k' for every candidate (layer, format) pair of ``options``.
@@ -270,6 +297,12 @@ def build_dependency_model(
         options: candidate formats per layer.
         clip_search: passed to the quantizer; must match what export uses.
         measure_singles: measure each pair's loss change in context (module doc).
+        single_loss: the calibration loss of an allocation (``fqn -> format``, other layers
+            float) that the measurements take, computed by this process alone (under a process
+            group each rank takes its share of the allocations, and the losses are summed over
+            the ranks). Default: ``hessian.loss`` with the weights fake-quantized.
+        numerics: the label recorded in :attr:`DependencyModel.numerics`; default ``weights``
+            without ``single_loss``, else ``custom``.
         progress: show a tqdm bar over the HVPs and passes.
 
     Raises:
@@ -297,9 +330,12 @@ def build_dependency_model(
     count = np.zeros((len(keys), len(keys)))
     position = {f: i for i, f in enumerate(layers)}
     rows = sorted(deltas, key=lambda k: position[k[0]])
-    passes = len(layers) + len(deltas) if measure_singles else 0
+    context = {f: _middle_format(options, f) for f in layers}
+    jobs, slots = _single_jobs(options, context, deltas, index) if measure_singles else ([], [])
+    # A rank-local single_loss runs this rank's share of the jobs; hessian.loss runs on every rank.
+    mine = distributed.shard(len(jobs)) if single_loss is not None else list(range(len(jobs)))
     bar = tqdm(
-        total=len(rows) + passes,
+        total=len(rows) + len(mine),
         desc="dependency terms",
         disable=not progress or not distributed.is_main(),
         leave=False,
@@ -318,20 +354,22 @@ def build_dependency_model(
     matrix = np.divide(total + total.T, both, out=np.zeros_like(total), where=both > 0)
 
     measured = None
-    context = {f: _middle_format(options, f) for f in layers}
     if measure_singles:
+        what = "the dependency stage's loss passes"
+        local = single_loss is not None
+        measure = single_loss if single_loss is not None else _weights_loss(hessian, prepared, deltas)
+        losses = torch.zeros(len(jobs), dtype=torch.float64, device=hessian.device)
+        # hessian.loss is itself a collective step; a rank-local loss needs one around its share.
+        with distributed.shared_failure(what) if local else contextlib.nullcontext():
+            for j in mine:
+                losses[j] = measure(jobs[j])
+                bar.update(1)
+        if local:
+            distributed.all_reduce_sum([losses], what=what)
+        values = losses.cpu().numpy()
         measured = np.zeros(len(keys))
-        weights = {f: prepared.weight(f).to(hessian.device) for f in layers}
-        background = {f: weights[f] + deltas[(f, fmt)] for f, fmt in context.items() if is_quantized(fmt)}
-        for f in layers:
-            others = {g: w for g, w in background.items() if g != f}
-            ref = hessian.loss(weights=others)
-            bar.update(1)
-            for fmt in (o.format for o in options.options[f]):
-                if (f, fmt) in deltas:
-                    loss = hessian.loss(weights={**others, f: weights[f] + deltas[(f, fmt)]})
-                    measured[index[(f, fmt)]] = loss - ref
-                    bar.update(1)
+        for row, ref, job in slots:
+            measured[row] = values[job] - values[ref]
     bar.close()
     dep = DependencyModel(
         layers=layers,
@@ -342,9 +380,10 @@ def build_dependency_model(
         context=context if measure_singles else {},
         base_loss=hessian.loss(),
         hvps=len(rows),
-        forward_passes=passes,
+        forward_passes=len(jobs),
         seconds=time.perf_counter() - t0,
         clip_search=clip_search,
+        numerics=numerics or ("weights" if single_loss is None else "custom"),
     )
     log.info(
         "dependency model: %d (layer, format) pairs, %d HVPs, %d passes, %.1f s",
@@ -354,6 +393,110 @@ def build_dependency_model(
         dep.seconds,
     )
     return dep
+
+
+def _weights_loss(
+    hessian: SplitHessian, prepared: PreparedModel, deltas: Mapping[tuple[str, str], torch.Tensor]
+) -> SingleLoss:
+    """The default ``single_loss``: ``hessian.loss`` with the allocation's weights fake-quantized
+    (W + Δ), activations float. A collective step under a process group (it shards the batches)."""
+    weights = {f: prepared.weight(f).to(hessian.device) for f, _ in deltas}
+
+    def loss(allocation: Allocation) -> float:
+        return hessian.loss(
+            weights={f: weights[f] + deltas[(f, fmt)] for f, fmt in allocation.items() if is_quantized(fmt)}
+        )
+
+    return loss
+
+
+def _single_jobs(
+    options: OptionTable,
+    context: Mapping[str, str],
+    deltas: Mapping[tuple[str, str], torch.Tensor],
+    index: Mapping[tuple[str, str], int],
+) -> tuple[list[dict[str, str]], list[tuple[int, int, int]]]:
+    """The allocations whose losses give the measured single-layer changes, and per quantized key
+    ``(row of the key, job of its reference, job of the key)``: for each layer, the other layers in
+    ``context`` (the reference), then the layer in each of its quantized formats on top."""
+    background = {f: fmt for f, fmt in context.items() if is_quantized(fmt)}
+    jobs: list[dict[str, str]] = []
+    slots: list[tuple[int, int, int]] = []
+    for f in options.layers:
+        others = {g: fmt for g, fmt in background.items() if g != f}
+        ref = len(jobs)
+        jobs.append(others)
+        for fmt in (o.format for o in options.options[f]):
+            if (f, fmt) in deltas:
+                slots.append((index[(f, fmt)], ref, len(jobs)))
+                jobs.append({**others, f: fmt})
+    return jobs, slots
+
+
+def onnx_loss(
+    model: onnx.ModelProto,
+    batches: Sequence[tuple[Any, Any]],
+    loss_fn: LossFn,
+    *,
+    io: ModelIO | None = None,
+    threads: int = 2,
+    provider: str = "cpu",
+) -> float:
+    """Mean of ``loss_fn`` (a batch-mean loss) over ``batches``, weighted by batch size, of an ONNX
+    model run in onnxruntime: one session, dropped after.
+
+    Args:
+        model: an ``onnx.ModelProto``.
+        batches: ``(inputs, targets)`` pairs, e.g. the calibration split.
+        loss_fn: ``fn(outputs, targets)`` on torch tensors (the first model output).
+        io: the model-I/O contract for the feeds (:func:`hawqtool.evaluate.session_feeds`).
+        threads: onnxruntime intra-op threads.
+        provider: the execution provider (:func:`hawqtool.evaluate.make_session`).
+
+    Raises:
+        UsageError: the loss is NaN or infinite on a batch, or there are no batches.
+        ExportError: onnxruntime fails to load or run the model.
+    """
+    from hawqtool.evaluate import make_session, run_session, session_feeds
+    from hawqtool.modelio import batch_size
+
+    session = make_session(model.SerializeToString(), threads=threads, provider=provider)
+    total, n = 0.0, 0
+    for i, (x, y) in enumerate(batches):
+        out = torch.from_numpy(run_session(session, session_feeds(session, x, io)))
+        loss = float(loss_fn(out, y))
+        if not math.isfinite(loss):
+            raise UsageError(f"the onnxruntime model's loss is {loss} on calibration batch {i}")
+        size = batch_size(x)
+        total += loss * size
+        n += size
+    if n == 0:
+        raise UsageError("cannot measure a loss on an empty split")
+    return total / n
+
+
+def exported_single_loss(
+    exporter: Callable[[], QDQExporter],
+    batches: Sequence[tuple[Any, Any]],
+    loss_fn: LossFn,
+    *,
+    io: ModelIO | None = None,
+    threads: int = 2,
+    provider: str = "cpu",
+) -> SingleLoss:
+    """A ``single_loss`` for :func:`build_dependency_model` with the exported numerics: each
+    allocation's QDQ model (``exporter().quantized_model``; activations quantized as the ONNX model
+    will quantize them) run in onnxruntime over ``batches`` (:func:`onnx_loss`).
+
+    ``exporter`` returns a :class:`hawqtool.export.QDQExporter`; it is called on the first
+    measurement, so a process with no measurements to take never builds one.
+    """
+
+    def loss(allocation: Allocation) -> float:
+        model = exporter().quantized_model(allocation)
+        return onnx_loss(model, batches, loss_fn, io=io, threads=threads, provider=provider)
+
+    return loss
 
 
 def _middle_format(options: OptionTable, fqn: str) -> str:

@@ -169,24 +169,12 @@ def evaluate_onnx(
         data = model.SerializeToString()
         size = len(data)
         session = make_session(data, threads=threads, provider=provider)
-    input_name = session.get_inputs()[0].name
-
-    def feeds(x: Any) -> dict[str, np.ndarray]:
-        if io is not None:
-            return io.feeds(x)
-        return {input_name: np.ascontiguousarray(_numpy(x).astype(np.float32, copy=False))}
-
-    def run(feed: dict[str, np.ndarray]) -> np.ndarray:
-        try:
-            return np.asarray(session.run(None, feed)[0])
-        except Exception as e:  # see make_session
-            raise ExportError(f"onnxruntime failed to run the model: {e}") from e
 
     fed, outputs, targets = [], [], []
     for x, y in batches:
-        feed = feeds(x)
+        feed = session_feeds(session, x, io)
         fed.append(feed)
-        outputs.append(run(feed))
+        outputs.append(run_session(session, feed))
         targets.append(_numpy(y))
     if not fed:
         raise UsageError("cannot evaluate on an empty split: give at least one (inputs, targets) batch")
@@ -204,11 +192,11 @@ def evaluate_onnx(
     if latency_batch is not None:
         timed = {k: _repeat_to([f[k] for f in fed], latency_batch) for k in fed[0]}
     for _ in range(warmup):
-        run(timed)
+        run_session(session, timed)
     times = []
     for _ in range(latency_runs):
         t = time.perf_counter()
-        run(timed)
+        run_session(session, timed)
         times.append(time.perf_counter() - t)
     return Evaluation(
         metric=metric,
@@ -220,6 +208,26 @@ def evaluate_onnx(
         outputs=out if keep_outputs else None,
         chunks=chunks,
     )
+
+
+def session_feeds(session: onnxruntime.InferenceSession, x: Any, io: ModelIO | None) -> dict[str, np.ndarray]:
+    """The feeds of one batch's inputs: by the model-I/O contract, else (no ``io``) the session's
+    single input as float32."""
+    if io is not None:
+        return io.feeds(x)
+    return {session.get_inputs()[0].name: np.ascontiguousarray(_numpy(x).astype(np.float32, copy=False))}
+
+
+def run_session(session: onnxruntime.InferenceSession, feed: dict[str, np.ndarray]) -> np.ndarray:
+    """The first output of one ``session.run``.
+
+    Raises:
+        ExportError: onnxruntime fails to run the model.
+    """
+    try:
+        return np.asarray(session.run(None, feed)[0])
+    except Exception as e:  # see make_session
+        raise ExportError(f"onnxruntime failed to run the model: {e}") from e
 
 
 def _concat(arrays: list[np.ndarray]) -> np.ndarray:

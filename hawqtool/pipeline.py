@@ -685,18 +685,60 @@ def _cpu() -> str:
     return f"{name} ({'VNNI' if vnni else 'no VNNI'})"
 
 
+def dependency_key(ws: Workspace, options: OptionTable, table: SensitivityTable) -> str:
+    """The dependency cache key: the traces, the options and, for exported numerics
+    (``search.dependency_numerics``), what onnxruntime's numbers depend on: the export settings,
+    the execution provider, the onnxruntime version and the CPU (kernels differ per CPU)."""
+    parts: list[Any] = [table.fingerprint, options.to_dict(), "dep-v3"]
+    if ws.recipe.search.dependency_numerics == "exported":
+        import onnxruntime
+
+        parts.append(
+            {
+                "numerics": "exported",
+                "export": dict(options.settings),
+                "provider": ws.recipe.evaluate.provider,
+                "onnxruntime": onnxruntime.__version__,
+                "cpu": _cpu(),
+            }
+        )
+    # weights: the key of the caches written before the setting existed (the same computation).
+    return settings_key(*parts)
+
+
 def _dependency_model(ws: Workspace, options: OptionTable, table: SensitivityTable, progress: bool) -> Any:
-    from hawqtool.dependency import DependencyModel, build_dependency_model
+    from hawqtool import distributed
+    from hawqtool.dependency import DependencyModel, build_dependency_model, exported_single_loss
     from hawqtool.hvp import SplitHessian
 
-    key = settings_key(table.fingerprint, options.to_dict(), "dep-v3")
-    path = cache_dir() / "dependency" / f"{key}.json"
-    if path.is_file():
+    path = cache_dir() / "dependency" / f"{dependency_key(ws, options, table)}.json"
+    # Every rank must take the same branch: one computing alone would wait in its collectives.
+    if distributed.all_agree(path.is_file(), what="the dependency cache check"):
         log.info("dependency terms: cached (%s)", path)
         return DependencyModel.from_dict(json.loads(path.read_text()))
     hessian = SplitHessian(ws.prepared, ws.calibration, ws.loss_fn, device=ws.recipe.hessian.device)
+    numerics = ws.recipe.search.dependency_numerics
+    single_loss = None
+    if numerics == "exported":
+        ev = ws.recipe.evaluate
+        # The exporter is built on the first measurement, inside the stage's failure handling, and
+        # kept in the workspace for the search.
+        single_loss = exported_single_loss(
+            lambda: exporter(ws),
+            ws.calibration,
+            ws.loss_fn,
+            io=ws.io,
+            threads=ev.threads,
+            provider=ev.provider,
+        )
     dep = build_dependency_model(
-        hessian, ws.prepared, options, clip_search=options.settings["clip_search"], progress=progress
+        hessian,
+        ws.prepared,
+        options,
+        clip_search=options.settings["clip_search"],
+        single_loss=single_loss,
+        numerics=numerics,
+        progress=progress,
     )
     if is_main():
         write_json_atomic(path, dep.to_dict())

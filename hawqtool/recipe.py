@@ -157,6 +157,9 @@ class SearchSection(_Section):
 
     dependency: bool = True
     repair: bool = True
+    # What the dependency stage's single-layer losses are measured on: exported (the QDQ ONNX model
+    # in onnxruntime, activations quantized as exported) or weights (torch, weights fake-quantized).
+    dependency_numerics: Literal["exported", "weights"] = "exported"
 
 
 class ExportSection(_Section):
