@@ -20,9 +20,10 @@ probe z_k per batch and layer) gives the exactly unbiased sample Σ_k (n_k/N) z_
 forward pre-hook (x + e, differentiated at e = 0).
 
 Stopping is the weight traces' rule (:mod:`hawqtool.hessian`): epochs are i.i.d.; a layer stops at
-a checkpoint once its standard error is at most ``rel_tol · max(|trace|, floor)`` (floor: a
-thousandth of the mean |trace|), never before 16 epochs nor ``min_probes`` probes, and at the latest
-after ``max_probes``.
+a checkpoint once an upper confidence bound on its standard error is at most
+``rel_tol · max(|trace|, floor)`` (floor: a thousandth of the mean |trace|), never before 4 epochs
+(:data:`~hawqtool.hessian.MIN_SAMPLES`) nor ``min_probes`` probes, and at the latest after
+``max_probes``.
 
 Example:
     >>> import torch.nn.functional as F
@@ -53,7 +54,7 @@ from torch import nn
 from hawqtool import modelio
 from hawqtool.cache import load_cached, qualified_name
 from hawqtool.errors import UsageError
-from hawqtool.hessian import GROWTH, MIN_EPOCHS, MIN_STEP, SAFETY, TINY_TRACE, SampleMean, fingerprint
+from hawqtool.hessian import MIN_SAMPLES, TINY_TRACE, TraceState, fingerprint
 from hawqtool.hvp import resolve_device
 from hawqtool.modelio import Batch
 from hawqtool.prepare import ACTIVATION_KINDS, PreparedModel, double_backward_attention
@@ -63,7 +64,7 @@ from hawqtool.types import write_json_atomic
 log = logging.getLogger(__name__)
 
 #: Version of the estimator; part of the cache key.
-SCHEDULE = "activation-epochs/v1"
+SCHEDULE = "activation-epochs/v2-confidence-bound"
 
 
 @dataclass(frozen=True)
@@ -301,32 +302,6 @@ def _epoch(
     return acc
 
 
-@dataclass
-class _State(SampleMean):
-    fqn: str
-    target: int
-    samples: list[float] = field(default_factory=list)
-    done: bool = False
-    converged: bool = False
-
-    @property
-    def stderr(self) -> float:
-        return math.sqrt(self.variance / self.n) if self.n >= 2 else math.inf
-
-    def check(self, *, floor: float, rel_tol: float, max_epochs: int) -> None:
-        """The weight traces' checkpoint rule (:mod:`hawqtool.hessian`)."""
-        tol = rel_tol * max(abs(self.mean), floor)
-        if self.stderr <= tol:
-            self.done = self.converged = True
-            return
-        if self.n >= max_epochs:
-            self.done = True
-            return
-        needed = SAFETY * self.variance / tol**2 if tol > 0 and math.isfinite(self.variance) else math.inf
-        step = max(1, math.ceil(MIN_STEP * self.n))
-        self.target = min(max_epochs, math.ceil(max(self.n + step, min(needed, GROWTH * self.n))))
-
-
 def estimate_activation_traces(
     prepared: PreparedModel,
     batches: Sequence[Batch],
@@ -334,7 +309,7 @@ def estimate_activation_traces(
     *,
     seed: int = 0,
     rel_tol: float = 0.05,
-    min_probes: int = 16,
+    min_probes: int = 4,
     max_probes: int = 1000,
     device: str = "auto",
     progress: bool = True,
@@ -400,8 +375,8 @@ def estimate_activation_traces(
     sizes = [modelio.batch_size(x) for x, _ in batches]
     parts = len(batches)
     max_epochs = max(2, math.ceil(min_probes / parts), max_probes // parts)
-    min_epochs = min(max(2, MIN_EPOCHS, math.ceil(min_probes / parts)), max_epochs)
-    states = [_State(info.fqn, target=min_epochs) for info in m.layers]
+    min_epochs = min(max(MIN_SAMPLES, math.ceil(min_probes / parts)), max_epochs)
+    states = [TraceState(info.fqn, 1, target=min_epochs, random_parts=False) for info in m.layers]
     gen = torch.Generator(device=dev).manual_seed(seed)
     hvps = 0
     bar = tqdm(
@@ -415,7 +390,7 @@ def estimate_activation_traces(
             values = _epoch(m, batches, sizes, loss_fn, [s.fqn for s in active], gen)
             hvps += len(active) * parts
             for s, v in zip(active, values, strict=True):
-                s.samples.append(v)
+                s.add([v], [1.0])
             floor = TINY_TRACE * sum(abs(s.mean) for s in states) / len(states)
             for s in active:
                 if s.n >= s.target:
@@ -429,7 +404,7 @@ def estimate_activation_traces(
     for s in states:
         rmin, rmax, numel, scale, zp, sq = stats[s.fqn]
         trace = s.mean
-        stderr = s.stderr if math.isfinite(s.stderr) else 0.0
+        stderr = s.final_stderr()
         rows.append(
             ActivationTrace(
                 layer=s.fqn,

@@ -38,30 +38,36 @@ processes; none beat today's schedule on CPU (its numbers are in its output).
 
 Stopping
 --------
-A layer's epoch samples are i.i.d.; its estimate is their mean, its standard error s/√n (n epochs;
-or, before 16 epochs, the conservative part-level bound described below; ``probes`` reports n ×
-sub-batches per epoch). It has converged when
-``stderr ≤ rel_tol · max(|trace|, floor)`` with ``floor = TINY_TRACE · Σ_j |trace_j| / n_layers``: a
-layer whose trace is tiny, zero or negative (non-convex loss) cannot meet a relative tolerance, so it
+A layer's epoch samples are i.i.d.; its estimate is their mean. Its variance is estimated two ways:
+from the epoch samples (n − 1 degrees of freedom), and, with random sub-batches, from its individual
+part samples (probe plus sub-batch noise, ≥ the epoch's true variance, but with parts× more degrees
+of freedom). A layer has converged when an upper confidence bound on its standard error (the
+variance's one-sided :data:`STOP_CONFIDENCE` χ² bound, the smaller of the two estimates') is at most
+``rel_tol · max(|trace|, floor)`` with ``floor = TINY_TRACE · Σ_j |trace_j| / n_layers``: a layer
+whose trace is tiny, zero or negative (non-convex loss) cannot meet a relative tolerance, so it
 converges instead on an absolute tolerance of ``rel_tol`` times a thousandth of the average layer's
-trace. Traces are never NaN; a layer the loss does not depend on has trace 0 with stderr 0.
+trace. The reported ``stderr`` is the standard error scaled by Student's t, so that trace ± 2·stderr
+is a 95 % interval however few the samples. Traces are never NaN; a layer the loss does not depend
+on has trace 0 with stderr 0.
+
+Why a bound and not the estimate: stopping the first time a layer's own noisy standard error looks
+small biases it low and under-states its error (runs that have not yet drawn a large sample have
+both a low mean and a low spread). hawqtool 0.2 guarded against that with a fixed floor of 16
+epochs (or 16 part samples), which set the cost of every layer whose variance is small. Stopping on
+the bound instead only lets a layer go early when its variance is small beyond reasonable doubt, so
+the floor drops to :data:`MIN_SAMPLES` samples; ``scripts/bench_scale.py`` replays both rules on long
+reference runs (bias, error, coverage of ±2 stderr, probes), and ``tests/test_hessian.py`` checks the
+coverage on a matrix with a known trace.
 
 No layer stops before ``min_probes`` (rounded up to whole epochs) nor runs past ``max_probes``
-(rounded down to whole epochs; at least 2 epochs). Stopping the first time a layer's own noisy
-stderr looks small enough biases it low and under-states its error (runs that have not yet drawn a
-large sample have both a low mean and a low spread; 1–3 % low when measured). Simulations on ResNet-20's
-epoch samples: with the epoch-level stderr allowed from 8 epochs, 89 % of estimates fell within 2
-stderr of the truth and 1.2 % beyond 4; from 16 epochs (:data:`MIN_EPOCHS`), 93 % and 0.4 %; a fixed
-sample size gives 94–95 %. So before 16 epochs a layer may only stop on a conservative bound with
-many degrees of freedom: the variance of its individual part samples (probe plus sub-batch noise,
-≥ the epoch's true variance; needs random sub-batches and :data:`MIN_PART_SAMPLES` of them), and
-with whole-split batches (``sub_batch=None``) not at all. Checks happen at checkpoints only: at the
-epoch count the current variance says is needed (at least :data:`MIN_STEP` more, at most
-:data:`GROWTH` times as many, and at 16 epochs, where the estimator switches).
+(rounded down to whole epochs; at least 2 epochs). Checks happen at checkpoints only: at the epoch
+count the current bound says is needed (at least :data:`MIN_STEP` more, at most :data:`GROWTH` times
+as many).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -95,14 +101,14 @@ from hawqtool.types import LayerTrace, SensitivityTable, write_json_atomic
 log = logging.getLogger(__name__)
 
 #: Version of the estimator; part of the cache key, so a changed schedule never reuses old tables.
-SCHEDULE = "shared-graph-epochs/v3-positional-seeds"
+SCHEDULE = "shared-graph-epochs/v4-confidence-bound"
 #: Tiny-trace floor, as a fraction of the average absolute layer trace (see the module docstring).
 TINY_TRACE = 1e-3
-#: Below this many epochs a layer's own epoch-level variance is too noisy to stop on (see above).
-MIN_EPOCHS = 16
-#: ... but with random sub-batches it may stop earlier on the part-level bound, from this many
-#: part samples on.
-MIN_PART_SAMPLES = 16
+#: A layer stops only when its standard error is below the tolerance with this one-sided confidence
+#: (an upper confidence bound on its variance, χ² with the estimate's degrees of freedom) ...
+STOP_CONFIDENCE = 0.9
+#: ... computed from at least this many samples (epochs, or parts with random sub-batches).
+MIN_SAMPLES = 4
 #: Checkpoint rule: aim at SAFETY × the epochs the current variance says are needed ...
 SAFETY = 1.0
 #: ... but grow a layer's epoch count by at most this factor per checkpoint ...
@@ -118,7 +124,7 @@ def estimate_traces(
     *,
     seed: int = 0,
     rel_tol: float = 0.05,
-    min_probes: int = 16,
+    min_probes: int = 4,
     max_probes: int = 1000,
     device: str = "auto",
     dtype: str = "float32",
@@ -209,10 +215,11 @@ def estimate_traces(
     per_epoch = parts * probes_per_part
     random_parts = sampler.sub_batch is not None
     max_epochs = max(2, math.ceil(min_probes / per_epoch), max_probes // per_epoch)
-    floor = math.ceil(MIN_PART_SAMPLES / parts) if random_parts else MIN_EPOCHS
-    min_epochs = min(max(2, floor, math.ceil(min_probes / per_epoch)), max_epochs)
+    # The first checkpoint: the epochs that give a variance to stop on, and min_probes.
+    first = math.ceil(MIN_SAMPLES / parts) if random_parts else MIN_SAMPLES
+    min_epochs = min(max(1, first, math.ceil(min_probes / per_epoch)), max_epochs)
     states = [
-        _LayerState(
+        TraceState(
             info.fqn, info.params, target=min_epochs, random_parts=random_parts, per_part=probes_per_part
         )
         for info in prepared.layers
@@ -415,6 +422,44 @@ def _check_stackable(batches: Sequence[Batch]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class VarianceEstimate:
+    """A sample variance of one epoch's estimate, with its degrees of freedom.
+
+    Example:
+        >>> e = VarianceEstimate(1.0, dof=7)
+        >>> round(e.upper, 2), round(e.interval, 2)   # 90 % upper bound; (t_7(0.977) / 2)²
+        (2.47, 1.47)
+    """
+
+    value: float
+    dof: int
+
+    @property
+    def upper(self) -> float:
+        """One-sided :data:`STOP_CONFIDENCE` upper confidence bound on the true variance."""
+        return self.value * _chi2_factor(self.dof)
+
+    @property
+    def interval(self) -> float:
+        """The variance that makes ±2 standard errors a 95.45 % interval (Student's t)."""
+        return self.value * _t_factor(self.dof)
+
+
+@functools.cache
+def _chi2_factor(dof: int) -> float:
+    from scipy.stats import chi2
+
+    return float(dof / chi2.ppf(1 - STOP_CONFIDENCE, dof))
+
+
+@functools.cache
+def _t_factor(dof: int) -> float:
+    from scipy.stats import norm, t
+
+    return float((t.ppf(norm.cdf(2.0), dof) / 2.0) ** 2)
+
+
 class SampleMean:
     """Mean and sample variance of ``self.samples`` (i.i.d. estimates, e.g. one per epoch); shared
     by the weight and the activation trace estimators."""
@@ -438,7 +483,7 @@ class SampleMean:
 
 
 @dataclass
-class _LayerState(SampleMean):
+class TraceState(SampleMean):
     fqn: str
     params: int
     target: int  # next checkpoint (epoch count)
@@ -455,49 +500,58 @@ class _LayerState(SampleMean):
         self.parts.extend(values)
         self.w2.append(math.fsum(w * w for w in weights))
 
-    @property
-    def early(self) -> bool:
-        """Too few epochs for their own variance: judge on the part-level bound (or not at all)."""
-        return self.n < MIN_EPOCHS
+    def estimates(self) -> list[VarianceEstimate]:
+        """The variance estimates of one epoch's sample that have enough samples to stop on."""
+        found = []
+        if self.n >= MIN_SAMPLES:
+            found.append(VarianceEstimate(self.variance, self.n - 1))
+        if self.random_parts and len(self.parts) >= MIN_SAMPLES:
+            # Each part's sample is marginally an unbiased sample of Tr(H_ii) with variance (probe +
+            # sub-batch) ≥ its variance given the partition, so this over-states the epoch's
+            # variance (by the sub-batch share, ~20-40 % measured) but has parts× more degrees of
+            # freedom.
+            m = math.fsum(self.parts) / len(self.parts)
+            var = math.fsum((p - m) ** 2 for p in self.parts) / (len(self.parts) - 1)
+            found.append(VarianceEstimate(var * math.fsum(self.w2) / len(self.w2), len(self.parts) - 1))
+        return found
 
-    @property
-    def epoch_variance(self) -> float:
-        """Variance of one epoch's estimate, as used for stopping and reported."""
-        if not self.early:
-            return self.variance
-        if not self.random_parts or len(self.parts) < 2:
-            return math.inf
-        # Each part's sample is marginally an unbiased sample of Tr(H_ii) with variance (probe +
-        # sub-batch) ≥ its variance given the partition, so this over-states the epoch's variance
-        # (by the sub-batch share, ~20-40 % measured) but has parts× more degrees of freedom.
-        m = math.fsum(self.parts) / len(self.parts)
-        var = math.fsum((p - m) ** 2 for p in self.parts) / (len(self.parts) - 1)
-        return var * math.fsum(self.w2) / len(self.w2)
+    def best(self) -> VarianceEstimate | None:
+        """The estimate with the smallest upper confidence bound (what the layer stops on)."""
+        return min(self.estimates(), key=lambda e: e.upper, default=None)
 
     @property
     def stderr(self) -> float:
-        return math.sqrt(self.epoch_variance / self.n)
+        """Standard error of the mean, scaled so that mean ± 2·stderr is a 95 % interval however
+        few the samples (Student's t with the estimate's degrees of freedom); ∞ before there is one."""
+        best = self.best()
+        return math.sqrt(best.interval / self.n) if best is not None else math.inf
 
     def check(self, *, floor: float, rel_tol: float, max_epochs: int) -> None:
         """At a checkpoint: converge, give up at ``max_epochs``, or set the next checkpoint."""
         tol = rel_tol * max(abs(self.mean), floor)
-        variance = self.epoch_variance
-        if self.stderr <= tol:
+        best = self.best()
+        if best is not None and math.sqrt(best.upper / self.n) <= tol:
             self.done = self.converged = True
             return
         if self.n >= max_epochs:
             self.done = True
             return
+        variance = best.upper if best is not None else math.inf
         needed = SAFETY * variance / tol**2 if tol > 0 and math.isfinite(variance) else math.inf
         step = max(1, math.ceil(MIN_STEP * self.n))
         target = max(self.n + step, min(needed, GROWTH * self.n))
-        if self.early:
-            target = min(target, MIN_EPOCHS)  # switch to the epoch-level variance there
         self.target = min(max_epochs, math.ceil(target))
+
+    def final_stderr(self) -> float:
+        """:attr:`stderr`, or when the layer stopped (at ``max_probes``) before :data:`MIN_SAMPLES`,
+        the same from the few epochs there are (∞ from one)."""
+        if math.isfinite(self.stderr) or self.n < 2:
+            return self.stderr
+        return math.sqrt(VarianceEstimate(self.variance, self.n - 1).interval / self.n)
 
     def result(self) -> LayerTrace:
         trace = self.mean
-        stderr = self.stderr if math.isfinite(self.stderr) else math.sqrt(self.variance / self.n)
+        stderr = self.final_stderr()
         return LayerTrace(
             layer=self.fqn,
             trace=trace,
@@ -510,7 +564,7 @@ class _LayerState(SampleMean):
 
 
 def _run(
-    sampler: EpochSampler, states: list[_LayerState], *, rel_tol: float, max_epochs: int, progress: bool
+    sampler: EpochSampler, states: list[TraceState], *, rel_tol: float, max_epochs: int, progress: bool
 ) -> None:
     from tqdm.auto import tqdm
 

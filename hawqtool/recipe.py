@@ -78,7 +78,8 @@ class HessianSection(_Section):
 
     seed: int = 0
     rel_tol: float = Field(0.05, gt=0, lt=1)
-    min_probes: int = Field(16, ge=2)
+    # A floor only: layers stop on an upper confidence bound of their standard error (hessian.py).
+    min_probes: int = Field(4, ge=2)
     max_probes: int = Field(1000, ge=2)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Images per probe, drawn afresh from the calibration split (an unbiased estimate of the split's

@@ -392,7 +392,7 @@ class Trial:
     drop_upper: float | None = None
     confidence: float = 0.0
     bound: str = "point"  # how the bounds were computed (hawqtool.confidence)
-    source: str = "candidates"  # the list the probe came from: candidates | frontier (gap fill)
+    source: str = "candidates"  # the list the probe came from: candidates | frontier (gap fill) | extra (named points probed after the search)
     latency_ms: float | None = None  # measured end-to-end latency, when timed
 
 

@@ -177,4 +177,4 @@ def test_bad_settings_are_usage_errors() -> None:
     with pytest.raises(UsageError, match=r"rel_tol must be a finite number > 0, got 0"):
         estimate_activation_traces(prepared, batches, F.cross_entropy, rel_tol=0)
     with pytest.raises(UsageError, match=r"max_probes must be an integer >= min_probes \(16\), got 4"):
-        estimate_activation_traces(prepared, batches, F.cross_entropy, max_probes=4)
+        estimate_activation_traces(prepared, batches, F.cross_entropy, min_probes=16, max_probes=4)

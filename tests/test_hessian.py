@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from torch.func import functional_call
 
 from hawqtool import hessian
 from hawqtool.errors import UsageError
-from hawqtool.hessian import estimate_traces
+from hawqtool.hessian import TraceState, estimate_traces
 from hawqtool.hvp import SplitHessian
 from hawqtool.prepare import prepare_model
 from hawqtool.types import SensitivityTable
@@ -202,7 +203,7 @@ def test_not_converged_is_flagged_and_logged(tiny_models, digits_splits, caplog)
             progress=False,
         )
     # 512 images in sub-batches of 128: 4 probes per epoch; max_probes=6 caps it at 2 epochs (the
-    # least that gives a standard error), which wins over MIN_EPOCHS.
+    # least a layer ever runs when it cannot stop), which wins over any floor.
     assert all(not r.converged and r.probes == 8 for r in table)
     assert "conv" in caplog.text and "fc" in caplog.text and "did not reach" in caplog.text
 
@@ -300,3 +301,62 @@ def test_several_probes_per_part_match_exact_hessian(tiny_models, exact_traces, 
     for row in table:
         assert row.converged and row.probes % 16 == 0  # 4 parts x 4 probes per epoch
         assert abs(row.trace - exact_traces["cnn"][row.layer]) <= 4 * row.stderr
+
+
+def _replay_rule(decay: float, *, parts: int, replicas: int = 400) -> tuple[float, float, float]:
+    """The stopping rule on Hutchinson samples z'Az of a fixed 64 × 64 matrix (eigenvalues
+    exp(-i / decay), random eigenvectors) with a known trace: the share of runs whose truth is within
+    2 reported standard errors, the mean |relative error|, and the mean probes per run."""
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((64, 64)))
+    eig = np.exp(-np.arange(64) / decay)
+    a = (q * eig) @ q.T
+    truth = float(eig.sum())
+    within, errors, probes = [], [], []
+    for _ in range(replicas):
+        first = max(1, math.ceil(hessian.MIN_SAMPLES / parts))
+        state = TraceState("layer", 64, target=first, random_parts=parts > 1)
+        while not state.done:
+            z = rng.choice([-1.0, 1.0], size=(parts, 64))
+            state.add(np.einsum("pi,ij,pj->p", z, a, z).tolist(), [1 / parts] * parts)
+            if state.n >= state.target:
+                state.check(floor=0.0, rel_tol=0.05, max_epochs=1000)
+        row = state.result()
+        within.append(abs(row.trace - truth) <= 2 * row.stderr)
+        errors.append(abs(row.trace - truth) / truth)
+        probes.append(row.probes)
+    return float(np.mean(within)), float(np.mean(errors)), float(np.mean(probes))
+
+
+@pytest.fixture
+def stop_confidence(monkeypatch):
+    def set_to(value: float) -> None:
+        monkeypatch.setattr(hessian, "STOP_CONFIDENCE", value)
+        hessian._chi2_factor.cache_clear()
+
+    yield set_to
+    hessian._chi2_factor.cache_clear()
+
+
+@pytest.mark.parametrize("parts", [1, 4])
+def test_a_layer_with_small_variance_stops_early_and_its_error_bars_cover(parts):
+    # A flat spectrum: each sample is within a few % of Tr(A), so 0.2's fixed floor of 16 samples
+    # was most of the cost. The bound lets it stop from 4 samples, and ±2 stderr still covers the
+    # known trace (nominal 95 %) with the error well inside the 5 % tolerance.
+    coverage, error, probes = _replay_rule(64.0, parts=parts)
+    assert probes <= 8, probes
+    assert coverage >= 0.93, coverage
+    assert error <= 0.025, error
+
+
+def test_stopping_on_the_bound_not_the_estimate_keeps_early_stops_honest(stop_confidence):
+    # A decaying spectrum: samples are skewed, and a run that has not yet drawn a large one looks
+    # both small and precise. From the same 4-sample floor, stopping on the point estimate
+    # (confidence 0.5) leaves a larger error than stopping on the 90 % bound.
+    stop_confidence(0.5)
+    _, error_estimate, probes_estimate = _replay_rule(16.0, parts=1)
+    stop_confidence(0.9)
+    coverage, error_bound, probes_bound = _replay_rule(16.0, parts=1)
+    assert error_bound < 0.8 * error_estimate, (error_bound, error_estimate)
+    assert probes_bound > probes_estimate
+    assert coverage >= 0.9, coverage
