@@ -12,7 +12,13 @@ float), Spearman correlation of each predictor with
   ``quad``    ½ΔᵀHΔ (cross-layer terms included),
   ``dep``     gᵀΔ + ½ΔᵀHΔ (the second-order prediction, ``DependencyModel.predict``),
   ``score``   hawqtool's ranking score (``DependencyModel.score``: measured single-layer changes in
-              context plus rescaled Hessian cross terms), and the measured calibration ΔL itself.
+              context plus rescaled Hessian cross terms) with the single-layer changes measured on
+              the torch model, weights fake-quantized (``weights``), and on the exported QDQ model in
+              onnxruntime (``exported``: activations quantized too, onnxruntime's kernels;
+              ``search.dependency_numerics``), and the measured calibration ΔL itself.
+
+Both scores are also compared, on the same allocations, with the top-1 drop and the calibration ΔL
+of the exported models in onnxruntime (what the pipeline's search measures).
 
 Then the search: the exact (BOPs, ΣΩ) Pareto frontier of the same formats, three candidate
 sequences handed to bisection — ``ΣΩ`` (the frontier as is), ``rescored`` (frontier points kept
@@ -23,6 +29,7 @@ is the Spearman correlation of position and measured top-1 drop along each seque
 sequence is perfectly monotone, which bisection assumes).
 
 Usage: ``python scripts/bench_dependency.py [--allocs 60] [--threads 2] [--models resnet20,cnn,mnist]``
+(``--threads`` is torch's and each onnxruntime session's).
 """
 
 from __future__ import annotations
@@ -43,10 +50,14 @@ from hawqtool.dependency import (
     DependencyModel,
     build_dependency_model,
     candidates_for_search,
+    exported_single_loss,
     make_repair,
     measured_change,
+    onnx_loss,
     rescore,
 )
+from hawqtool.evaluate import evaluate_onnx
+from hawqtool.export import QDQExporter
 from hawqtool.frontier import pareto_frontier
 from hawqtool.hessian import estimate_traces
 from hawqtool.hvp import SplitHessian
@@ -54,6 +65,7 @@ from hawqtool.prepare import PreparedModel, prepare_model, swapped_weights
 from hawqtool.quantizer import dequantize_as
 from hawqtool.search import bisect
 from hawqtool.sensitivity import build_options
+from hawqtool.tasks import top1
 from hawqtool.types import (
     Budget,
     FrontierPoint,
@@ -121,7 +133,7 @@ def rho(a: Sequence[float], b: Sequence[float]) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def run(key: str, n_allocs: int, seed: int, budgets: Sequence[float]) -> dict[str, object]:
+def run(key: str, n_allocs: int, seed: int, budgets: Sequence[float], threads: int) -> dict[str, object]:
     s = SETUPS[key]
     formats = tuple(f"int{b}" for b in s.bits)
     model, splits = s.model(), s.data()
@@ -135,6 +147,19 @@ def run(key: str, n_allocs: int, seed: int, budgets: Sequence[float]) -> dict[st
     # BOPs (MACs × weight bits × 8): packed size would not tell int2 from int4 (both ONNX int4).
     options = build_options(prepared.layers, table, weights, formats=formats, cost="bops")
     dep: DependencyModel = build_dependency_model(hessian, prepared, options, progress=False)
+    # The same terms with the single-layer changes measured on the exported model in onnxruntime
+    # (build_options' defaults: packed storage, clipping search, minmax activation calibration).
+    t0 = time.perf_counter()
+    exp = QDQExporter.build(prepared, calib)
+    t_export = time.perf_counter() - t0
+    dep_x = build_dependency_model(
+        hessian,
+        prepared,
+        options,
+        single_loss=exported_single_loss(lambda: exp, calib, F.cross_entropy, threads=threads),
+        numerics="exported",
+        progress=False,
+    )
 
     ev = Evaluator(prepared)
     base_eval, base_test = ev.top1(None, ev_b), ev.top1(None, te_b)
@@ -144,12 +169,25 @@ def run(key: str, n_allocs: int, seed: int, budgets: Sequence[float]) -> dict[st
     drop = [base_eval - ev.top1(a, ev_b) for a in allocs]
     meas = [measured_change(hessian, prepared, a, base_loss=dep.base_loss) for a in allocs]
     t_meas = time.perf_counter() - t0
+    # The exported models in onnxruntime: top-1 drop on evaluation and calibration ΔL.
+    t0 = time.perf_counter()
+    ort_base = evaluate_onnx(exp.float_model, ev_b, top1, threads=threads, latency_runs=1, warmup=0).metric
+    ort_calib = onnx_loss(exp.float_model, calib, F.cross_entropy, threads=threads)
+    ort_drop, ort_meas = [], []
+    for a in allocs:
+        model = exp.quantized_model(a)
+        ort_drop.append(
+            ort_base - evaluate_onnx(model, ev_b, top1, threads=threads, latency_runs=1, warmup=0).metric
+        )
+        ort_meas.append(onnx_loss(model, calib, F.cross_entropy, threads=threads) - ort_calib)
+    t_ort = time.perf_counter() - t0
     preds = {
         "ΣΩ": [options.omega(a) for a in allocs],
         "diag": [dep.diagonal(a) for a in allocs],
         "quad": [dep.quadratic(a) for a in allocs],
         "dep": [dep.predict(a) for a in allocs],
         "score": [dep.score(a) for a in allocs],
+        "score_x": [dep_x.score(a) for a in allocs],
     }
     ratio = np.array(meas) / np.array(preds["dep"])
 
@@ -157,15 +195,28 @@ def run(key: str, n_allocs: int, seed: int, budgets: Sequence[float]) -> dict[st
     print(
         f"float top-1: evaluation {base_eval:.4f}, test {base_test:.4f}; calibration loss {dep.base_loss:.4f}"
     )
+    print(f"float in onnxruntime: top-1 evaluation {ort_base:.4f}, calibration loss {ort_calib:.4f}")
     print(
         f"traces: {table.hvps} HVPs, {table.seconds:.1f} s | dependency terms: {dep.hvps} HVPs "
-        f"+ 1 gradient + {dep.forward_passes} calibration passes, {dep.seconds:.1f} s | "
-        f"ground truth for {n_allocs} allocations: {t_meas:.1f} s"
+        f"+ 1 gradient + {dep.forward_passes} calibration passes: weights {dep.seconds:.1f} s, "
+        f"exported {dep_x.seconds:.1f} s (+ exporter build {t_export:.1f} s) | ground truth for "
+        f"{n_allocs} allocations: torch {t_meas:.1f} s, onnxruntime {t_ort:.1f} s"
     )
-    print("Spearman vs | ΣΩ    | ½ΣΔᵢᵀHᵢᵢΔᵢ | ½ΔᵀHΔ | gᵀΔ+½ΔᵀHΔ | score | measured calib ΔL")
-    for target, label in ((drop, "top-1 drop "), (meas, "calib ΔL   ")):
-        cells = " | ".join(f"{rho(preds[k], target):.3f}" for k in ("ΣΩ", "diag", "quad", "dep", "score"))
-        last = f"{rho(meas, drop):.3f}" if target is drop else ""
+    print(
+        "Spearman vs                 | ΣΩ    | ½ΣΔᵢᵀHᵢᵢΔᵢ | ½ΔᵀHΔ | gᵀΔ+½ΔᵀHΔ | score weights | "
+        "score exported | measured calib ΔL (same numerics)"
+    )
+    rows = (
+        (drop, meas, "top-1 drop, torch weights  "),
+        (meas, None, "calib ΔL, torch weights    "),
+        (ort_drop, ort_meas, "top-1 drop, ONNX exported  "),
+        (ort_meas, None, "calib ΔL, ONNX exported    "),
+    )
+    for target, truth, label in rows:
+        cells = " | ".join(
+            f"{rho(preds[k], target):.3f}" for k in ("ΣΩ", "diag", "quad", "dep", "score", "score_x")
+        )
+        last = f"{rho(truth, target):.3f}" if truth is not None else ""
         print(f"{label} | {cells} | {last}")
     print(
         f"gᵀΔ+½ΔᵀHΔ vs measured calib ΔL: measured / predicted median {np.median(ratio):.1f}× "
@@ -213,7 +264,8 @@ def run(key: str, n_allocs: int, seed: int, budgets: Sequence[float]) -> dict[st
         "frontier points (docs/design.md §5 bar), Spearman vs top-1 drop: "
         f"ΣΩ {rho([pts[i].omega for i in idx], fdrop):.3f}, "
         f"gᵀΔ+½ΔᵀHΔ {rho([dep.predict(pts[i].allocation) for i in idx], fdrop):.3f}, "
-        f"score {rho([dep.score(pts[i].allocation) for i in idx], fdrop):.3f}"
+        f"score {rho([dep.score(pts[i].allocation) for i in idx], fdrop):.3f}, "
+        f"score exported {rho([dep_x.score(pts[i].allocation) for i in idx], fdrop):.3f}"
     )
     print("budget (abs top-1) | sequence | avg bits |  GBOPs | evals | eval drop | test drop | stop")
     for b in budgets:
@@ -245,7 +297,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     for key in args.models.split(","):
-        run(key, args.allocs, args.seed, [float(b) for b in args.budgets.split(",")])
+        run(key, args.allocs, args.seed, [float(b) for b in args.budgets.split(",")], args.threads)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s on {args.threads} torch thread(s)")
 
 
