@@ -33,7 +33,12 @@ quantizes the layer's activations to uint8 in the exported model, and onnxruntim
 kernels have their own numerics (without VNNI they saturate on full-range int8 weights), so the
 pipeline passes ``single_loss``: the calibration loss of the exported QDQ model of an allocation,
 run in onnxruntime (:func:`exported_single_loss`, ``exported``). The Hessian terms stay those of
-the weights: activation errors have no Δ in weight space.
+the weights: activation errors have no Δ in weight space. So with exported numerics the own terms
+m_k are the exported ones, but the strengths s_k of the cross terms come from the weight-only
+measurement (:attr:`DependencyModel.scale_measured`, one more torch pass per pair): a layer whose
+exported error is dominated by something the Hessian never saw (int8 saturation: small CNN on
+MNIST-5k, conv1's m_k 0.097 exported against 0.0004 weight-only) would otherwise scale up every one
+of its cross terms by √240.
 
 How the score corrects the frontier (docs/design.md §5), in :func:`candidates_for_search`: re-score every
 frontier point; optionally add each point's local improvement under the score at no extra cost; keep
@@ -102,6 +107,8 @@ class DependencyModel:
         linear: first-order terms gᵀΔ_k, shape ``(K,)``.
         matrix: second-order terms Δ_kᵀHΔ_k', shape ``(K, K)``.
         measured: measured single-layer loss changes in context, shape ``(K,)``, or ``None``.
+        scale_measured: the same with weights alone fake-quantized in torch, when ``measured`` was
+            taken on other numerics (``exported``); the cross terms' strengths s_k come from it.
         context: the format every other layer held while ``measured`` was taken, per layer.
         base_loss: calibration loss of the float model.
         hvps: Hessian-vector products spent building it.
@@ -121,6 +128,7 @@ class DependencyModel:
     linear: np.ndarray
     matrix: np.ndarray
     measured: np.ndarray | None = None
+    scale_measured: np.ndarray | None = None
     context: Mapping[str, str] = field(default_factory=dict)
     base_loss: float = 0.0
     hvps: int = 0
@@ -151,12 +159,19 @@ class DependencyModel:
                 raise ValueError(f"measured {m.shape} does not match {k} keys")
             m.setflags(write=False)
             object.__setattr__(self, "measured", m)
+            by = m
+            if self.scale_measured is not None:
+                by = np.array(self.scale_measured, dtype=np.float64).reshape(-1)
+                if by.shape != (k,):
+                    raise ValueError(f"scale_measured {by.shape} does not match {k} keys")
+                by.setflags(write=False)
+                object.__setattr__(self, "scale_measured", by)
             half = 0.5 * np.diag(mat)
             # A key whose curvature term is ~0 (float, or a flat direction) keeps the raw cross terms.
             tiny = 1e-12 * max(float(np.abs(half).max(initial=0.0)), 1e-300)
             scale = np.ones(k)
             ok = half > tiny
-            scale[ok] = np.sqrt(np.clip(m[ok], 0.0, None) / half[ok])
+            scale[ok] = np.sqrt(np.clip(by[ok], 0.0, None) / half[ok])
             s_mat = mat * np.outer(scale, scale)
             np.fill_diagonal(s_mat, 0.0)
             s_lin = m
@@ -239,6 +254,7 @@ class DependencyModel:
             "linear": self.linear.tolist(),
             "matrix": self.matrix.tolist(),
             "measured": None if self.measured is None else self.measured.tolist(),
+            "scale_measured": None if self.scale_measured is None else self.scale_measured.tolist(),
             "context": dict(self.context),
             "base_loss": self.base_loss,
             "hvps": self.hvps,
@@ -256,6 +272,9 @@ class DependencyModel:
             linear=np.asarray(d["linear"], dtype=np.float64),
             matrix=np.asarray(d["matrix"], dtype=np.float64),
             measured=None if d.get("measured") is None else np.asarray(d["measured"], dtype=np.float64),
+            scale_measured=None
+            if d.get("scale_measured") is None
+            else np.asarray(d["scale_measured"], dtype=np.float64),
             context=dict(d.get("context") or {}),
             base_loss=float(d.get("base_loss", 0.0)),
             hvps=int(d.get("hvps", 0)),
@@ -353,23 +372,26 @@ def build_dependency_model(
     both = count + count.T
     matrix = np.divide(total + total.T, both, out=np.zeros_like(total), where=both > 0)
 
-    measured = None
+    measured = scale_measured = None
     if measure_singles:
-        what = "the dependency stage's loss passes"
-        local = single_loss is not None
-        measure = single_loss if single_loss is not None else _weights_loss(hessian, prepared, deltas)
-        losses = torch.zeros(len(jobs), dtype=torch.float64, device=hessian.device)
-        # hessian.loss is itself a collective step; a rank-local loss needs one around its share.
-        with distributed.shared_failure(what) if local else contextlib.nullcontext():
-            for j in mine:
-                losses[j] = measure(jobs[j])
-                bar.update(1)
-        if local:
-            distributed.all_reduce_sum([losses], what=what)
-        values = losses.cpu().numpy()
-        measured = np.zeros(len(keys))
-        for row, ref, job in slots:
-            measured[row] = values[job] - values[ref]
+        weights_loss = _weights_loss(hessian, prepared, deltas)
+        measured = _measure_singles(
+            jobs,
+            slots,
+            single_loss or weights_loss,
+            len(keys),
+            local=single_loss is not None,
+            device=hessian.device,
+            bar=bar,
+        )
+        if single_loss is not None:
+            # The cross terms Δ_kᵀH_kjΔ_j are weight-error interactions: their strength is calibrated
+            # on how the weight error alone acts (torch, activations float), not on activation or
+            # kernel error the Hessian never saw (e.g. int8 saturation on a CPU without VNNI, which
+            # would blow up every cross term of that layer). The own terms stay exported.
+            scale_measured = _measure_singles(
+                jobs, slots, weights_loss, len(keys), local=False, device=hessian.device
+            )
     bar.close()
     dep = DependencyModel(
         layers=layers,
@@ -377,10 +399,11 @@ def build_dependency_model(
         linear=linear,
         matrix=matrix,
         measured=measured,
+        scale_measured=scale_measured,
         context=context if measure_singles else {},
         base_loss=hessian.loss(),
         hvps=len(rows),
-        forward_passes=len(jobs),
+        forward_passes=len(jobs) * (2 if scale_measured is not None else 1),
         seconds=time.perf_counter() - t0,
         clip_search=clip_search,
         numerics=numerics or ("weights" if single_loss is None else "custom"),
@@ -393,6 +416,36 @@ def build_dependency_model(
         dep.seconds,
     )
     return dep
+
+
+def _measure_singles(
+    jobs: Sequence[dict[str, str]],
+    slots: Sequence[tuple[int, int, int]],
+    measure: SingleLoss,
+    n_keys: int,
+    *,
+    local: bool,
+    device: torch.device,
+    bar: Any = None,
+) -> np.ndarray:
+    """Each quantized key's measured loss change in context (its job's loss minus its reference
+    job's). A rank-local ``measure`` (onnxruntime) runs this rank's share of the jobs and the losses
+    are summed over the ranks; the torch default is itself a collective step and runs them all."""
+    what = "the dependency stage's loss passes"
+    mine = distributed.shard(len(jobs)) if local else range(len(jobs))
+    losses = torch.zeros(len(jobs), dtype=torch.float64, device=device)
+    with distributed.shared_failure(what) if local else contextlib.nullcontext():
+        for j in mine:
+            losses[j] = measure(jobs[j])
+            if bar is not None:
+                bar.update(1)
+    if local:
+        distributed.all_reduce_sum([losses], what=what)
+    values = losses.cpu().numpy()
+    measured = np.zeros(n_keys)
+    for row, ref, job in slots:
+        measured[row] = values[job] - values[ref]
+    return measured
 
 
 def _weights_loss(

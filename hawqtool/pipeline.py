@@ -696,6 +696,7 @@ def dependency_key(ws: Workspace, options: OptionTable, table: SensitivityTable)
         parts.append(
             {
                 "numerics": "exported",
+                "cross_term_scale": "weights",
                 "export": dict(options.settings),
                 "provider": ws.recipe.evaluate.provider,
                 "onnxruntime": onnxruntime.__version__,

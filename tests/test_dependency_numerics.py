@@ -101,6 +101,32 @@ def test_activation_formats_measure_the_exported_model(tiny) -> None:
     assert missed[("head", "int4")] > 2e-4, missed
 
 
+def test_exported_own_terms_with_cross_terms_scaled_by_the_weight_only_measurement(tiny) -> None:
+    # With exported numerics the score's own terms are the exported m_k, but the cross terms are
+    # weight-error interactions: their strengths come from the weight-only measurement, which is
+    # exactly the weights-numerics model's m_k. Known answer: the exported score equals the sum of
+    # the exported own terms and the weights model's cross terms.
+    formats = "[int4, int8, float]"
+    _, options, exported = dependency(tiny, "exported", formats)
+    _, _, weights = dependency(tiny, "weights", formats)
+    assert exported.scale_measured is not None and weights.scale_measured is None
+    np.testing.assert_allclose(exported.scale_measured, weights.measured, rtol=1e-9, atol=1e-12)
+
+    def own(d: DependencyModel, alloc: dict[str, str]) -> float:
+        assert d.measured is not None
+        return float(sum(d.measured[d.index(f, fmt)] for f, fmt in alloc.items()))
+
+    layers = list(options.layers)
+    for alloc in (dict.fromkeys(layers, "int4"), {**dict.fromkeys(layers, "int4"), layers[0]: "int8"}):
+        cross_exported = exported.score(alloc) - own(exported, alloc)
+        cross_weights = weights.score(alloc) - own(weights, alloc)
+        assert abs(cross_weights) > 0  # there are cross terms to compare
+        assert cross_exported == pytest.approx(cross_weights, rel=1e-9, abs=1e-12)
+    # And it survives the cache's JSON round trip.
+    again = DependencyModel.from_dict(json.loads(json.dumps(exported.to_dict())))
+    np.testing.assert_array_equal(again.scale_measured, exported.scale_measured)
+
+
 def test_the_cache_key_names_the_numerics_and_the_model_round_trips(tiny, caplog) -> None:
     ws, table = tiny
     formats = "[int4, int8, float]"
