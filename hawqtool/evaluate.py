@@ -7,6 +7,7 @@ settings, so their numbers compare. onnxruntime is imported inside the functions
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from collections.abc import Iterable
@@ -17,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hawqtool.errors import ExportError, UsageError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import onnx
@@ -180,9 +183,11 @@ def evaluate_onnx(
         raise UsageError("cannot evaluate on an empty split: give at least one (inputs, targets) batch")
     out = _concat(outputs)
     tgt = _concat(targets)
-    raw = metric_fn(out, tgt)
     n = len(out)
-    values = per_sample(raw, n)
+    values = _ragged_per_sample(metric_fn, outputs, targets)
+    if values is None:
+        raw = metric_fn(out, tgt)
+        values = per_sample(raw, n)
     metric = float(np.mean(values)) if values is not None else float(raw)  # type: ignore[arg-type]
     if not np.isfinite(metric):
         raise UsageError(f"the metric is {metric} on this split: check the targets and the metric")
@@ -228,6 +233,32 @@ def run_session(session: onnxruntime.InferenceSession, feed: dict[str, np.ndarra
         return np.asarray(session.run(None, feed)[0])
     except Exception as e:  # see make_session
         raise ExportError(f"onnxruntime failed to run the model: {e}") from e
+
+
+def _ragged_per_sample(
+    metric_fn: MetricFn, outputs: list[np.ndarray], targets: list[np.ndarray]
+) -> np.ndarray | None:
+    """Per-sample metric values batch by batch when the batches' outputs differ in a trailing axis
+    (token sequences padded per batch): on the zero-padded concatenation the padded positions
+    would count (as agreement for per-token ``top1_agreement``, as zero error for ``mse``). None when
+    the outputs are not ragged or the metric is one number per split (then the padded
+    concatenation is all there is to give it)."""
+    from hawqtool.tasks import per_sample
+
+    if len({o.shape[1:] for o in outputs}) <= 1:
+        return None
+    parts = []
+    for o, t in zip(outputs, targets, strict=True):
+        values = per_sample(metric_fn(o, t), len(o))
+        if values is None:
+            log.warning(
+                "the metric gives one number per split and the batches' outputs differ in shape "
+                "(%s): it sees them zero-padded to the longest",
+                sorted({o.shape[1:] for o in outputs}),
+            )
+            return None
+        parts.append(values)
+    return np.concatenate(parts)
 
 
 def _concat(arrays: list[np.ndarray]) -> np.ndarray:

@@ -104,3 +104,30 @@ def test_quantized_zoo_model_end_to_end(small_cnn_digits, digits_splits, tmp_pat
     # uint8 activations and int8 weights: the measured drop on this model is under one point.
     assert abs(from_file.metric - torch_top1) <= 0.01
     assert 0.9 < torch_top1 <= 1.0  # a trained model, so the comparison means something
+
+
+TOKENS = """
+<ir_version: 10, opset_import: ["" : 21]>
+tokens (float[N, T, 2] input) => (float[N, T, 2] output) {
+    output = Identity(input)
+}
+"""
+
+
+def test_per_token_metrics_ignore_the_padding_between_batches_of_different_lengths() -> None:
+    # Per-token logits (N, T, 2), batches padded to their own length: 1 token, then 3 tokens.
+    # Batch 1: one sentence, its only token disagrees with the teacher (0.0). Batch 2: one sentence
+    # of 3 tokens, 2 agree (2/3). Zero-padding batch 1 to 3 tokens would add 2 "agreeing" positions
+    # (arg-max 0 == 0) and give it 2/3 instead of 0: known answer mean(0, 2/3) = 1/3, not 2/3.
+    from hawqtool.tasks import mse, top1_agreement
+
+    model = parser.parse_model(TOKENS)
+    x1, t1 = torch.tensor([[[0.0, 1.0]]]), torch.tensor([[[1.0, 0.0]]])
+    x2 = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]])
+    t2 = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]])
+    ev = evaluate_onnx(model, [(x1, t1), (x2, t2)], top1_agreement, latency_runs=1, warmup=0)
+    assert ev.values is not None and ev.values.tolist() == pytest.approx([0.0, 2 / 3])
+    assert ev.metric == pytest.approx(1 / 3)
+    # mse per sentence over its own tokens: batch 1 (1 + 1) / 2 = 1; batch 2 (0 + 0 + 0 + 0 + 1 + 1) / 6.
+    ev = evaluate_onnx(model, [(x1, t1), (x2, t2)], mse, latency_runs=1, warmup=0)
+    assert ev.values is not None and ev.values.tolist() == pytest.approx([1.0, 1 / 3])
