@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +139,21 @@ def test_command_line_exit_codes(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert f"{str(tmp_path / 'nowhere')!r} is not a folder" in proc.stdout
     assert run().returncode == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "fchmod"), reason="POSIX permissions")
+def test_atomic_writes_get_ordinary_permissions_and_leave_no_temporary_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # Outputs are written to a private temporary file and renamed into place; the result must be
+    # readable like any file the user's umask allows (0644 under umask 022), not mode 0600.
+    from hawqtool.types import write_bytes_atomic, write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_bytes_atomic(tmp_path / "model.onnx", b"bytes")
+        write_json_atomic(tmp_path / "report.json", {"a": 1})
+    finally:
+        os.umask(old)
+    for name in ("model.onnx", "report.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "report.json"]
+    assert (tmp_path / "model.onnx").read_bytes() == b"bytes"
