@@ -32,9 +32,9 @@ each rank computes the parts k ≡ rank (mod world) of every epoch, the per-part
 all-reduced, and 1, 2 or 4 processes produce the same table (to summation order) and take the same
 stopping decisions. The split stays where the data factory put it; each sub-batch is gathered and
 moved to the device on its own, so device memory does not grow with the split.
-``scripts/bench_scale.py`` measures the alternatives tried for fewer HVPs (a lower epoch floor,
-smaller sub-batches, several probes per part in one vmapped backward) and the speed-up with
-processes; none beat today's schedule on CPU (its numbers are in its output).
+``scripts/bench_scale.py`` measures the alternatives tried for fewer HVPs (stopping rules and
+floors, smaller sub-batches, several probes per part in one vmapped backward, low-rank deflation)
+and the speed-up with processes (its numbers are in its output and docs/facts.md).
 
 Stopping
 --------
