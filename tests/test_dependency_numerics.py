@@ -208,7 +208,15 @@ try:
     dep, calls = exported_dependency(model, calib, fail_on_rank=1 if mode == "raise" else None)
     if distributed.is_main():
         with open(out, "w") as fh:
-            json.dump({"measured": dep.measured.tolist(), "calls": calls, "jobs": dep.forward_passes}, fh)
+            json.dump(
+                {
+                    "measured": dep.measured.tolist(),
+                    "scale_measured": dep.scale_measured.tolist(),
+                    "calls": calls,
+                    "jobs": dep.forward_passes // 2,
+                },
+                fh,
+            )
 finally:
     distributed.shutdown()
 """
@@ -239,9 +247,11 @@ def test_two_ranks_share_the_measurements_and_agree_with_one(dep_worker, tmp_pat
     assert codes == [0, 0], errs
     two = json.loads((tmp_path / "two.json").read_text())
     one, calls = exported_dependency(model, calib)
-    assert calls == one.forward_passes == two["jobs"] == 9  # 3 layers × (reference + int4 + int8)
+    assert calls == two["jobs"] == 9  # 3 layers × (reference + int4 + int8)
+    assert one.forward_passes == 2 * 9  # and the weight-only passes for the cross terms' scale
     assert two["calls"] == 5  # rank 0's share: jobs 0, 2, 4, 6, 8
     np.testing.assert_allclose(two["measured"], one.measured, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(two["scale_measured"], one.scale_measured, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.slow
