@@ -584,7 +584,7 @@ def onnx_teacher(ws: Workspace, float_model: Any) -> Workspace:
 def uniform_allocation(ws: Workspace, fmt: str) -> dict[str, str]:
     """Every layer in ``fmt``, except pinned layers, which keep their pin, and layers whose kind
     cannot take ``fmt``: an embedding given ``int8`` (weights + activations) gets ``int8-w``, a
-    conv given a block format gets the per-channel weight-only format of the same bits."""
+    conv given a block or dynamic format gets the per-channel weight-only format of the same bits."""
     from hawqtool.sensitivity import supports
 
     f = parse_format(fmt)
@@ -834,12 +834,13 @@ def quantize(
         return QuantizeResult(out, None, out / "report.json", False, {})
 
     if "no VNNI" in _cpu() and any(
-        parse_format(f).activations and parse_format(f).bits == 8 for f in r.allocation.formats
+        (parse_format(f).activations or parse_format(f).dynamic) and parse_format(f).bits == 8
+        for f in r.allocation.formats
     ):
         log.warning(
             "this CPU has no VNNI: onnxruntime's uint8 x int8 kernels can saturate on full-range int8 "
-            "weights, so int8 layers may measure worse here than on a VNNI CPU; int7 (7-bit values in "
-            "int8, onnxruntime's reduce_range) avoids it"
+            "weights, so int8 (and int8-d) layers may measure worse here than on a VNNI CPU; int7 "
+            "(int7-d: 7-bit values in int8, onnxruntime's reduce_range) avoids it"
         )
     t = time.perf_counter()
     exp = exporter(ws)

@@ -73,6 +73,9 @@ HANDLERS: tuple[LayerHandler, ...] = (
 )
 #: Kinds whose input activations can be quantized (integer kernels); the others are weight-only.
 ACTIVATION_KINDS = frozenset(h.kind for h in HANDLERS if h.activations)
+#: Kinds whose weight only a MatMul / Gemm reads (Linear-like): the ones a dynamic format
+#: (``intB-d``: DynamicQuantizeLinear → MatMulInteger) can take.
+MATMUL_KINDS = frozenset(h.kind for h in HANDLERS if h.activations and set(h.onnx_ops) <= {"Gemm", "MatMul"})
 
 
 def handler_for(kind: str) -> LayerHandler:

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 COST_MODELS = ("size", "bops")
 #: Bytes of one per-output-channel scale (float32), stored next to quantized weights.
 SCALE_BYTES = 4
+#: Bits of the activations a dynamic format (``intB-d``) quantizes at run time (uint8).
+DYNAMIC_ACTIVATION_BITS = 8
 
 
 def _check_format(fmt: str) -> int:
@@ -80,12 +82,14 @@ def storage_bits(fmt: str, *, storage: str = "packed", opset: int = DEFAULT_OPSE
         (4, 8, 32)
         >>> storage_bits("int2"), storage_bits("int2", opset=21)
         (2, 4)
+        >>> storage_bits("int4-d")  # dynamic formats are always stored in int8
+        8
     """
     bits = _check_format(fmt)
     _check_choice(storage, STORAGES, "storage")
     if fmt == FLOAT:
         return 32
-    if storage == "container":
+    if storage == "container" or parse_format(fmt).dynamic:  # MatMulInteger reads 8-bit integers
         return 8
     if bits <= 2 and opset >= INT2_MIN_OPSET:
         return 2
@@ -133,7 +137,7 @@ def layer_cost(
         raise UsageError(f"activation_bits must be in 1..32, got {activation_bits}")
     f = parse_format(fmt)
     if cost == "bops":
-        act = activation_bits if f.activations else 32
+        act = activation_bits if f.activations else DYNAMIC_ACTIVATION_BITS if f.dynamic else 32
         return float(layer.macs * bits * act)
     if fmt == FLOAT:
         return float(layer.params * 4)
@@ -153,13 +157,23 @@ def scale_count(layer: LayerInfo, fmt: str) -> int:
 
 def supports(layer: LayerInfo, fmt: str) -> bool:
     """Whether a layer's kind can take a format: an embedding has no activations to quantize (its
-    input is ids), and block-wise formats are for matrix weights (Linear-like and embeddings)."""
-    from hawqtool.prepare import ACTIVATION_KINDS
+    input is ids), block-wise formats are for matrix weights (Linear-like and embeddings), and
+    dynamic formats (``intB-d``) for weights that only MatMul / Gemm read (Linear-like kinds).
+
+    Example:
+        >>> conv = LayerInfo("conv", "conv2d", (32, 16, 3, 3), params=4608)
+        >>> fc = LayerInfo("fc", "linear", (10, 64), params=640)
+        >>> supports(conv, "int8-d"), supports(fc, "int8-d"), supports(conv, "int8")
+        (False, True, True)
+    """
+    from hawqtool.prepare import ACTIVATION_KINDS, MATMUL_KINDS
 
     f = parse_format(fmt)
     if not f.quantized:
         return True
     if f.activations and layer.kind not in ACTIVATION_KINDS:
+        return False
+    if f.dynamic and layer.kind not in MATMUL_KINDS:
         return False
     return not (f.block is not None and len(layer.weight_shape) != 2)
 

@@ -26,12 +26,21 @@ FLOAT = "float"
 #: with uint8 activations around the layer (onnxruntime's integer kernels).
 INT_FORMATS = tuple(f"int{b}" for b in range(2, 9))
 #: Examples of every format family, for error messages and docs; :func:`parse_format` is the rule.
-KNOWN_FORMATS = (*INT_FORMATS, *(f"{f}-w" for f in INT_FORMATS), "int4-b32", "int8-b32", FLOAT)
+KNOWN_FORMATS = (
+    *INT_FORMATS,
+    *(f"{f}-w" for f in INT_FORMATS),
+    *(f"{f}-d" for f in INT_FORMATS),
+    "int4-b32",
+    "int8-b32",
+    FLOAT,
+)
 FORMAT_GRAMMAR = (
     "float, intB (B = 2..8: weights per output channel + uint8 activations), intB-w (weight-only), "
+    "intB-d (weights per output channel in int8 + uint8 activations quantized at run time, "
+    "MatMul/Gemm layers only), "
     "intB-bK (weight-only, blocks of K input channels, K a power of two >= 16)"
 )
-_FORMAT_RE = re.compile(r"int([2-8])(?:-(w)|-b(\d+))?")
+_FORMAT_RE = re.compile(r"int([2-8])(?:-(w)|-(d)|-b(\d+))?")
 
 #: How sub-8-bit integers are stored: ``packed`` (ONNX INT2/INT4) or ``container`` (INT8).
 STORAGES = ("packed", "container")
@@ -53,12 +62,16 @@ class Format:
             kernels); otherwise the format is weight-only (weights dequantized, float compute).
         block: block size along the input axis (one scale per output channel and block), or
             ``None`` for one scale per output channel.
+        dynamic: the layer's input is quantized to uint8 at run time from each batch's own range
+            (``intB-d``: DynamicQuantizeLinear → MatMulInteger, which onnxruntime fuses into
+            DynamicQuantizeMatMul); nothing is calibrated, so ``activations`` is false.
     """
 
     name: str
     bits: int
     activations: bool
     block: int | None = None
+    dynamic: bool = False
 
     @property
     def quantized(self) -> bool:
@@ -66,7 +79,7 @@ class Format:
 
     @property
     def weight_only(self) -> bool:
-        return self.quantized and not self.activations
+        return self.quantized and not self.activations and not self.dynamic
 
 
 def parse_format(name: str) -> Format:
@@ -77,9 +90,11 @@ def parse_format(name: str) -> Format:
 
     Example:
         >>> parse_format("int4-b32")
-        Format(name='int4-b32', bits=4, activations=False, block=32)
+        Format(name='int4-b32', bits=4, activations=False, block=32, dynamic=False)
         >>> parse_format("int8").activations, parse_format("int8-w").activations
         (True, False)
+        >>> parse_format("int8-d")
+        Format(name='int8-d', bits=8, activations=False, block=None, dynamic=True)
     """
     if name == FLOAT:
         return Format(FLOAT, 32, False)
@@ -88,7 +103,9 @@ def parse_format(name: str) -> Format:
         raise UsageError(f"unknown format {name!r}; allowed: {FORMAT_GRAMMAR}")
     bits = int(m.group(1))
     if m.group(3) is not None:
-        block = int(m.group(3))
+        return Format(name, bits, False, dynamic=True)
+    if m.group(4) is not None:
+        block = int(m.group(4))
         if block < 16 or block & (block - 1):
             raise UsageError(f"format {name!r}: block size {block} must be a power of two >= 16")
         return Format(name, bits, False, block)

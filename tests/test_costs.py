@@ -235,6 +235,15 @@ def test_latency_table_is_reproducible_within_its_noise_and_cached(exported, tmp
     assert pareto_frontier(options).float_cost == pytest.approx(first.float_ms)
 
 
+def test_dynamic_formats_are_measured_like_the_others(exported) -> None:  # type: ignore[no-untyped-def]
+    _, exporter, feeds = exported
+    kw: dict[str, Any] = {"threads": 1, "runs": 4, "clock": "cpu", "context": "float"}
+    t = measure_latency(exporter, feeds, formats=("int8-d", "float"), **kw)
+    assert set(t.entries["fc1"]) == set(t.entries["fc2"]) == {"int8-d", "float"}
+    assert dict(t.entries["head"]) == {"float": LatencyEntry(0.0, 0.0)}  # pinned
+    assert all(math.isfinite(e.delta_ms) for row in t.entries.values() for e in row.values())
+
+
 def test_other_contexts_and_bad_settings(exported) -> None:  # type: ignore[no-untyped-def]
     prepared, exporter, feeds = exported
     kw: dict[str, Any] = {"formats": ("int8", "float"), "threads": 1, "runs": 4, "clock": "cpu"}

@@ -33,6 +33,7 @@ KINDS = {
     "int4-w": ("int4-w", "int4-w"),
     "int4-b32": ("int4-b32", "int4-b32"),
     "int8-b32": ("int8-b32", "int8-w"),
+    "int8-d": ("int8-d", "int8-w"),
 }
 #: Per model and kind: (MatMulNBits, GatherBlockQuantized) nodes in the exported graph, counted by
 #: hand. Encoder: 2 in_proj + 2 linear1 + 2 linear2 (MatMul), 2 out_proj + head (Gemm), proj read
@@ -40,10 +41,13 @@ KINDS = {
 #: + lm_head MatMul (tied to wte) = 9, 2 embeddings; a per-row format on the tied wte dequantizes
 #: it for both of its readers (MatMulNBits takes block formats only), leaving wpe's Gather alone.
 OP_COUNTS = {
-    "encoder": {"int8": (0, 1), "int4-w": (0, 1), "int4-b32": (11, 1), "int8-b32": (11, 1)},
-    "bert": {"int8": (0, 3), "int4-w": (0, 3), "int4-b32": (12, 3), "int8-b32": (12, 3)},
-    "gpt2": {"int8": (0, 1), "int4-w": (0, 1), "int4-b32": (9, 2), "int8-b32": (8, 1)},
+    "encoder": {"int8": (0, 1), "int4-w": (0, 1), "int4-b32": (11, 1), "int8-b32": (11, 1), "int8-d": (0, 1)},
+    "bert": {"int8": (0, 3), "int4-w": (0, 3), "int4-b32": (12, 3), "int8-b32": (12, 3), "int8-d": (0, 3)},
+    "gpt2": {"int8": (0, 1), "int4-w": (0, 1), "int4-b32": (9, 2), "int8-b32": (8, 1), "int8-d": (0, 1)},
 }
+#: Per model: MatMulInteger nodes of ``int8-d`` (every Linear-like use, the GPT-2 lm_head being the
+#: embedding's weight-only format).
+DYNAMIC_COUNTS = {"encoder": 11, "bert": 12, "gpt2": 8}
 CALIBRATION_TOKENS, TEST_TOKENS = 12, 7  # the exported models run at another length than calibration
 
 
@@ -176,6 +180,12 @@ class _Graph:
             return ((q - 2 ** (attrs["bits"] - 1)) * np.repeat(scale, attrs["block_size"], axis=1)).astype(
                 np.float32
             )
+        if f"{use.node}_dynamic_MatMulInteger" in self.by_name:
+            node = self.by_name[f"{use.node}_dynamic_MatMulInteger"]
+            assert len(node.input) == 3  # no weight zero point
+            q = self.constant(node.input[1], used).astype(np.int64).T  # stored (K, N)
+            scale = self.constant(self.by_name[f"{use.node}_dynamic_ScaleMul"].input[1], used)
+            return (q * scale[:, None]).astype(np.float32)
         if f"{use.node}_GatherBlockQuantized" in self.by_name:
             node = self.by_name[f"{use.node}_GatherBlockQuantized"]
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -263,6 +273,17 @@ def test_weights_decode_bit_exactly_with_the_op_counts_of_each_kind(built, kind,
         opt = Counter(n.op_type for n in onnx.load(optimized).graph.node)
         assert opt["MatMulNBits"] == ops["MatMulNBits"] and opt["Gemm"] == 0, opt
         assert opt["GatherBlockQuantized"] == ops["GatherBlockQuantized"], opt
+    if parse_format(KINDS[kind][0]).dynamic:
+        # Fused at load: one DynamicQuantizeMatMul per MatMulInteger, except where onnxruntime's
+        # common-subexpression pass first merges the DynamicQuantizeLinear of a shared input
+        # (BERT's query / key / value), which leaves one DynamicQuantizeLinear and a
+        # MatMulIntegerToFloat per reader.
+        assert ops["MatMulInteger"] == ops["DynamicQuantizeLinear"] == DYNAMIC_COUNTS[name], ops
+        optimized = tmp_path / "optimized.onnx"
+        _session(model, optimized=optimized)
+        opt = Counter(n.op_type for n in onnx.load(optimized).graph.node)
+        assert opt["DynamicQuantizeMatMul"] + opt["MatMulIntegerToFloat"] == ops["MatMulInteger"], opt
+        assert opt["MatMulInteger"] == 0 and opt["MatMulIntegerToFloat"] <= 6, opt
 
 
 def _check_contrib_ops_in_onnxruntime(
@@ -432,6 +453,10 @@ def test_an_activation_format_on_an_embedding_is_a_usage_error(built) -> None:  
         pytest.skip("one model is enough")
     with pytest.raises(UsageError, match=r"'emb' \(embedding\) cannot take format 'int8'.*use int8-w"):
         exporter.quantized_model({"emb": "int8"})
+    with pytest.raises(
+        UsageError, match=r"'emb' \(embedding\) cannot take format 'int8-d'.*allowed: int2-w, "
+    ):
+        exporter.quantized_model({"emb": "int8-d"})
 
 
 def test_external_data_past_the_inline_limit_loads_from_the_path(built, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -15,7 +15,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hawqtool.quantizer import int_range, quant_error, quantize_weight
+from hawqtool.errors import UsageError
+from hawqtool.quantizer import int_range, quant_error, quantize_as, quantize_weight
+from hawqtool.types import Format, parse_format
 
 PROPS = settings(derandomize=True, max_examples=150, deadline=None)
 
@@ -158,6 +160,31 @@ def test_quant_error_formats() -> None:
     assert torch.equal(quant_error(w, "float"), torch.zeros_like(w))
     d4 = quant_error(w, "int4")
     assert torch.equal(d4, quantize_weight(w, 4).dequantized - w)
+
+
+def test_dynamic_formats_parse_round_trip_and_quantize_like_their_static_twin() -> None:
+    w = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+    for b in range(2, 9):
+        f = parse_format(f"int{b}-d")
+        assert f == Format(f"int{b}-d", b, activations=False, block=None, dynamic=True)
+        assert parse_format(f.name) == f and f.quantized and not f.weight_only
+        d, s = quantize_as(w, f.name), quantize_as(w, f"int{b}")
+        assert torch.equal(d.q, s.q) and torch.equal(d.scale, s.scale) and d.sq_error == s.sq_error
+        assert torch.equal(quant_error(w, f.name), quant_error(w, f"int{b}"))
+    assert not parse_format("int8").dynamic and not parse_format("int8-w").dynamic
+    for bad in (
+        "int8-d16",
+        "int9-d",
+        "int1-d",
+        "int8-dw",
+        "int8-w-d",
+        "int8d",
+        "int8-D",
+        "float-d",
+        "int8-b32-d",
+    ):
+        with pytest.raises(UsageError, match=r"allowed: .*intB-d \(weights per output channel in int8"):
+            parse_format(bad)
 
 
 def test_rejects_bad_bits() -> None:

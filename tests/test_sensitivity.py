@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -35,7 +36,16 @@ def made_up_traces(layers: tuple[LayerInfo, ...], avg: dict[str, float]) -> Sens
 
 @pytest.mark.parametrize(
     ("fmt", "packed", "container"),
-    [("int2", 2, 8), ("int3", 4, 8), ("int4", 4, 8), ("int5", 8, 8), ("int8", 8, 8), ("float", 32, 32)],
+    [
+        ("int2", 2, 8),
+        ("int3", 4, 8),
+        ("int4", 4, 8),
+        ("int5", 8, 8),
+        ("int8", 8, 8),
+        ("int4-d", 8, 8),  # MatMulInteger reads int8 whatever the storage
+        ("int8-d", 8, 8),
+        ("float", 32, 32),
+    ],
 )
 def test_storage_bits(fmt: str, packed: int, container: int) -> None:
     assert storage_bits(fmt) == packed
@@ -214,6 +224,30 @@ def test_build_options_bad_input(prepared_cnn) -> None:  # type: ignore[no-untyp
         build_options(layers, traces, {"conv1": weights["conv1"]})
     with pytest.raises(UsageError, match=r"layer 'conv1': weight shape \(3, 3\)"):
         build_options(layers, traces, {**weights, "conv1": torch.zeros(3, 3)})
+
+
+def test_dynamic_formats_are_options_of_linear_layers_only(prepared_cnn) -> None:  # type: ignore[no-untyped-def]
+    """A conv never gets ``int8-d``; a Linear gets it with int8's integers (same error, same bytes)
+    and bops at 8-bit activations; a conv pinned to it is an error naming what it can take."""
+    layers = tuple(replace(i, pinned=None) for i in prepared_cnn.layers)
+    traces = made_up_traces(layers, dict.fromkeys(prepared_cnn.fqns, 1.0))
+    weights = _weights(prepared_cnn)
+    opts = build_options(layers, traces, weights, formats=("int8-d", "int4-d", "int8", "float"))
+    for layer in layers:
+        got = [o.format for o in opts.options[layer.fqn]]
+        if layer.kind == "linear":
+            assert got == ["int8-d", "int4-d", "int8", "float"]
+            d, s = opts.option(layer.fqn, "int8-d"), opts.option(layer.fqn, "int8")
+            assert (d.cost, d.sq_error, d.omega) == (s.cost, s.sq_error, s.omega)
+            assert opts.option(layer.fqn, "int4-d").cost == layer.params + 4 * layer.out_channels
+            assert layer_cost(layer, "int4-d", cost="bops") == layer.macs * 4 * 8
+        else:
+            assert got == ["int8", "float"], (layer.kind, got)
+    pinned = (replace(layers[0], pinned="int8-d"), *layers[1:])
+    with pytest.raises(
+        UsageError, match=r"'conv1' \(conv2d\) is pinned to 'int8-d'.*allowed for it: int8, float"
+    ):
+        build_options(pinned, traces, weights, formats=("int8-d", "int8", "float"))
 
 
 def test_pins_to_unknown_layers_are_rejected(small_cnn: nn.Module) -> None:

@@ -18,6 +18,8 @@ integer kernels; measured, see ``tests/test_export.py``, ``tests/test_export_kin
 
     weight-only block formats (intB-bK) on MatMul / Gemm:   x ─► MatMulNBits(W_packed, scales)
     weight-only formats on an embedding:                    ids ─► GatherBlockQuantized(W_packed, scales)
+    dynamic formats (intB-d) on MatMul / Gemm:              x ─► DynamicQuantizeLinear ─► MatMulInteger(W_int8)
+                                                            ─► Cast ─► Mul(x_scale · scales) [─► Add bias]
     other weight-only cases:                                W_int ─► DQ ─► op
 
 - weights: the integers and float32 scales of :func:`hawqtool.quantizer.quantize_as` (the function

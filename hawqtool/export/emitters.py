@@ -26,6 +26,13 @@ read the weight (tied embeddings, copies in another layout):
   than ``uint8`` data, so the integers are stored as ``uint8``. A per-row format uses one block
   of the smallest power of two ≥ the row length (onnxruntime accepts a block longer than the
   row, and the padding is not stored).
+- :class:`DynamicMatMulEmitter` — a dynamic format (``intB-d``) on a ``MatMul`` that reads ``Wᵀ``
+  or a plain ``Gemm``: the node becomes ``DynamicQuantizeLinear(x) → MatMulInteger(x_q, W_q, x_zp)
+  → Cast(float) → Mul(x_scale · w_scales)`` (``→ Add(bias)`` for a Gemm), what onnxruntime's
+  ``quantize_dynamic`` writes; onnxruntime fuses it into ``com.microsoft.DynamicQuantizeMatMul``
+  when it loads the model. The input is quantized per tensor to uint8 from each run's own range
+  (including 0); the weight is stored once as int8 ``(K, N)`` (MatMulInteger's B layout) with no
+  zero point and float32 scales ``(N,)``: the bytes the size cost counts for an int8 weight.
 - :class:`DequantizeLinearEmitter` — everything else (Conv, per-channel formats on MatMul / Gemm,
   activation formats, a block size that does not divide K, a weight that some other op reads):
   ``DequantizeLinear`` on the weight, which onnxruntime fuses with the activation Q/DQ into integer
@@ -42,6 +49,7 @@ one applies to every use; otherwise all its uses go through DequantizeLinear.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -54,6 +62,8 @@ from hawqtool.types import Format
 
 if TYPE_CHECKING:
     import onnx
+
+log = logging.getLogger(__name__)
 
 #: ``MatMulNBits.accuracy_level``: what onnxruntime's own DQ → MatMulNBits fusion writes (see the
 #: module docstring for the measurements).
@@ -100,7 +110,7 @@ class Emission:
         initializers: the stored integers, scales and the like.
         nodes: new nodes on constants (Cast, Transpose, Reshape, DequantizeLinear), placed before
             the graph's own nodes.
-        replace: use node name -> the node that takes its place.
+        replace: use node name -> the nodes that take its place (in order).
         drops: float tensors whose definitions (the initializer, the Transposes of
             de-duplication) leave the graph: the emission defines them anew or nothing reads them.
         kinds: use node name -> the emitter that handled it.
@@ -108,7 +118,7 @@ class Emission:
 
     initializers: tuple[onnx.TensorProto, ...]
     nodes: tuple[onnx.NodeProto, ...] = ()
-    replace: Mapping[str, onnx.NodeProto] = field(default_factory=dict)
+    replace: Mapping[str, tuple[onnx.NodeProto, ...]] = field(default_factory=dict)
     drops: tuple[str, ...] = ()
     kinds: Mapping[str, str] = field(default_factory=dict)
 
@@ -138,19 +148,9 @@ class MatMulNBitsEmitter:
             return False
         if ctx.in_features % f.block:  # a partial last block would store padding
             return False
-        node = ctx.nodes[use.node]
         if use.op_type == "MatMul":
             return use.transposed
-        if use.op_type != "Gemm":
-            return False
-        plain = (
-            attribute(node, "transA", 0) == 0
-            and attribute(node, "alpha", 1.0) == 1.0
-            and attribute(node, "beta", 1.0) == 1.0
-            and bool(attribute(node, "transB", 0)) != use.transposed
-        )
-        bias = node.input[2] if len(node.input) > 2 else ""
-        return plain and (not bias or ctx.initializer_dims.get(bias) == (ctx.out_features,))
+        return use.op_type == "Gemm" and _plain_gemm(use, ctx)
 
     def block(self, ctx: LayerContext) -> int:
         assert ctx.fmt.block is not None
@@ -213,6 +213,71 @@ class GatherBlockQuantizedEmitter:
             gather_axis=0,
             quantize_axis=1,
         )
+
+
+class DynamicMatMulEmitter:
+    """A dynamic format on a MatMul reading ``Wᵀ`` or a plain Gemm → DynamicQuantizeLinear →
+    MatMulInteger → Cast → Mul (→ Add), fused by onnxruntime into DynamicQuantizeMatMul."""
+
+    kind = "MatMulInteger"
+
+    def applies(self, use: WeightUse, ctx: LayerContext) -> bool:
+        if not ctx.fmt.dynamic or ctx.bits != 8 or ctx.q.ndim != 2:
+            return False
+        if use.op_type == "MatMul":
+            return use.transposed
+        return use.op_type == "Gemm" and _plain_gemm(use, ctx)
+
+    def emit(self, ctx: LayerContext) -> Emission:
+        from onnx import TensorProto, helper, numpy_helper
+
+        w = ctx.site.weight
+        q_name, s_name = f"{w}_quantized", f"{w}_scale"
+        inits = (
+            numpy_helper.from_array(np.ascontiguousarray(ctx.q.T).astype(np.int8), q_name),  # (K, N)
+            numpy_helper.from_array(ctx.scale.reshape(-1).astype(np.float32), s_name),
+        )
+        replace = {}
+        for use in ctx.site.uses:
+            old = ctx.nodes[use.node]
+            p = f"{use.node}_dynamic"
+            xq, xs, xz, acc, accf, scale = (
+                f"{p}_{t}" for t in ("x_q", "x_scale", "x_zp", "int32", "float", "scale")
+            )
+            bias = old.input[2] if use.op_type == "Gemm" and len(old.input) > 2 else ""
+            out = f"{p}_out" if bias else old.output[0]
+            nodes = [
+                helper.make_node(
+                    "DynamicQuantizeLinear", [use.input], [xq, xs, xz], name=f"{p}_DynamicQuantizeLinear"
+                ),
+                helper.make_node("MatMulInteger", [xq, q_name, xz], [acc], name=f"{p}_MatMulInteger"),
+                helper.make_node("Cast", [acc], [accf], name=f"{p}_Cast", to=TensorProto.FLOAT),
+                helper.make_node("Mul", [xs, s_name], [scale], name=f"{p}_ScaleMul"),
+                helper.make_node("Mul", [accf, scale], [out], name=f"{p}_Mul"),
+            ]
+            if bias:
+                nodes.append(helper.make_node("Add", [out, bias], [old.output[0]], name=f"{p}_Add"))
+            replace[use.node] = tuple(nodes)
+        return Emission(
+            initializers=inits,
+            replace=replace,
+            drops=ctx.site.tensors,
+            kinds={u.node: self.kind for u in ctx.site.uses},
+        )
+
+
+def _plain_gemm(use: WeightUse, ctx: LayerContext) -> bool:
+    """Whether a Gemm use is ``x @ W_view.T (+ bias)``: no transposed input, unit alpha and beta,
+    and no bias or a 1-D constant one of ``out`` values (a MatMul plus a broadcast Add)."""
+    node = ctx.nodes[use.node]
+    plain = (
+        attribute(node, "transA", 0) == 0
+        and attribute(node, "alpha", 1.0) == 1.0
+        and attribute(node, "beta", 1.0) == 1.0
+        and bool(attribute(node, "transB", 0)) != use.transposed
+    )
+    bias = node.input[2] if len(node.input) > 2 else ""
+    return plain and (not bias or ctx.initializer_dims.get(bias) == (ctx.out_features,))
 
 
 class DequantizeLinearEmitter:
@@ -295,18 +360,31 @@ class DequantizeLinearEmitter:
 #: Emitters that replace a use by a contrib op on packed unsigned integers, tried in order.
 PACKED_EMITTERS: tuple[PackedEmitter, ...] = (MatMulNBitsEmitter(), GatherBlockQuantizedEmitter())
 DEQUANTIZE_EMITTER = DequantizeLinearEmitter()
+DYNAMIC_EMITTER = DynamicMatMulEmitter()
 
 
 def emit(ctx: LayerContext) -> Emission:
-    """The emission of one quantized layer: packed contrib ops when one applies to every use (and no
-    other op reads the weight), else DequantizeLinear on the weight."""
+    """The emission of one quantized layer: MatMulInteger for a dynamic format, or packed contrib
+    ops, when it applies to every use (and no other op reads the weight), else DequantizeLinear on
+    the weight (for a dynamic format: weight-only, the same integers and bytes, a warning)."""
+    exclusive = ctx.site.exclusive and bool(ctx.site.uses)
+    if ctx.fmt.dynamic:
+        if exclusive and all(DYNAMIC_EMITTER.applies(u, ctx) for u in ctx.site.uses):
+            return DYNAMIC_EMITTER.emit(ctx)
+        log.warning(
+            "layer %r: %s needs every reader of the weight to be a MatMul on Wᵀ or a plain Gemm; "
+            "its weight goes through DequantizeLinear instead (float activations)",
+            ctx.site.fqn,
+            ctx.fmt.name,
+        )
+        return DEQUANTIZE_EMITTER.emit(ctx)
     chosen: list[PackedEmitter] = []
     for use in ctx.site.uses:
         e = next((e for e in PACKED_EMITTERS if e.applies(use, ctx)), None)
         if e is None:
             break
         chosen.append(e)
-    if ctx.site.exclusive and ctx.site.uses and len(chosen) == len(ctx.site.uses):
+    if exclusive and len(chosen) == len(ctx.site.uses):
         return _emit_packed(ctx, chosen)
     return DEQUANTIZE_EMITTER.emit(ctx)
 
@@ -341,7 +419,7 @@ def _emit_packed(ctx: LayerContext, emitters: Sequence[PackedEmitter]) -> Emissi
             )
     inits.append(numpy_helper.from_array(scales, s_name))
     replace = {
-        use.node: e.node(use, ctx, data_name, blocks_name, s_name)
+        use.node: (e.node(use, ctx, data_name, blocks_name, s_name),)
         for use, e in zip(ctx.site.uses, emitters, strict=True)
     }
     return Emission(

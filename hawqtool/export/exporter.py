@@ -29,6 +29,7 @@ from hawqtool.types import (
     FLOAT,
     FORMAT_GRAMMAR,
     INT4_MIN_OPSET,
+    KNOWN_FORMATS,
     STORAGES,
     is_format,
     is_quantized,
@@ -237,11 +238,13 @@ class QDQExporter:
             info = self.prepared.info(fqn)
             if not supports(info, fmt):
                 f = parse_format(fmt)
-                why = (
-                    f"its input is not an activation (use {fmt}-w or a block format)"
-                    if f.activations
-                    else f"block formats need a 2-D weight, it has {tuple(info.weight_shape)} (use int{f.bits}-w)"
-                )
+                if f.activations:
+                    why = f"its input is not an activation (use {fmt}-w or a block format)"
+                elif f.dynamic:
+                    allowed = ", ".join(k for k in KNOWN_FORMATS if supports(info, k))
+                    why = f"dynamic formats are for MatMul/Gemm (Linear-like) layers; allowed: {allowed}"
+                else:
+                    why = f"block formats need a 2-D weight, it has {tuple(info.weight_shape)} (use int{f.bits}-w)"
                 raise UsageError(f"layer {fqn!r} ({info.kind}) cannot take format {fmt!r}: {why}")
             if self.opset < INT4_MIN_OPSET and _storage_bits(fmt, self.int4_storage, self.opset) == 4:
                 raise UsageError(
@@ -274,7 +277,7 @@ class QDQExporter:
 
     def emitters(self, allocation: Mapping[str, str]) -> dict[str, dict[str, str]]:
         """``fqn -> {use node: emitter kind}`` for the quantized layers of ``allocation``
-        (``MatMulNBits``, ``GatherBlockQuantized`` or ``DequantizeLinear``).
+        (``MatMulNBits``, ``GatherBlockQuantized``, ``MatMulInteger`` or ``DequantizeLinear``).
 
         Raises:
             UsageError: see :meth:`full_allocation`.
@@ -293,7 +296,8 @@ class QDQExporter:
 
         Each quantized layer's weight goes through its emitter (:mod:`hawqtool.export.emitters`);
         for activation formats (``intB``) the input and output of every node that computes with
-        the weight get uint8 Q→DQ (:func:`hawqtool.export.plan.quantization_plan`).
+        the weight get uint8 Q→DQ (:func:`hawqtool.export.plan.quantization_plan`); dynamic
+        formats (``intB-d``) quantize their input at run time instead (no calibrated range).
 
         Args:
             allocation: ``fqn -> format``; layers not named stay float.
@@ -354,15 +358,16 @@ class QDQExporter:
         for node in graph.node:
             if any(o in drops for o in node.output):
                 continue  # a Transpose of de-duplication: its output is emitted anew or unused
-            new = onnx.NodeProto()
-            new.CopyFrom(replace.get(node.name, node))
-            for i, name in enumerate(new.input):
-                if name in rename:
-                    new.input[i] = rename[name]
-            for i, name in enumerate(new.output):
-                if name in produce:
-                    new.output[i] = produce[name]
-            nodes.append(new)
+            for src in replace.get(node.name, (node,)):
+                new = onnx.NodeProto()
+                new.CopyFrom(src)
+                for i, name in enumerate(new.input):
+                    if name in rename:
+                        new.input[i] = rename[name]
+                for i, name in enumerate(new.output):
+                    if name in produce:
+                        new.output[i] = produce[name]
+                nodes.append(new)
             for out in node.output:
                 nodes += qdq_after.get(out, [])
 
