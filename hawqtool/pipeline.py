@@ -400,11 +400,12 @@ def stage_settings(recipe: Recipe) -> dict[str, Any]:
 
 
 def uniform_quantized_points(options: OptionTable) -> dict[str, FrontierPoint]:
-    """Per activation format among the options (most bits first), the uniform integer model: every
-    layer that offers the format takes it, every other layer keeps its most precise option (float
-    where offered; a pin is a layer's only option). These are the models onnxruntime's own static
-    quantization resembles, often the fastest on integer kernels, and a frontier ordered by
-    predicted latency need not contain them: under ``cost: latency`` the search times them too.
+    """Per format that runs on integer kernels (static ``intB`` or dynamic ``intB-d`` activations)
+    among the options (most bits first), the uniform integer model: every layer that offers the
+    format takes it, every other layer keeps its most precise option (float where offered; a pin is
+    a layer's only option). These are the models onnxruntime's own static (or dynamic) quantization
+    resembles, often the fastest on integer kernels, and a frontier ordered by predicted latency
+    need not contain them: under ``cost: latency`` the search times them too.
 
     Example:
         >>> from hawqtool.types import LayerOption
@@ -415,7 +416,8 @@ def uniform_quantized_points(options: OptionTable) -> dict[str, FrontierPoint]:
         {'uniform int4': {'a': 'int4', 'b': 'float'}}
     """
     offered = {o.format for row in options.options.values() for o in row}
-    formats = sorted((f for f in offered if parse_format(f).activations), key=lambda f: -parse_format(f).bits)
+    integer = [f for f in offered if parse_format(f).activations or parse_format(f).dynamic]
+    formats = sorted(integer, key=lambda f: (-parse_format(f).bits, f))
     out = {}
     for fmt in formats:
         alloc = {}

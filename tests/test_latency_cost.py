@@ -16,7 +16,7 @@ from hawqtool.types import FrontierPoint, LayerOption, OptionTable, Trial
 
 def _row(*formats: str) -> tuple[LayerOption, ...]:
     # cost = bits, omega = 32 - bits, less 0.5 without the activation error: float is the most precise.
-    bits = {"int2": 2, "int4": 4, "int7": 7, "int8": 8, "int4-w": 4, "float": 32}
+    bits = {"int2": 2, "int4": 4, "int7": 7, "int8": 8, "int4-w": 4, "int8-d": 8, "float": 32}
     return tuple(
         LayerOption(f, float(bits[f]), 0.0, 32.0 - bits[f] - 0.5 * f.endswith("-w")) for f in formats
     )
@@ -52,6 +52,13 @@ def test_uniform_quantized_points_have_known_allocations() -> None:
     assert (p.cost, p.omega, p.avg_bits) == (7 + 32 + 8 + 4, 25 + 0 + 24 + 27.5, (7 + 32 + 8 + 4) / 4)
     # No activation format offered: nothing to add.
     assert uniform_quantized_points(OptionTable(("a",), {"a": _row("int4-w", "float")}, "latency")) == {}
+    # Dynamic activations run on integer kernels too: a uniform model of their own.
+    dyn = OptionTable(
+        ("fc", "conv"), {"fc": _row("int8-d", "int8", "float"), "conv": _row("int8", "float")}, "latency"
+    )
+    got = uniform_quantized_points(dyn)
+    assert list(got) == ["uniform int8", "uniform int8-d"]
+    assert dict(got["uniform int8-d"].allocation) == {"fc": "int8-d", "conv": "float"}
 
 
 def _trial(note: str, alloc: str, met: bool, ms: float | None, source: str = "candidates") -> Trial:
