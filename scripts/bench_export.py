@@ -65,8 +65,14 @@ def integer_kernels(model_bytes: bytes, tmp: Path) -> int:
     return sum(v for k, v in counts.items() if k in INTEGER_OPS)
 
 
-def ort_quantize_static(float_model: onnx.ModelProto, calibration, tmp: Path) -> onnx.ModelProto:
-    """onnxruntime's own static QDQ quantization of ``float_model``: the baseline to beat."""
+def ort_quantize_static(
+    float_model: onnx.ModelProto, calibration, tmp: Path, *, feeds=None, op_types=None
+) -> onnx.ModelProto:
+    """onnxruntime's own static QDQ quantization of ``float_model``: the baseline to beat.
+
+    ``feeds`` turns a calibration batch's inputs into onnxruntime feeds (e.g. a ``ModelIO``'s
+    ``feeds``, for dict inputs; default: the lone input ``input``); ``op_types`` limits the op
+    types quantized (default: every one onnxruntime supports)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -77,7 +83,7 @@ def ort_quantize_static(float_model: onnx.ModelProto, calibration, tmp: Path) ->
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.it = iter([{"input": x.numpy()} for x, _ in calibration])
+            self.it = iter([feeds(x) if feeds else {"input": x.numpy()} for x, _ in calibration])
 
         def get_next(self):  # type: ignore[no-untyped-def]
             return next(self.it, None)
@@ -93,6 +99,7 @@ def ort_quantize_static(float_model: onnx.ModelProto, calibration, tmp: Path) ->
         weight_type=QuantType.QInt8,
         per_channel=True,
         calibrate_method=CalibrationMethod.MinMax,
+        op_types_to_quantize=list(op_types) if op_types else None,
     )
     return onnx.load(dst)
 

@@ -3,7 +3,17 @@
 For ResNet-20 and the small CNN on digits and the zoo transformer, formats int2/int4/int7/int8
 (uint8 activations; int7 is 7-bit weights in int8, which onnxruntime's u8×s8 kernels cannot
 saturate on a CPU without VNNI), int4-w (weight-only) and float (``--formats``), budgets 0.1 % and
-1 % relative top-1 on the evaluation split:
+1 % relative top-1 on the evaluation split, batches of 1 and 64 images. And (``minilm``) the real
+pretrained all-MiniLM-L6-v2 of ``recipes/minilm.yaml`` on real news sentences, budgets relative to
+the float ONNX model's cosine fidelity (teacher targets: the float model scores 1), formats suited
+to a BERT on CPU: int8 / int7 (uint8 activations), int8-w (weight-only), int4-b32 (MatMulNBits
+and GatherBlockQuantized) and float; batches of 1 sentence and of 8 (the first sentences of the
+evaluation split, padding columns no sentence uses cut off; 8, not the split's 32: one latency
+table is 300 variants, 10 minutes at 8 × 33 tokens with ``--runs 10`` on this machine, ~9× that at
+32 × 52); onnxruntime's ``quantize_static`` on its MatMuls, as in ``bench_transformer.py``;
+dependency terms as the recipe says (off for MiniLM: too slow). Every model is loaded through its
+recipe (``--override`` edits it) and scored with the recipe's metric, loss and model I/O. Measured
+(``--models minilm --allocs 0 --fresh --runs 10``): 32 minutes with the traces cached (+7 without).
 
 - ``float``: the BN-folded float export;
 - ``ort int8``: onnxruntime's own ``quantize_static`` (QDQ, uint8 / int8 per channel, MinMax);
@@ -16,8 +26,9 @@ saturate on a CPU without VNNI), int4-w (weight-only) and float (``--formats``),
   hawqtool latency@B's choice, solved exactly with PuLP; no dependency terms, no bisection: one
   evaluation, whatever it scores.
 
-Latency (``measure_latency``, context ``both``; and the final table) is the median onnxruntime
-time of one batch of 1 or 64 images on ONE intra-op thread, measured as the process's CPU time
+Latency (``measure_latency``, context ``both``; and the final table, whose last column is each
+hawqtool / ILP row's allocation in short) is the median onnxruntime time of one batch (of 1 or 64
+images, of 1 or 8 sentences) on ONE intra-op thread, measured as the process's CPU time
 (``clock="cpu"``): this machine is a shared 2-core VM whose load average sits at 10–15, where
 wall-clock latency of a 2-thread session swings by 3× between identical runs while the CPU time
 stays within a few percent (measured); on an idle machine, one thread's CPU time is its latency.
@@ -32,9 +43,14 @@ correlation of ΣΩ (weights only, HAWQ-V2) and ΣΩ + Ω_act (with the activati
 onnxruntime on the evaluation split; and of each latency table's prediction with the measured
 latency of every model the searches probed.
 
-Usage: ``python scripts/bench_latency.py [--models resnet20,cnn,transformer] [--allocs 40] [--fresh]``
+The Spearman part uses the recipe's metric and loss (top-1 drop and cross-entropy increase for the
+image models).
+
+Usage: ``python scripts/bench_latency.py [--models resnet20,cnn,transformer,minilm] [--allocs 40]
+[--fresh] [--batches 1,8] [--override data.kwargs.evaluation=128]``
 (``--allocs 0`` skips the Spearman part; ``--fresh`` re-measures the latency tables instead of
-using cached ones, which may come from a differently loaded machine).
+using cached ones, which may come from a differently loaded machine; ``--formats`` / ``--batches``
+replace every model's own; ``--override`` applies to every model's recipe).
 """
 
 from __future__ import annotations
@@ -46,7 +62,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,29 +70,48 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from hawqtool import pipeline
-from hawqtool.activations import estimate_activation_traces
+from hawqtool import modelio, pipeline
 from hawqtool.cache import cache_dir
 from hawqtool.costs import LatencyTable, Timing, measure_latency, time_interleaved
 from hawqtool.dependency import candidates_for_search, make_repair, rescore
-from hawqtool.evaluate import make_session
+from hawqtool.errors import UsageError
+from hawqtool.evaluate import evaluate_onnx
 from hawqtool.frontier import pareto_frontier
 from hawqtool.search import Measurement, bisect
 from hawqtool.sensitivity import build_options
-from hawqtool.types import Budget, FrontierPoint, OptionTable, average_bits
+from hawqtool.types import Budget, FrontierPoint, OptionTable, average_bits, parse_format
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_export import ort_quantize_static
 
-MODELS = {"resnet20": "resnet20-digits", "cnn": "small-cnn-digits", "transformer": "transformer-digits"}
 FORMATS = ("int2", "int4", "int7", "int8", "int4-w", "float")
 # No 8-bit weights here: on this AVX2 CPU (no VNNI) onnxruntime's fused u8s8 kernels saturate
 # int16 pair sums with full-range int8 weights (all-int8 small CNN: 98.67 % unfused vs 97.50 %
 # fused; int7 and below lose nothing), an error no second-order score predicts.
 SPEARMAN_FORMATS = ("int4", "int6", "int4-w", "int6-w", "float")
 BUDGETS = (0.001, 0.01)
-BATCHES = (1, 64)
 THREADS = 1
+
+
+@dataclass(frozen=True)
+class Bench:
+    """One model of the bench: its recipe, candidate formats, timed batch sizes and onnxruntime's
+    ``quantize_static`` op types (``None``: every one it supports)."""
+
+    recipe: str
+    formats: tuple[str, ...] = FORMATS
+    batches: tuple[int, ...] = (1, 64)
+    ort_op_types: tuple[str, ...] | None = None
+
+
+MODELS = {
+    "resnet20": Bench("resnet20-digits"),
+    "cnn": Bench("small-cnn-digits"),
+    "transformer": Bench("transformer-digits"),
+    # A BERT on CPU: MatMulNBits (int4-b32) and weight-only int8 beside the uint8-activation formats;
+    # int7 for this CPU without VNNI (see above). 1 sentence, and 8 (see the module docstring).
+    "minilm": Bench("minilm", ("int8", "int7", "int8-w", "int4-b32", "float"), (1, 8), ("MatMul",)),
+}
 
 
 def rho(a: Sequence[float], b: Sequence[float]) -> float:
@@ -84,20 +119,34 @@ def rho(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 class Runner:
-    """onnxruntime outputs on a split: top-1 and mean cross-entropy (sessions on THREADS threads)."""
+    """onnxruntime outputs on a split: the recipe's metric and mean loss (sessions on THREADS
+    threads, inputs fed by the workspace's model I/O)."""
 
     def __init__(self, ws: pipeline.Workspace) -> None:
         self.ws = ws
 
     def scores(self, model: Any, split: str) -> tuple[float, float]:
-        session = make_session(model.SerializeToString(), threads=THREADS)
-        hits, ce, n = 0, 0.0, 0
-        for x, y in self.ws.split(split):
-            logits = torch.from_numpy(np.asarray(session.run(None, self.ws.io.feeds(x))[0]))
-            hits += int((logits.argmax(1) == y).sum())
-            ce += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-            n += len(y)
-        return hits / n, ce / n
+        batches = self.ws.split(split)
+        ev = evaluate_onnx(
+            model,
+            batches,
+            self.ws.metric_fn,
+            io=self.ws.io,
+            threads=THREADS,
+            latency_runs=1,
+            warmup=0,
+            keep_outputs=True,
+        )
+        assert ev.outputs is not None
+        loss, i = 0.0, 0
+        for _, y in batches:
+            y = torch.as_tensor(y)
+            n = len(y)
+            # Outputs of ragged batches (token sequences) are zero-padded to the longest: cut back.
+            out = torch.from_numpy(ev.outputs[i : i + n][tuple(slice(0, s) for s in y.shape)])
+            loss += float(self.ws.loss_fn(out, y)) * n
+            i += n
+        return ev.metric, loss / i
 
 
 def time_models(
@@ -118,8 +167,36 @@ def versus(t: Timing, ref: Timing) -> str:
 
 
 def batch_feeds(ws: pipeline.Workspace, size: int) -> dict[str, np.ndarray]:
-    x = torch.cat([b[0] for b in ws.evaluation])[:size]
-    return ws.io.feeds(x)
+    """The feeds of the first ``size`` samples of the evaluation split. Token inputs with an
+    ``attention_mask`` lose the padding columns none of those samples uses: one sentence is timed
+    at its own length, a batch at its longest sentence's."""
+    xs, n = [], 0
+    for x, _ in ws.evaluation:
+        xs.append(x)
+        n += modelio.batch_size(x)
+        if n >= size:
+            break
+    if n < size:
+        raise UsageError(f"batch {size}: the evaluation split has only {n} samples")
+    try:
+        x = modelio.take(modelio.concat(xs), torch.arange(size))
+    except UsageError as e:
+        raise UsageError(
+            f"batch {size} spans evaluation batches that do not concatenate ({e}); "
+            "give --batches within the split's batch size"
+        ) from e
+    feeds = ws.io.feeds(x)
+    mask = feeds.get("attention_mask")
+    if mask is not None and mask.ndim == 2:
+        used = int(np.flatnonzero(mask.any(0)).max()) + 1
+        feeds = {
+            k: np.ascontiguousarray(v[:, :used]) if v.shape[:2] == mask.shape else v for k, v in feeds.items()
+        }
+    return feeds
+
+
+def shape_of(feeds: Mapping[str, np.ndarray]) -> str:
+    return " × ".join(str(d) for d in next(iter(feeds.values())).shape)
 
 
 def ilp(options: OptionTable, max_cost: float) -> dict[str, str] | None:
@@ -144,25 +221,39 @@ def ilp(options: OptionTable, max_cost: float) -> dict[str, str] | None:
     return {f: fmt for (f, fmt), v in x.items() if v.value() is not None and v.value() > 0.5}
 
 
+def describe(alloc: Mapping[str, str]) -> str:
+    """An allocation in short: how many layers take each format."""
+    counts: dict[str, int] = {}
+    for fmt in alloc.values():
+        counts[fmt] = counts.get(fmt, 0) + 1
+    return ", ".join(f"{n}×{fmt}" for fmt, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def run(key: str, args: argparse.Namespace) -> None:
     t_start = time.perf_counter()
-    ws = pipeline.load(MODELS[key])
+    bench = MODELS[key]
+    formats = tuple(args.formats.split(",")) if args.formats else bench.formats
+    batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else bench.batches
+    ws = pipeline.load(bench.recipe, overrides=args.override)
     r = ws.recipe
+    metric_name = r.task.metric_name
+    top1 = metric_name == "top1"
+    hib = r.task.higher_is_better_resolved
+
+    def fmt_metric(v: float) -> str:
+        return f"{100 * v:.2f}" if top1 else f"{v:.5f}"
+
     prepared = ws.prepared
     fqns = prepared.fqns
-    runner = Runner(ws)
     table = pipeline.analyze(ws, progress=False)
     t0 = time.perf_counter()
-    act = estimate_activation_traces(
-        prepared,
-        ws.calibration,
-        ws.loss_fn,
-        seed=r.hessian.seed,
-        progress=False,
-        cache_dir=cache_dir() / "activations",
-    )
+    act = pipeline.activation_table(ws, progress=False)
     t_act = time.perf_counter() - t0
     exp = pipeline.exporter(ws)
+    if r.task.targets == "model":
+        # Teacher fidelity against the float ONNX model, as quantize() measures it.
+        ws = pipeline.onnx_teacher(ws, exp.float_model)
+    runner = Runner(ws)
     weights = dict(zip(fqns, prepared.weights(), strict=True))
     params = {x.fqn: x.params for x in prepared.layers}
 
@@ -184,10 +275,9 @@ def run(key: str, args: argparse.Namespace) -> None:
             settings=settings,
         )
 
-    feeds = {b: batch_feeds(ws, b) for b in BATCHES}
+    feeds = {b: batch_feeds(ws, b) for b in batches}
     lat: dict[int, LatencyTable] = {}
-    formats = tuple(args.formats.split(","))
-    for b in BATCHES:
+    for b in batches:
         lat[b] = measure_latency(
             exp,
             feeds[b],
@@ -198,20 +288,29 @@ def run(key: str, args: argparse.Namespace) -> None:
             cache_dir=None if args.fresh else cache_dir() / "latency",
             progress=False,
         )
-    base_eval, base_ce = runner.scores(exp.float_model, "evaluation")
+    base_eval, base_loss = runner.scores(exp.float_model, "evaluation")
     base_test, _ = runner.scores(exp.float_model, "test")
+    h = r.hessian
     print(
-        f"\n## {key} ({MODELS[key]}): {len(fqns)} layers; float top-1 eval {base_eval:.4f}, test {base_test:.4f}"
+        f"\n## {key} ({bench.recipe}): {len(fqns)} layers; formats {'/'.join(formats)}; float {metric_name} "
+        f"eval {fmt_metric(base_eval)}, test {fmt_metric(base_test)} "
+        f"({sum(modelio.batch_size(x) for x, _ in ws.evaluation)} / "
+        f"{sum(modelio.batch_size(x) for x, _ in ws.test)} samples)"
     )
     print(
-        f"Hessian traces {table.seconds:.1f} s | activation traces {act.hvps} HVPs, {t_act:.1f} s "
-        f"({sum(x.converged for x in act.layers)}/{len(act.layers)} converged) | latency tables: "
-        + ", ".join(f"batch {b} {lat[b].seconds:.0f} s (float {lat[b].float_ms:.3f} ms)" for b in BATCHES)
+        f"Hessian traces {table.seconds:.1f} s (rel_tol {h.rel_tol}, sub_batch {h.sub_batch}) | activation "
+        f"traces {act.hvps} HVPs, {t_act:.1f} s ({sum(x.converged for x in act.layers)}/{len(act.layers)} "
+        "converged) | latency tables: "
+        + ", ".join(
+            f"batch {b} ({shape_of(feeds[b])}) {lat[b].seconds:.0f} s (float {lat[b].float_ms:.3f} ms)"
+            for b in batches
+        )
     )
-    w8 = options(("int8",), "size", activations=False)
-    ratio = [x.omega / max(w8.option(x.layer, "int8").omega, 1e-30) for x in act.layers]
+    ref_fmt = max((f for f in formats if parse_format(f).activations), key=lambda f: parse_format(f).bits)
+    w8 = options((ref_fmt,), "size", activations=False)
+    ratio = [x.omega / max(w8.option(x.layer, ref_fmt).omega, 1e-30) for x in act.layers]
     print(
-        f"Ω_act / Ω_weights(int8) over layers: median {statistics.median(ratio):.2g}, "
+        f"Ω_act / Ω_weights({ref_fmt}) over layers: median {statistics.median(ratio):.2g}, "
         f"min {min(ratio):.2g}, max {max(ratio):.2g}"
     )
 
@@ -243,26 +342,37 @@ def run(key: str, args: argparse.Namespace) -> None:
         return again
 
     opts_size = options(formats, "size", activations=True)
-    dep = pipeline._dependency_model(ws, opts_size, table, progress=False)
+    dep = None
+    if r.search.dependency:
+        dep = pipeline._dependency_model(ws, opts_size, table, progress=False)
+    else:
+        print(
+            "dependency terms: off (the recipe's search.dependency: false): plain bisection on the frontier"
+        )
     tables = {
         "size": opts_size,
-        **{f"latency@{b}": options(formats, lat[b].cost_model(), activations=True) for b in BATCHES},
+        **{f"latency@{b}": options(formats, lat[b].cost_model(), activations=True) for b in batches},
     }
     rows: dict[str, dict[str, str]] = {}
     notes: dict[str, str] = {}
     probes: list[dict[str, str]] = []
+    a = r.allocation
     for budget_value in BUDGETS:
-        budget = Budget(budget_value, "relative", higher_is_better=True)
+        budget = Budget(budget_value, "relative", higher_is_better=hib)
         for name, opts in tables.items():
-            front = rescore(pareto_frontier(opts), dep)
-            cands = candidates_for_search(front, dep, opts)
+            front = pareto_frontier(opts, cost_grid=a.cost_grid, omega_grid=a.omega_grid)
+            if dep is not None:
+                front = rescore(front, dep)
+                cands = candidates_for_search(front, dep, opts)
+            else:
+                cands = front.points
             b = int(name.partition("@")[2] or 0)
             res = bisect(
                 cands,
                 timed(b) if b else measure,
                 baseline=base_eval,
                 budget=budget,
-                repair=make_repair(cands, dep, opts),
+                repair=make_repair(cands, dep, opts) if dep is not None else None,
                 progress=False,
                 extra=pipeline.uniform_quantized_points(opts) if b else {},
             )
@@ -277,18 +387,18 @@ def run(key: str, args: argparse.Namespace) -> None:
             notes[label] = f"{res.evaluations} evals" + (f", {res.reason}" if b else "")
             if b:
                 uniform = ", ".join(
-                    f"{t.note} {'meets' if t.met else 'misses'}" for t in res.trials if t.source == "extra"
+                    f"{t.note} {fmt_metric(t.metric)} {'meets' if t.met else 'misses'}"
+                    for t in res.trials
+                    if t.source == "extra"
                 )
-                print(f"{label}: chose {res.reason} {rows[label]} | uniform probes: {uniform or 'none new'}")
-        opts_w = {b: options(formats, lat[b].cost_model(), activations=False) for b in BATCHES}
-        for b in BATCHES:
+                print(
+                    f"{label}: chose {res.reason} {describe(rows[label])} | uniform probes: {uniform or 'none new'}"
+                )
+        opts_w = {b: options(formats, lat[b].cost_model(), activations=False) for b in batches}
+        for b in batches:
             ref = rows.get(f"hawqtool latency@{b} {budget_value:.1%}")
-            target = (
-                lat[b].predict(ref)
-                if ref
-                else lat[b].predict({x.fqn: x.pinned or "int8" for x in prepared.layers})
-            )
             # Σ layer costs = float latency + Σ deltas = the predicted latency.
+            target = lat[b].predict(ref or pipeline.uniform_allocation(ws, ref_fmt))
             alloc = ilp(opts_w[b], target)
             label = f"HAWQ-V3 ILP@{b} {budget_value:.1%}"
             if alloc is None:
@@ -300,25 +410,31 @@ def run(key: str, args: argparse.Namespace) -> None:
 
     # -- the table -----------------------------------------------------------------------------
     with tempfile.TemporaryDirectory() as tmp:
-        qs = ort_quantize_static(exp.float_model, ws.calibration, Path(tmp))
+        qs = ort_quantize_static(
+            exp.float_model, ws.calibration, Path(tmp), feeds=ws.io.feeds, op_types=bench.ort_op_types
+        )
     models: dict[str, bytes] = {
         "float": exp.float_model.SerializeToString(),
         "ort int8": qs.SerializeToString(),
     }
     for label, alloc in rows.items():
         models[label] = exp.quantized_model(alloc).SerializeToString()
-    lat_meas = {b: time_models(models, feeds[b], rounds=args.rounds, runs=args.timing_runs) for b in BATCHES}
+    lat_meas = {b: time_models(models, feeds[b], rounds=args.rounds, runs=args.timing_runs) for b in batches}
     import onnx
 
     print(
         f"\nCPU ms of one batch, median over {args.rounds} interleaved rounds ± standard error; "
-        "Δ ort: the row minus ort int8, paired by round"
+        f"Δ ort: the row minus ort int8, paired by round; {metric_name}{' %' if top1 else ''} "
+        f"relative budgets vs the float model"
     )
-    print(
-        "\n| method | budget | ms @1 | ms @64 | Δ ort @1 | Δ ort @64 | pred @1 | pred @64 | KiB | avg bits "
-        "| top-1 eval | top-1 test | note |"
+    cols = (
+        [f"ms @{b}" for b in batches]
+        + [f"Δ ort @{b}" for b in batches]
+        + [f"pred @{b}" for b in batches]
+        + ["KiB", "avg bits", f"{metric_name} eval", f"{metric_name} test", "note", "allocation"]
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| method | budget | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 2) + "|")
     for label, blob in models.items():
         model = onnx.load_from_string(blob)
         ev, _ = runner.scores(model, "evaluation")
@@ -326,25 +442,33 @@ def run(key: str, args: argparse.Namespace) -> None:
         alloc = rows.get(label)
         if label == "float":
             alloc = dict.fromkeys(fqns, "float")
-        pred = [f"{lat[b].predict(alloc):.3f}" if alloc else "" for b in BATCHES]
+        pred = [f"{lat[b].predict(alloc):.3f}" if alloc else "" for b in batches]
         bits = average_bits(alloc, params) if alloc else 8.0
         method, _, budget_label = (
             label.rpartition(" ") if label not in ("float", "ort int8") else (label, "", "")
         )
+        ms = [pm(lat_meas[b][label]) for b in batches]
         vs = [
             "" if label == "ort int8" else versus(lat_meas[b][label], lat_meas[b]["ort int8"])
-            for b in BATCHES
+            for b in batches
         ]
-        print(
-            f"| {method} | {budget_label} | {pm(lat_meas[1][label])} | {pm(lat_meas[64][label])} | {vs[0]} | "
-            f"{vs[1]} | {pred[0]} | {pred[1]} | {len(blob) / 1024:.1f} | {bits:.2f} | {100 * ev:.2f} | "
-            f"{100 * te:.2f} | {notes.get(label, '')} |"
-        )
+        chosen = describe(rows[label]) if label in rows else ""
+        if label == "ort int8":
+            verdicts = [
+                f"{'meets' if Budget(v, 'relative', higher_is_better=hib).meets(base_eval, ev) else 'MISSES'} {v:.1%}"
+                for v in BUDGETS
+            ]
+            notes[label] = ", ".join(verdicts) + (
+                f" ({'/'.join(bench.ort_op_types)} only)" if bench.ort_op_types else ""
+            )
+        cells = [*ms, *vs, *pred, f"{len(blob) / 1024:.1f}", f"{bits:.2f}", fmt_metric(ev), fmt_metric(te)]
+        cells += [notes.get(label, ""), chosen]
+        print(f"| {method} | {budget_label} | " + " | ".join(cells) + " |")
 
     # -- predicted vs measured latency on every probed model -------------------------------------
     uniq = {tuple(sorted(a.items())): a for a in probes}
     probe_models = {str(i): exp.quantized_model(a).SerializeToString() for i, a in enumerate(uniq.values())}
-    for b in BATCHES:
+    for b in batches:
         meas = time_models(probe_models, feeds[b], rounds=5, runs=args.timing_runs)
         predicted = [lat[b].predict(a) for a in uniq.values()]
         m = [meas[str(i)].median_ms for i in range(len(uniq))]
@@ -364,44 +488,58 @@ def run(key: str, args: argparse.Namespace) -> None:
     allocs = [
         {f: str(rng.choice([o.format for o in sp_w.options[f]])) for f in fqns} for _ in range(args.allocs)
     ]
-    drops, dce = [], []
-    for a in allocs:
-        top1, ce = runner.scores(exp.quantized_model(a), "evaluation")
-        drops.append(base_eval - top1)
-        dce.append(ce - base_ce)
-    w = [sp_w.omega(a) for a in allocs]
-    wa = [sp_wa.omega(a) for a in allocs]
+    drops, dloss = [], []
+    for alloc in allocs:
+        metric, loss = runner.scores(exp.quantized_model(alloc), "evaluation")
+        drops.append(Budget(0.0, higher_is_better=hib).drop(base_eval, metric))
+        dloss.append(loss - base_loss)
+    w = [sp_w.omega(x) for x in allocs]
+    wa = [sp_wa.omega(x) for x in allocs]
     print(
         f"Spearman over {args.allocs} random allocations ({'/'.join(SPEARMAN_FORMATS)}): "
-        f"ΣΩ vs top-1 drop {rho(w, drops):.3f}, vs CE increase {rho(w, dce):.3f} | "
-        f"ΣΩ + Ω_act vs top-1 drop {rho(wa, drops):.3f}, vs CE increase {rho(wa, dce):.3f}"
+        f"ΣΩ vs {metric_name} drop {rho(w, drops):.3f}, vs loss increase {rho(w, dloss):.3f} | "
+        f"ΣΩ + Ω_act vs {metric_name} drop {rho(wa, drops):.3f}, vs loss increase {rho(wa, dloss):.3f}"
     )
-    # Weight error held fixed (each layer int6 or int6-w): only the activation terms vary.
-    fixed = [{f: str(rng.choice(["int6", "int6-w"])) for f in fqns} for _ in range(args.allocs // 2)]
-    f_ce = [runner.scores(exp.quantized_model(a), "evaluation")[1] - base_ce for a in fixed]
+    # Weight error held fixed (each layer int6 or int6-w, where it can take both): only the
+    # activation terms vary.
+    six = {f: [o.format for o in sp_w.options[f] if o.format in ("int6", "int6-w")] for f in fqns}
+    fixed = [{f: str(rng.choice(six[f])) for f in fqns if six[f]} for _ in range(args.allocs // 2)]
+    f_loss = [runner.scores(exp.quantized_model(x), "evaluation")[1] - base_loss for x in fixed]
     print(
         f"Spearman over {len(fixed)} random int6 / int6-w allocations (ΣΩ_weights fixed): "
-        f"Σ Ω_act vs CE increase {rho([sp_wa.omega(a) for a in fixed], f_ce):.3f}, "
-        f"number of activation-quantized layers vs CE increase "
-        f"{rho([sum(v == 'int6' for v in a.values()) for a in fixed], f_ce):.3f}"
+        f"Σ Ω_act vs loss increase {rho([sp_wa.omega(x) for x in fixed], f_loss):.3f}, "
+        f"number of activation-quantized layers vs loss increase "
+        f"{rho([sum(v == 'int6' for v in x.values()) for x in fixed], f_loss):.3f}"
     )
     print(f"({key}: {time.perf_counter() - t_start:.0f} s)", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="resnet20,cnn,transformer")
+    ap.add_argument("--models", default="resnet20,cnn,transformer", help=f"of {', '.join(MODELS)}")
     ap.add_argument("--allocs", type=int, default=40)
     ap.add_argument("--runs", type=int, default=20, help="paired runs per latency-table variant")
     ap.add_argument("--rounds", type=int, default=20, help="interleaved rounds of the final table")
     ap.add_argument("--timing-runs", type=int, default=5, help="runs per model per round")
-    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--formats", default=None, help="candidate formats (default: each model's own)")
+    ap.add_argument(
+        "--batches", default=None, help="timed batch sizes, e.g. 1,64 (default: each model's own)"
+    )
+    ap.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override, for every model",
+    )
     ap.add_argument("--fresh", action="store_true", help="measure the latency tables again (no cache)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
     for key in args.models.split(","):
+        if key not in MODELS:
+            ap.error(f"unknown model {key!r}; allowed: {', '.join(MODELS)}")
         run(key, args)
 
 
