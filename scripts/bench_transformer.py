@@ -14,7 +14,10 @@ inside gensim's wheel); nothing is downloaded. All in one run:
 - ``ort quantize_static QDQ u8/s8``: ``quant_pre_process`` then QDQ on the MatMuls, MinMax on the
   calibration split, per-channel int8 weights;
 - ``ort MatMulNBits int4 b32``: ``MatMulNBitsQuantizer`` (4 bits, block 32, symmetric) on every
-  MatMul.
+  MatMul;
+- ``hawqtool uniform FMT`` (``--uniform``, default ``int8-d int7-d``): every layer exported in one
+  format, no search (the embedding, which cannot take a dynamic format, gets the weight-only twin):
+  what a format costs and keeps on this model next to onnxruntime's dynamic quantization.
 
 Fidelity is measured on the held-out TEST split against the float ONNX model: cosine of the
 mean-pooled sentence embeddings (attention-masked mean of ``last_hidden_state``, what the model is
@@ -197,6 +200,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: a temporary one)")
     ap.add_argument("--skip-hawqtool", action="store_true")
+    ap.add_argument(
+        "--uniform",
+        nargs="*",
+        default=["int8-d", "int7-d"],
+        help="also export every layer in each of these formats (layers that cannot take one get its "
+        "weight-only twin), no search",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -248,8 +258,24 @@ def main() -> None:
         except Exception:  # noqa: BLE001  (a failing baseline is reported; the others still run)
             print(f"## {name} FAILED\n\n```\n{traceback.format_exc()}```\n")
 
+    # -- hawqtool's uniform formats, no search (what each format costs on this model) ---------------
+    if args.uniform:
+        from hawqtool import pipeline
+
+        ws = pipeline.load(RECIPE)
+        for fmt in args.uniform:
+            name = f"hawqtool uniform {fmt}"
+            path = out / f"uniform-{fmt}.onnx"
+            try:
+                _, s = timed(
+                    lambda fmt=fmt, path=path: pipeline.export(ws, pipeline.uniform_allocation(ws, fmt), path)
+                )
+                rows[name] = {"path": path, "seconds": s}
+            except Exception:  # noqa: BLE001
+                print(f"## {name} FAILED\n\n```\n{traceback.format_exc()}```\n")
+
     # -- measure ------------------------------------------------------------------------------------
-    order = ["float", "hawqtool", *baselines]
+    order = ["float", "hawqtool", *(f"hawqtool uniform {f}" for f in args.uniform), *baselines]
     sessions = {k: session(rows[k]["path"], args.threads) for k in order if k in rows}
     ref = outputs(sessions["float"], test)
     for k, s in sessions.items():
