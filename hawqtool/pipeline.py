@@ -695,10 +695,13 @@ def dependency_key(ws: Workspace, options: OptionTable, table: SensitivityTable)
     if ws.recipe.search.dependency_numerics == "exported":
         import onnxruntime
 
+        from hawqtool.export.plan import PLAN_VERSION
+
         parts.append(
             {
                 "numerics": "exported",
                 "cross_term_scale": "weights",
+                "plan": PLAN_VERSION,
                 "export": dict(options.settings),
                 "provider": ws.recipe.evaluate.provider,
                 "onnxruntime": onnxruntime.__version__,
