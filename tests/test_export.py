@@ -592,10 +592,8 @@ def test_onnxruntime_matches_torch_fake_quant(name, kind, request, digits_splits
     model = exporter.quantized_model(allocation)
     ref = _torch_simulation(exporter, allocation, torch.from_numpy(x))
     last = exporter.sites[exporter.fqns[-1]].output
-    if last in exporter.activations:
-        step = exporter.activations[last].scale
-    else:  # a MatMul's float output: a uint8 grid over the logits' range
-        step = float(np.ptp(ref)) / 255
+    # A quantized output's uint8 step; for a MatMul's float output, a uint8 grid over its range.
+    step = exporter.activations[last].scale if last in exporter.activations else float(np.ptp(ref)) / 255
     # The graph as ONNX defines it (no fusion) computes the fake-quantized model: within one step
     # of the logits' uint8 grid (float summation order may round an activation the other way).
     plain = np.abs(_run(model, x, optimized=False) - ref) / step
