@@ -54,7 +54,7 @@ from torch import nn
 from hawqtool import modelio
 from hawqtool.cache import load_cached, qualified_name
 from hawqtool.errors import UsageError
-from hawqtool.hessian import MIN_SAMPLES, TINY_TRACE, TraceState, fingerprint
+from hawqtool.hessian import MIN_SAMPLES, TraceState, checkpoint, fingerprint, validate_settings
 from hawqtool.hvp import resolve_device
 from hawqtool.modelio import Batch
 from hawqtool.prepare import ACTIVATION_KINDS, PreparedModel, double_backward_attention
@@ -347,12 +347,7 @@ def estimate_activation_traces(
     batches = list(batches)
     if not batches:
         raise UsageError("the calibration split is empty: give at least one (inputs, targets) batch")
-    if not (isinstance(rel_tol, (int, float)) and math.isfinite(rel_tol) and rel_tol > 0):
-        raise UsageError(f"rel_tol must be a finite number > 0, got {rel_tol!r}")
-    if not isinstance(min_probes, int) or min_probes < 2:
-        raise UsageError(f"min_probes must be an integer >= 2, got {min_probes!r}")
-    if not isinstance(max_probes, int) or max_probes < min_probes:
-        raise UsageError(f"max_probes must be an integer >= min_probes ({min_probes}), got {max_probes!r}")
+    validate_settings(rel_tol=rel_tol, min_probes=min_probes, max_probes=max_probes)
     dev = resolve_device(device)
     settings: dict[str, Any] = {
         "seed": seed,
@@ -391,12 +386,7 @@ def estimate_activation_traces(
             hvps += len(active) * parts
             for s, v in zip(active, values, strict=True):
                 s.add([v], [1.0])
-            floor = TINY_TRACE * sum(abs(s.mean) for s in states) / len(states)
-            for s in active:
-                if s.n >= s.target:
-                    s.check(floor=floor, rel_tol=rel_tol, max_epochs=max_epochs)
-                    if s.done:
-                        bar.update(1)
+            bar.update(checkpoint(states, active, rel_tol=rel_tol, max_epochs=max_epochs))
     finally:
         bar.close()
 

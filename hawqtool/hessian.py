@@ -184,7 +184,7 @@ def estimate_traces(
     batches = list(batches)
     if not batches:
         raise UsageError("the calibration split is empty: give at least one (inputs, targets) batch")
-    _validate(rel_tol=rel_tol, min_probes=min_probes, max_probes=max_probes, sub_batch=sub_batch)
+    validate_settings(rel_tol=rel_tol, min_probes=min_probes, max_probes=max_probes, sub_batch=sub_batch)
     if not isinstance(probes_per_part, int) or probes_per_part < 1:
         raise UsageError(f"probes_per_part must be a positive integer, got {probes_per_part!r}")
     dev = resolve_device(device)
@@ -563,6 +563,20 @@ class TraceState(SampleMean):
         )
 
 
+def checkpoint(
+    states: Sequence[TraceState], active: Sequence[TraceState], *, rel_tol: float, max_epochs: int
+) -> int:
+    """After an epoch: check the ``active`` layers that reached their checkpoint (the tiny-trace
+    floor from every layer's current mean, ``states``); returns how many are now done."""
+    floor = TINY_TRACE * sum(abs(s.mean) for s in states) / len(states)
+    done = 0
+    for s in active:
+        if s.n >= s.target:
+            s.check(floor=floor, rel_tol=rel_tol, max_epochs=max_epochs)
+            done += s.done
+    return done
+
+
 def _run(
     sampler: EpochSampler, states: list[TraceState], *, rel_tol: float, max_epochs: int, progress: bool
 ) -> None:
@@ -584,12 +598,7 @@ def _run(
             hvps += len(active) * len(weights) * sampler.probes_per_part
             for s, v in zip(active, values, strict=True):
                 s.add(v, weights)
-            floor = TINY_TRACE * sum(abs(s.mean) for s in states) / len(states)
-            for s in active:
-                if s.n >= s.target:
-                    s.check(floor=floor, rel_tol=rel_tol, max_epochs=max_epochs)
-                    if s.done:
-                        bar.update(1)
+            bar.update(checkpoint(states, active, rel_tol=rel_tol, max_epochs=max_epochs))
             bar.set_postfix(hvps=hvps, active=sum(not s.done for s in states))
     finally:
         bar.close()
@@ -600,7 +609,15 @@ def _run(
 # --------------------------------------------------------------------------------------------
 
 
-def _validate(*, rel_tol: float, min_probes: int, max_probes: int, sub_batch: int | None) -> None:
+def validate_settings(
+    *, rel_tol: float, min_probes: int, max_probes: int, sub_batch: int | None = None
+) -> None:
+    """The stopping settings shared by the weight and activation trace estimators, and the
+    sub-batch size.
+
+    Raises:
+        UsageError: naming the bad value and what is allowed.
+    """
     if not (isinstance(rel_tol, (int, float)) and math.isfinite(rel_tol) and rel_tol > 0):
         raise UsageError(f"rel_tol must be a finite number > 0, got {rel_tol!r}")
     if not isinstance(min_probes, int) or min_probes < 2:

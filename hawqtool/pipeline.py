@@ -334,16 +334,24 @@ def analyze(
         ws.prepared,
         ws.calibration,
         ws.loss_fn,
-        seed=h.seed,
-        rel_tol=h.rel_tol,
-        min_probes=h.min_probes,
-        max_probes=h.max_probes,
-        device=h.device,
+        **trace_settings(ws),
         dtype=h.dtype,
         sub_batch=h.sub_batch,
         progress=progress,
         cache_dir=cache_dir() / "hessian",
     )
+
+
+def trace_settings(ws: Workspace) -> dict[str, Any]:
+    """The recipe's settings that the weight and the activation trace estimators share."""
+    h = ws.recipe.hessian
+    return {
+        "seed": h.seed,
+        "rel_tol": h.rel_tol,
+        "min_probes": h.min_probes,
+        "max_probes": h.max_probes,
+        "device": h.device,
+    }
 
 
 def frontier(
@@ -527,16 +535,11 @@ def activation_table(ws: Workspace, *, progress: bool = True) -> Any:
     uint8 quantization error (cached by fingerprint, like the weight traces)."""
     from hawqtool.activations import estimate_activation_traces
 
-    h = ws.recipe.hessian
     return estimate_activation_traces(
         ws.prepared,
         ws.calibration,
         ws.loss_fn,
-        seed=h.seed,
-        rel_tol=h.rel_tol,
-        min_probes=h.min_probes,
-        max_probes=h.max_probes,
-        device=h.device,
+        **trace_settings(ws),
         progress=progress,
         cache_dir=cache_dir() / "activations",
     )

@@ -66,17 +66,12 @@ def check(ok: bool, what: str) -> None:
 
 
 def traces(ws: Any, device: str, **kw: Any) -> SensitivityTable:
-    h = ws.recipe.hessian
     return estimate_traces(
         ws.prepared,
         ws.calibration,
         ws.loss_fn,
-        seed=h.seed,
-        rel_tol=h.rel_tol,
-        min_probes=h.min_probes,
-        max_probes=h.max_probes,
-        sub_batch=h.sub_batch,
-        device=device,
+        **{**pipeline.trace_settings(ws), "device": device},
+        sub_batch=ws.recipe.hessian.sub_batch,
         progress=False,
         **kw,
     )
