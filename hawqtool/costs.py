@@ -38,7 +38,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -215,7 +215,7 @@ class BopsCost:
 # --------------------------------------------------------------------------------------------
 
 #: Version of the measurement; part of the cache key.
-LATENCY_SCHEDULE = "paired-interleaved/v1"
+LATENCY_SCHEDULE = "paired-interleaved/v2"
 #: ``context`` of :func:`measure_latency`: the reference each layer's variants are timed against.
 LATENCY_CONTEXTS = ("float", "quantized", "both", "random")
 # A normal distribution's median has a standard error 1.2533 σ/√n; σ from the MAD (× 1.4826) so a
@@ -225,10 +225,16 @@ _MEDIAN_SE = 1.2533 * 1.4826
 
 @dataclass(frozen=True)
 class LatencyEntry:
-    """The latency one layer's format adds to the model, in milliseconds, with its standard error."""
+    """The latency one layer's format adds to the model, in milliseconds, with its standard error.
+
+    ``measured_ms`` / ``measured_stderr_ms`` are the layer's own measurement when ``delta_ms`` was
+    pooled with the layers that run the same kernels (:func:`pool_deltas`); ``None`` when not.
+    """
 
     delta_ms: float
     stderr_ms: float
+    measured_ms: float | None = None
+    measured_stderr_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -286,6 +292,17 @@ class LatencyTable:
     def predict(self, allocation: Mapping[str, str]) -> float:
         """Predicted latency (ms) of an allocation: float latency + Σ deltas (unnamed layers float)."""
         return self.float_ms + math.fsum(self.delta(f, fmt) for f, fmt in allocation.items())
+
+    def unpooled(self) -> LatencyTable:
+        """The table of each layer's own measurements, before :func:`pool_deltas`."""
+        entries = {
+            f: {
+                k: e if e.measured_ms is None else LatencyEntry(e.measured_ms, e.measured_stderr_ms or 0.0)
+                for k, e in row.items()
+            }
+            for f, row in self.entries.items()
+        }
+        return replace(self, entries=entries)
 
     def cost_model(self) -> LatencyCost:
         """This table as a :class:`CostModel` (``build_options(..., cost=table.cost_model())``)."""
@@ -599,6 +616,74 @@ def _random_contexts(
     return out, ref_times
 
 
+def kernel_signature(layer: LayerInfo) -> tuple[Any, ...]:
+    """What decides which kernels a layer runs, and on how much data: its kind, weight shape and
+    MACs per sample. Layers with one signature (a transformer's 24 attention projections, a ResNet
+    stage's convolutions) run the same kernels on the same shapes."""
+    return (layer.kind, tuple(layer.weight_shape), int(layer.macs))
+
+
+def pool_deltas(
+    entries: Mapping[str, Mapping[str, LatencyEntry]], layers: Sequence[LayerInfo]
+) -> dict[str, dict[str, LatencyEntry]]:
+    """Shrink each layer's measured delta toward the mean of the layers with its kernel signature.
+
+    One layer's delta is the difference of two noisy timings, and a search that picks, per layer,
+    the format with the lowest delta picks noise as well as speed (at batch 1 a transformer's deltas
+    are ~0.1 ms with a standard error about as large, and the allocation predicted fastest was
+    predicted 6.8 ms faster than it measured). Layers with one :func:`kernel_signature` measure
+    the same kernels, so per (signature, format) this is the random-effects estimate: the between-
+    layer variance τ² by DerSimonian–Laird (what the deltas' spread shows beyond their standard
+    errors), the precision-weighted mean m, and each layer's delta moved toward m by
+    ``s² / (s² + τ²)``. Deltas that differ by more than their noise (a layer whose Q/DQ boundary
+    costs more) keep their difference (τ² large); deltas that differ by noise alone become their
+    group's mean (τ² = 0). A layer alone in its signature, or without a standard error, is kept.
+
+    Args:
+        entries: ``fqn -> format ->`` :class:`LatencyEntry` as measured.
+        layers: the layers, for their signatures (entries of layers not listed are kept).
+
+    Returns:
+        The entries with ``delta_ms`` / ``stderr_ms`` pooled and the measurement in
+        ``measured_ms`` / ``measured_stderr_ms`` (for every pooled entry).
+
+    Example:
+        >>> a, b = (LayerInfo(n, "linear", (4, 4), params=16, macs=16) for n in "ab")
+        >>> raw = {"a": {"int8": LatencyEntry(-0.25, 0.1)}, "b": {"int8": LatencyEntry(-0.15, 0.1)}}
+        >>> [round(r["int8"].delta_ms, 3) for r in pool_deltas(raw, [a, b]).values()]
+        [-0.2, -0.2]
+    """
+    out = {f: dict(row) for f, row in entries.items()}
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for layer in layers:
+        if layer.fqn in entries and not layer.pinned:
+            groups.setdefault(kernel_signature(layer), []).append(layer.fqn)
+    for fqns in groups.values():
+        for fmt in {k for f in fqns for k in entries[f]} - {FLOAT}:
+            members = [f for f in fqns if fmt in entries[f] and entries[f][fmt].stderr_ms > 0]
+            if len(members) < 2:
+                continue
+            d = np.array([entries[f][fmt].delta_ms for f in members])
+            v = np.array([entries[f][fmt].stderr_ms for f in members]) ** 2
+            w = 1.0 / v
+            fixed = float(np.sum(w * d) / np.sum(w))
+            q = float(np.sum(w * (d - fixed) ** 2))
+            tau2 = max(0.0, (q - (len(d) - 1)) / float(np.sum(w) - np.sum(w**2) / np.sum(w)))
+            wr = 1.0 / (v + tau2)
+            mean = float(np.sum(wr * d) / np.sum(wr))
+            mean_var = 1.0 / float(np.sum(wr))
+            keep = tau2 / (tau2 + v)  # the weight left on the layer's own measurement
+            for k, f in enumerate(members):
+                e = entries[f][fmt]
+                out[f][fmt] = LatencyEntry(
+                    delta_ms=float(mean + keep[k] * (d[k] - mean)),
+                    stderr_ms=math.sqrt(float(keep[k] * v[k] + (1 - keep[k]) ** 2 * mean_var)),
+                    measured_ms=e.delta_ms,
+                    measured_stderr_ms=e.stderr_ms,
+                )
+    return out
+
+
 def measure_latency(
     exporter: QDQExporter,
     feeds: Mapping[str, np.ndarray],
@@ -612,6 +697,7 @@ def measure_latency(
     clock: str = "wall",
     allocations: float = 3.0,
     seed: int = 0,
+    pool: bool = True,
     cache_dir: Path | None = None,
     progress: bool = False,
 ) -> LatencyTable:
@@ -650,6 +736,8 @@ def measure_latency(
             threads it adds the workers' time, spinning included).
         allocations: for ``random``, random allocations per unknown delta (> 1).
         seed: for ``random``, seeds the allocations.
+        pool: shrink each layer's deltas toward those of the layers that run the same kernels
+            (:func:`pool_deltas`; the measurements stay in the entries, :meth:`LatencyTable.unpooled`).
         cache_dir: when given, the table is cached there under a fingerprint of the exported model
             and its calibration, the formats, provider, batch shapes, threads and settings.
         progress: a tqdm bar over the variants.
@@ -704,6 +792,7 @@ def measure_latency(
         "clock": clock,
         "allocations": allocations if context == "random" else None,
         "seed": seed if context == "random" else None,
+        "pool": pool,
         "onnxruntime": ort.__version__,
         "schedule": LATENCY_SCHEDULE,
     }
@@ -761,6 +850,8 @@ def measure_latency(
         }
         for fqn, fmts in per_layer.items()
     }
+    if pool:
+        entries = pool_deltas(entries, layers)
     macs = {layer.fqn: float(layer.macs) for layer in layers}
     total_macs = math.fsum(macs.values())
     base = {

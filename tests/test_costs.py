@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from typing import Any
@@ -193,6 +194,67 @@ def test_predicted_latency_and_pairs_have_known_answers() -> None:
         match=r"format 'int4' of layer 'a' has no latency measurement; measured: float, int8, int8-w",
     ):
         model.layer_cost(a, "int4")
+    assert LatencyTable.from_dict(t.to_dict()) == t
+
+
+def _same_kernels(n: int, **kw: Any) -> list[LayerInfo]:
+    return [LayerInfo(f"l{i}", "linear", (8, 8), params=64, macs=64, **kw) for i in range(n)]
+
+
+def test_pooling_deltas_of_layers_with_one_kernel_removes_noise_not_differences() -> None:
+    from hawqtool.costs import kernel_signature, pool_deltas
+
+    rng = np.random.default_rng(0)
+    layers, se = _same_kernels(12), 0.1
+    # Same true delta (-0.2 ms) everywhere, measured with noise se: pooling leaves the mean and
+    # cuts each layer's error; its standard errors stay honest.
+    raw_err, pooled_err, covered = [], [], 0
+    for _ in range(200):
+        raw = {
+            x.fqn: {
+                "float": LatencyEntry(0.0, 0.0),
+                "int8": LatencyEntry(-0.2 + se * rng.standard_normal(), se),
+            }
+            for x in layers
+        }
+        pooled = pool_deltas(raw, layers)
+        for x in layers:
+            e = pooled[x.fqn]["int8"]
+            raw_err.append(raw[x.fqn]["int8"].delta_ms + 0.2)
+            pooled_err.append(e.delta_ms + 0.2)
+            covered += abs(e.delta_ms + 0.2) <= 2 * e.stderr_ms
+            assert (e.measured_ms, e.measured_stderr_ms) == (raw[x.fqn]["int8"].delta_ms, se)
+            assert pooled[x.fqn]["float"] == LatencyEntry(0.0, 0.0)
+    rms = lambda v: math.sqrt(float(np.mean(np.square(v))))  # noqa: E731
+    assert rms(pooled_err) < 0.5 * rms(raw_err)
+    assert covered / len(pooled_err) > 0.9
+    # True deltas 1 ms apart, noise 0.01 ms: each layer keeps its own measurement.
+    truth = np.linspace(-1.0, 1.0, len(layers))
+    raw = {
+        x.fqn: {"int8": LatencyEntry(float(t + 0.01 * rng.standard_normal()), 0.01)}
+        for x, t in zip(layers, truth, strict=True)
+    }
+    for x in layers:
+        assert pool_deltas(raw, layers)[x.fqn]["int8"].delta_ms == pytest.approx(
+            raw[x.fqn]["int8"].delta_ms, abs=1e-3
+        )
+    # Other kernels, pinned layers and a layer alone in its signature are not pooled.
+    other = LayerInfo("wide", "linear", (16, 8), params=128, macs=128)
+    pinned = _same_kernels(1, pinned="int8")[0]
+    two = _same_kernels(2)
+    raw = {
+        "l0": {"int8": LatencyEntry(-0.25, 0.1)},
+        "l1": {"int8": LatencyEntry(-0.15, 0.1), "int8-w": LatencyEntry(0.2, 0.1)},
+        "wide": {"int8": LatencyEntry(0.5, 0.1)},
+    }
+    assert kernel_signature(other) != kernel_signature(two[0]) == kernel_signature(pinned)
+    pooled = pool_deltas(raw, [*two, other])
+    assert pooled["wide"] == raw["wide"] and pooled["l1"]["int8-w"] == raw["l1"]["int8-w"]
+    assert pooled["l0"]["int8"].delta_ms == pooled["l1"]["int8"].delta_ms == pytest.approx(-0.2)
+    assert pool_deltas(raw, [dataclasses.replace(two[0], pinned="int8"), two[1]]) == raw
+    # The table keeps the measurements: unpooled() gives them back, and they survive the cache.
+    t = dataclasses.replace(_table(), entries=pooled)
+    assert t.unpooled().entries["l0"]["int8"] == LatencyEntry(-0.25, 0.1)
     assert LatencyTable.from_dict(t.to_dict()) == t
 
 
