@@ -433,6 +433,7 @@ def run(key: str, args: argparse.Namespace) -> None:
         + [f"pred @{b}" for b in batches]
         + ["KiB", "avg bits", f"{metric_name} eval", f"{metric_name} test", "note", "allocation"]
     )
+    within: dict[float, list[str]] = {}  # budget -> rows that meet it on the evaluation split
     print("\n| method | budget | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 2) + "|")
     for label, blob in models.items():
@@ -464,6 +465,25 @@ def run(key: str, args: argparse.Namespace) -> None:
         cells = [*ms, *vs, *pred, f"{len(blob) / 1024:.1f}", f"{bits:.2f}", fmt_metric(ev), fmt_metric(te)]
         cells += [notes.get(label, ""), chosen]
         print(f"| {method} | {budget_label} | " + " | ".join(cells) + " |")
+        for v in BUDGETS:
+            if Budget(v, "relative", higher_is_better=hib).meets(base_eval, ev):
+                within.setdefault(v, []).append(label)
+
+    # -- the goal: is cost: latency at batch B the fastest model within budget at batch B? --------
+    for v in BUDGETS:
+        for b in batches:
+            ours = f"hawqtool latency@{b} {v:.1%}"
+            if ours not in within.get(v, []):
+                print(f"{v:.1%}, batch {b}: {ours} is not within budget")
+                continue
+            best = min(within[v], key=lambda k: lat_meas[b][k].median_ms)
+            d, se = lat_meas[b][ours].minus(lat_meas[b][best])
+            verdict = "the fastest" if best == ours else ("slower" if d > 2 * se else "tied (within noise)")
+            print(
+                f"{v:.1%}, batch {b}: fastest within budget {best} ({pm(lat_meas[b][best])} ms); "
+                f"latency@{b} − it {d:+.3f} ± {se:.3f} ms, paired by round: {verdict}; "
+                f"vs float {100 * (lat_meas[b][ours].median_ms / lat_meas[b]['float'].median_ms - 1):+.1f} %"
+            )
 
     # -- predicted vs measured latency on every probed model -------------------------------------
     uniq = {tuple(sorted(a.items())): a for a in probes}
