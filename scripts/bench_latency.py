@@ -534,6 +534,17 @@ def run(key: str, args: argparse.Namespace) -> None:
     print(f"({key}: {time.perf_counter() - t_start:.0f} s)", flush=True)
 
 
+def setup(ap: argparse.ArgumentParser, models: str) -> list[str]:
+    """The bench's process settings, and the model keys of ``--models`` (an unknown one exits 2)."""
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(2)
+    keys = models.split(",")
+    for key in keys:
+        if key not in MODELS:
+            ap.error(f"unknown model {key!r}; allowed: {', '.join(MODELS)}")
+    return keys
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="resnet20,cnn,transformer", help=f"of {', '.join(MODELS)}")
@@ -555,11 +566,7 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="measure the latency tables again (no cache)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(2)
-    for key in args.models.split(","):
-        if key not in MODELS:
-            ap.error(f"unknown model {key!r}; allowed: {', '.join(MODELS)}")
+    for key in setup(ap, args.models):
         run(key, args)
 
 

@@ -23,7 +23,6 @@ static ones, ``--formats int8-d,int7-d,int8,int8-w,int4-b32,float`` adds the dyn
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
 import sys
 import time
@@ -31,7 +30,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy.stats import spearmanr
 
 from hawqtool import pipeline
@@ -39,7 +37,7 @@ from hawqtool.cache import cache_dir
 from hawqtool.costs import LatencyTable, measure_latency, time_interleaved
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_latency import MODELS, THREADS, batch_feeds
+from bench_latency import MODELS, THREADS, batch_feeds, setup
 
 
 def fastest(table: LatencyTable, forced: set[str]) -> dict[str, str]:
@@ -134,11 +132,7 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="measure the latency tables again (no cache)")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(2)
-    for key in args.models.split(","):
-        if key not in MODELS:
-            ap.error(f"unknown model {key!r}; allowed: {', '.join(MODELS)}")
+    for key in setup(ap, args.models):
         batches = [int(b) for b in args.batches.split(",")] if args.batches else MODELS[key].batches
         for b in batches:
             run(key, b, args)
