@@ -442,13 +442,17 @@ Retime = Callable[[Sequence[Mapping[str, str]]], Sequence[Any]]
 
 def _fastest_within_budget(
     result: Any, table: Any, options: OptionTable, retime: Retime | None = None
-) -> tuple[Any, list[dict[str, Any]]]:
+) -> tuple[Any, list[dict[str, Any]], dict[str, Any] | None]:
     """Among the timed probes that met the budget (and quantize something), the one with the lowest
-    measured latency; and every probe's predicted vs measured latency.
+    measured latency; every probe's predicted vs measured latency; and the choice against float.
 
     Probes are timed one after another, minutes apart on a busy machine, so with ``retime`` (given
     the allocations, their :class:`hawqtool.costs.Timing` from rounds interleaved with each other)
-    the probes within budget are timed again together and the choice is made on those medians.
+    the probes within budget are timed again together, with the float model in the same rounds, and
+    the choice is made on those medians. The third value (``None`` without ``retime``) compares the
+    choice with float, paired by round: on small layers or at batch 1 the Q/DQ nodes can cost more
+    than the integer kernels save, and then no quantized model within budget is faster than float
+    (``verdict`` ``slower``), which the report says.
     """
     from hawqtool.costs import predicted_latency
 
@@ -471,15 +475,37 @@ def _fastest_within_budget(
         if t.met and t.latency_ms is not None and any(is_quantized(f) for f in t.allocation.values())
     ]
     if not ok:
-        return result, rows
+        return result, rows, None
     latency = {i: result.trials[i].latency_ms for i in ok}
-    if retime is not None and len(ok) > 1:
-        for i, timing in zip(ok, retime([result.trials[i].allocation for i in ok]), strict=True):
+    versus_float = None
+    if retime is not None:
+        float_timing, *timings = retime([{}, *(result.trials[i].allocation for i in ok)])
+        for i, timing in zip(ok, timings, strict=True):
             rows[i].update(retimed_ms=timing.median_ms, retimed_stderr_ms=timing.stderr_ms)
             latency[i] = timing.median_ms
+        fastest = min(range(len(ok)), key=lambda k: timings[k].median_ms)
+        diff, se = timings[fastest].minus(float_timing)
+        versus_float = {
+            "float_ms": float_timing.median_ms,
+            "float_stderr_ms": float_timing.stderr_ms,
+            "chosen_ms": timings[fastest].median_ms,
+            "chosen_stderr_ms": timings[fastest].stderr_ms,
+            "difference_ms": diff,
+            "difference_stderr_ms": se,
+            "verdict": "within noise" if abs(diff) <= 2 * se else ("faster" if diff < 0 else "slower"),
+        }
+        if versus_float["verdict"] == "slower":
+            log.warning(
+                "no quantized model within budget is faster than float here: the fastest is %+.3f ± %.3f ms "
+                "slower (%.3f vs %.3f ms, timed in the same rounds)",
+                diff,
+                se,
+                timings[fastest].median_ms,
+                float_timing.median_ms,
+            )
     best = result.trials[min(ok, key=lambda i: latency[i])]
     if result.chosen is not None and dict(result.chosen.allocation) == dict(best.allocation):
-        return result, rows
+        return result, rows, versus_float
     point = FrontierPoint(
         cost=best.cost,
         omega=options.omega(best.allocation),
@@ -489,7 +515,7 @@ def _fastest_within_budget(
     log.info(
         "fastest measured probe within budget: %s #%d (%.3f ms)", best.note, best.index, min(latency.values())
     )
-    return replace(result, chosen=point, chosen_index=None, reason="fastest-measured"), rows
+    return replace(result, chosen=point, chosen_index=None, reason="fastest-measured"), rows, versus_float
 
 
 def check_assumptions(options: OptionTable, exp: Any, dep: Any | None) -> None:
@@ -902,7 +928,7 @@ def quantize(
         extra=uniform_quantized_points(options) if timed_probes else {},
     )
     timings["search"] = time.perf_counter() - t
-    latency_check = None
+    latency_check = versus_float = None
     if timed_probes:
         from hawqtool.costs import time_interleaved
 
@@ -919,7 +945,9 @@ def quantize(
             return [got[str(i)] for i in range(len(allocations))]
 
         t = time.perf_counter()
-        result, latency_check = _fastest_within_budget(result, latency_table(ws), options, retime)
+        result, latency_check, versus_float = _fastest_within_budget(
+            result, latency_table(ws), options, retime
+        )
         timings["search"] += time.perf_counter() - t
     chosen = result.chosen
     if chosen is not None and not any(is_quantized(f) for f in chosen.allocation.values()):
@@ -957,6 +985,7 @@ def quantize(
     )
     if latency_check is not None:
         report["search"]["latency"] = latency_check
+        report["search"]["latency_vs_float"] = versus_float
     uniform = uniform_points(options, r.allocation.formats)
     trials = [(t.cost, options.omega(t.allocation), t.met) for t in result.trials]
     # Under the latency cost: each timed probe's predicted against its measured latency.

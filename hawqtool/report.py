@@ -407,6 +407,21 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 for row in lat
             ),
         ]
+        vf = report["search"].get("latency_vs_float")
+        if vf:
+            lines += [
+                "",
+                f"Timed in the same rounds as the float model: the fastest within budget "
+                f"{vf['chosen_ms']:.3f} ± {vf['chosen_stderr_ms']:.3f} ms, float {vf['float_ms']:.3f} ± "
+                f"{vf['float_stderr_ms']:.3f} ms, a difference of {vf['difference_ms']:+.3f} ± "
+                f"{vf['difference_stderr_ms']:.3f} ms ({vf['verdict']})."
+                + (
+                    " **No quantized model within the budget is faster than float** on this provider at "
+                    "this batch shape: the Q/DQ nodes cost more than the integer kernels save."
+                    if vf["verdict"] == "slower"
+                    else ""
+                ),
+            ]
     layers = report.get("layers") or {}
     if layers.get("unused") or layers.get("unsupported"):
         lines += [""]

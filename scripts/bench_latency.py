@@ -377,7 +377,7 @@ def run(key: str, args: argparse.Namespace) -> None:
                 extra=pipeline.uniform_quantized_points(opts) if b else {},
             )
             if b:
-                res, _ = pipeline._fastest_within_budget(res, lat[b], opts, retime(b))
+                res, _, _ = pipeline._fastest_within_budget(res, lat[b], opts, retime(b))
             probes += [dict(t.allocation) for t in res.trials]
             label = f"hawqtool {name} {budget_value:.1%}"
             if res.chosen is None:

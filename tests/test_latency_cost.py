@@ -82,20 +82,34 @@ def test_the_choice_is_the_fastest_within_budget_of_everything_timed_retimed_tog
     # Timed one by one, the uniform model looked fastest; timed together it is not.
     seen: list[list[str]] = []
 
-    def retime(allocations):  # type: ignore[no-untyped-def]
-        seen.append([a["a"] for a in allocations])
-        known = {"int4": Timing(1.30, 0.01, (1.3, 1.3, 1.3)), "int8": Timing(1.35, 0.01, (1.35,) * 3)}
-        return [known[a["a"]] for a in allocations]
+    known = {
+        "float": Timing(2.0, 0.01, (2.0, 2.1, 1.9)),
+        "int4": Timing(1.30, 0.01, (1.3, 1.3, 1.3)),
+        "int8": Timing(1.35, 0.01, (1.35,) * 3),
+    }
 
-    chosen, rows = _fastest_within_budget(result, table, options, retime)
-    assert seen == [["int4", "int8"]]  # the quantized probes within budget, no float, no miss
+    def retime(allocations):  # type: ignore[no-untyped-def]
+        seen.append([a.get("a", "float") for a in allocations])
+        return [known[a.get("a", "float")] for a in allocations]
+
+    chosen, rows, versus_float = _fastest_within_budget(result, table, options, retime)
+    # The quantized probes within budget (no miss), and the float model in the same rounds.
+    assert seen == [["float", "int4", "int8"]]
     assert chosen.chosen == bisected and chosen.reason == "converged"
+    assert versus_float is not None and versus_float["verdict"] == "faster"
+    assert versus_float["difference_ms"] == pytest.approx(-0.7) and versus_float["chosen_ms"] == 1.3
     assert [r["predicted_ms"] for r in rows] == [2.0, 1.8, 1.5, 1.5]
     assert [r["measured_ms"] for r in rows] == [2.0, 1.5, 1.4, 1.0]
     assert [r["retimed_ms"] for r in rows] == [None, 1.30, 1.35, None]
     assert [r["source"] for r in rows] == ["candidates", "candidates", "extra", "candidates"]
+    # Where float is faster than every quantized model within budget, the comparison says so.
+    known["float"] = Timing(1.0, 0.01, (1.0, 1.0, 1.0))
+    _, _, versus_float = _fastest_within_budget(result, table, options, retime)
+    assert versus_float is not None and versus_float["verdict"] == "slower"
+    assert versus_float["difference_ms"] == pytest.approx(0.3)
     # Without re-timing the probe timings decide: the uniform model, which bisection never chose.
-    chosen, rows = _fastest_within_budget(result, table, options)
+    chosen, rows, versus_float = _fastest_within_budget(result, table, options)
+    assert versus_float is None
     assert chosen.reason == "fastest-measured" and chosen.chosen is not None
     assert dict(chosen.chosen.allocation) == {"a": "int8"} and chosen.chosen.omega == 24.0
     assert all(r["retimed_ms"] is None for r in rows)
@@ -118,5 +132,11 @@ def test_quantize_under_the_latency_cost_times_the_uniform_models(tmp_path: Path
     if met:  # the choice is the fastest of the probes within budget, timed together
         fastest = min(met, key=lambda rt: rt[0]["retimed_ms"])[1]
         assert rep["result"]["allocation"] == fastest["allocation"]
-    assert "re-timed (ms)" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "re-timed (ms)" in md
+    vf = rep["search"]["latency_vs_float"]
+    if met:  # the fastest within budget against float, timed in the same rounds
+        assert vf["verdict"] in ("faster", "within noise", "slower") and vf["float_ms"] > 0
+        assert vf["chosen_ms"] == min(r["retimed_ms"] for r, _ in met)
+        assert "Timed in the same rounds as the float model" in md
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
