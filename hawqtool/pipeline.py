@@ -37,6 +37,7 @@ from hawqtool.types import (
     FrontierPoint,
     OptionTable,
     SensitivityTable,
+    Trial,
     average_bits,
     is_quantized,
     parse_format,
@@ -438,26 +439,73 @@ def uniform_quantized_points(options: OptionTable) -> dict[str, FrontierPoint]:
 
 
 Retime = Callable[[Sequence[Mapping[str, str]]], Sequence[Any]]
+Check = Callable[[FrontierPoint], Any]
+#: Under ``cost: latency``: how many unprobed candidates more precise than the search's choice are
+#: timed with the probes within budget (:func:`latency_shortlist`), and how many of them, fastest
+#: first, may be evaluated when one measures faster than every probe within budget.
+LATENCY_SHORTLIST = 8
+LATENCY_SHORTLIST_CHECKS = 2
+
+
+def latency_shortlist(
+    candidates: Sequence[FrontierPoint], result: Any, k: int = LATENCY_SHORTLIST
+) -> list[FrontierPoint]:
+    """Up to ``k`` candidates costlier (by predicted latency) than the search's choice that no trial
+    probed, spread evenly from the choice to the most precise. Along a frontier a costlier point has
+    a lower ΣΩ, so the monotonicity bisection relies on expects them within budget; predicted
+    latency can still order them wrongly (on small layers at batch 1 a mostly-float model can be the
+    fastest within budget), and timing a model costs far less than evaluating it.
+
+    Example:
+        >>> from hawqtool.search import SearchResult
+        >>> pts = [FrontierPoint(c, 10.0 - c, {"a": f"int{c}"}, c) for c in (2, 4, 6, 8)]
+        >>> res = SearchResult(pts[0], 0, (), True, 1.0, "converged")
+        >>> [p.cost for p in latency_shortlist(pts, res, k=2)]
+        [4, 8]
+    """
+    if result.chosen is None or k < 1:
+        return []
+    probed = {tuple(sorted(t.allocation.items())) for t in result.trials}
+    above = [
+        p
+        for p in candidates
+        if p.cost > result.chosen.cost
+        and tuple(sorted(p.allocation.items())) not in probed
+        and any(is_quantized(f) for f in p.allocation.values())
+    ]
+    if len(above) <= k:
+        return above
+    return [above[i] for i in np.unique(np.linspace(0, len(above) - 1, k).round().astype(int))]
 
 
 def _fastest_within_budget(
-    result: Any, table: Any, options: OptionTable, retime: Retime | None = None
+    result: Any,
+    table: Any,
+    options: OptionTable,
+    retime: Retime | None = None,
+    *,
+    shortlist: Sequence[FrontierPoint] = (),
+    check: Check | None = None,
 ) -> tuple[Any, list[dict[str, Any]], dict[str, Any] | None]:
     """Among the timed probes that met the budget (and quantize something), the one with the lowest
     measured latency; every probe's predicted vs measured latency; and the choice against float.
 
     Probes are timed one after another, minutes apart on a busy machine, so with ``retime`` (given
     the allocations, their :class:`hawqtool.costs.Timing` from rounds interleaved with each other)
-    the probes within budget are timed again together, with the float model in the same rounds, and
-    the choice is made on those medians. The third value (``None`` without ``retime``) compares the
-    choice with float, paired by round: on small layers or at batch 1 the Q/DQ nodes can cost more
-    than the integer kernels save, and then no quantized model within budget is faster than float
-    (``verdict`` ``slower``), which the report says.
+    the probes within budget are timed again together, with the float model and the ``shortlist``
+    (:func:`latency_shortlist`) in the same rounds, and the choice is made on those medians: the
+    fastest probe within budget, unless a shortlisted point measures faster; then ``check``
+    (evaluate and judge one point, :func:`hawqtool.search.measure_trial`) is called on those, fastest
+    first, at most :data:`LATENCY_SHORTLIST_CHECKS` times, and the first that meets the budget is
+    chosen (its trial is appended, ``source="timed"``). The third value (``None`` without
+    ``retime``) compares the choice with float, paired by round: on small layers or at batch 1 the
+    Q/DQ nodes can cost more than the integer kernels save, and then no quantized model within
+    budget is faster than float (``verdict`` ``slower``), which the report says.
     """
     from hawqtool.costs import predicted_latency
 
-    rows = [
-        {
+    def row(t: Any) -> dict[str, Any]:
+        return {
             "index": t.index,
             "note": t.note,
             "met": t.met,
@@ -467,8 +515,8 @@ def _fastest_within_budget(
             "retimed_ms": None,
             "retimed_stderr_ms": None,
         }
-        for t in result.trials
-    ]
+
+    rows = [row(t) for t in result.trials]
     ok = [
         i
         for i, t in enumerate(result.trials)
@@ -476,46 +524,68 @@ def _fastest_within_budget(
     ]
     if not ok:
         return result, rows, None
-    latency = {i: result.trials[i].latency_ms for i in ok}
-    versus_float = None
-    if retime is not None:
-        float_timing, *timings = retime([{}, *(result.trials[i].allocation for i in ok)])
-        for i, timing in zip(ok, timings, strict=True):
-            rows[i].update(retimed_ms=timing.median_ms, retimed_stderr_ms=timing.stderr_ms)
-            latency[i] = timing.median_ms
-        fastest = min(range(len(ok)), key=lambda k: timings[k].median_ms)
-        diff, se = timings[fastest].minus(float_timing)
-        versus_float = {
-            "float_ms": float_timing.median_ms,
-            "float_stderr_ms": float_timing.stderr_ms,
-            "chosen_ms": timings[fastest].median_ms,
-            "chosen_stderr_ms": timings[fastest].stderr_ms,
-            "difference_ms": diff,
-            "difference_stderr_ms": se,
-            "verdict": "within noise" if abs(diff) <= 2 * se else ("faster" if diff < 0 else "slower"),
-        }
-        if versus_float["verdict"] == "slower":
-            log.warning(
-                "no quantized model within budget is faster than float here: the fastest is %+.3f ± %.3f ms "
-                "slower (%.3f vs %.3f ms, timed in the same rounds)",
-                diff,
-                se,
-                timings[fastest].median_ms,
-                float_timing.median_ms,
-            )
-    best = result.trials[min(ok, key=lambda i: latency[i])]
+    if retime is None:
+        best = result.trials[min(ok, key=lambda i: result.trials[i].latency_ms)]
+        return _choose(result, best, options), rows, None
+    shortlist = list(shortlist) if check is not None else []
+    float_timing, *timings = retime(
+        [{}, *(result.trials[i].allocation for i in ok), *(p.allocation for p in shortlist)]
+    )
+    for i, timing in zip(ok, timings[: len(ok)], strict=True):
+        rows[i].update(retimed_ms=timing.median_ms, retimed_stderr_ms=timing.stderr_ms)
+    best, best_timing, added, checks = None, None, [], 0
+    for k in sorted(range(len(timings)), key=lambda k: timings[k].median_ms):
+        if k < len(ok):
+            best, best_timing = result.trials[ok[k]], timings[k]
+            break
+        if check is None or checks >= LATENCY_SHORTLIST_CHECKS:
+            continue
+        checks += 1
+        trial = replace(check(shortlist[k - len(ok)]), source="timed")
+        added.append(trial)
+        rows.append(
+            {**row(trial), "retimed_ms": timings[k].median_ms, "retimed_stderr_ms": timings[k].stderr_ms}
+        )
+        if trial.met:
+            best, best_timing = trial, timings[k]
+            break
+    assert best is not None and best_timing is not None  # the probes within budget are in the loop
+    if added:
+        result = replace(result, trials=(*result.trials, *added))
+    diff, se = best_timing.minus(float_timing)
+    versus_float = {
+        "float_ms": float_timing.median_ms,
+        "float_stderr_ms": float_timing.stderr_ms,
+        "chosen_ms": best_timing.median_ms,
+        "chosen_stderr_ms": best_timing.stderr_ms,
+        "difference_ms": diff,
+        "difference_stderr_ms": se,
+        "verdict": "within noise" if abs(diff) <= 2 * se else ("faster" if diff < 0 else "slower"),
+    }
+    if versus_float["verdict"] == "slower":
+        log.warning(
+            "no quantized model within budget is faster than float here: the fastest is %+.3f ± %.3f ms "
+            "slower (%.3f vs %.3f ms, timed in the same rounds)",
+            diff,
+            se,
+            best_timing.median_ms,
+            float_timing.median_ms,
+        )
+    return _choose(result, best, options), rows, versus_float
+
+
+def _choose(result: Any, best: Any, options: OptionTable) -> Any:
+    """``result`` with ``best`` (a trial) as its choice, unless it is the choice already."""
     if result.chosen is not None and dict(result.chosen.allocation) == dict(best.allocation):
-        return result, rows, versus_float
+        return result
     point = FrontierPoint(
         cost=best.cost,
         omega=options.omega(best.allocation),
         allocation=dict(best.allocation),
         avg_bits=best.avg_bits,
     )
-    log.info(
-        "fastest measured probe within budget: %s #%d (%.3f ms)", best.note, best.index, min(latency.values())
-    )
-    return replace(result, chosen=point, chosen_index=None, reason="fastest-measured"), rows, versus_float
+    log.info("fastest measured model within budget: %s #%d (%s)", best.note, best.index, best.source)
+    return replace(result, chosen=point, chosen_index=None, reason="fastest-measured")
 
 
 def check_assumptions(options: OptionTable, exp: Any, dep: Any | None) -> None:
@@ -821,7 +891,7 @@ def quantize(
         write_report,
         write_sensitivity,
     )
-    from hawqtool.search import Measurement, bisect
+    from hawqtool.search import Measurement, bisect, measure_trial
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -945,8 +1015,26 @@ def quantize(
             return [got[str(i)] for i in range(len(allocations))]
 
         t = time.perf_counter()
+
+        def check(point: FrontierPoint) -> Trial:
+            return measure_trial(
+                point,
+                measure,
+                baseline=base_eval.metric,
+                budget=budget,
+                reference=Measurement.of(base_eval),
+                seed=r.hessian.seed,
+                index=candidates.index(point),
+                note="shortlist",
+            )
+
         result, latency_check, versus_float = _fastest_within_budget(
-            result, latency_table(ws), options, retime
+            result,
+            latency_table(ws),
+            options,
+            retime,
+            shortlist=latency_shortlist(candidates, result),
+            check=check,
         )
         timings["search"] += time.perf_counter() - t
     chosen = result.chosen

@@ -140,6 +140,66 @@ def _key(point: FrontierPoint) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(point.allocation.items()))
 
 
+def measure_trial(
+    point: FrontierPoint,
+    evaluate: Evaluate,
+    *,
+    baseline: float,
+    budget: Budget,
+    reference: Measurement | None = None,
+    seed: int = 0,
+    index: int = 0,
+    note: str = "",
+    source: str = "candidates",
+) -> Trial:
+    """Evaluate one point and judge it against ``budget`` as :func:`bisect` does (a confidence bound
+    on the drop when ``reference`` has per-sample values, the point drop otherwise; a non-finite
+    metric is a miss). ``index``, ``note`` and ``source`` are recorded in the :class:`Trial`."""
+    t0 = time.perf_counter()
+    got = evaluate(point)
+    seconds = time.perf_counter() - t0
+    m = got if isinstance(got, Measurement) else Measurement(float(got))
+    metric = float(m.metric)
+    if not math.isfinite(metric):
+        log.warning("candidate #%d has a non-finite metric (%s); counted as a miss", index, metric)
+    drop = budget.drop(baseline, metric)
+    lower = upper = drop
+    bound = "point"
+    if reference is not None and math.isfinite(metric):
+        est = judge(budget, reference, m, seed=seed)
+        drop, lower, upper, bound = est.drop, est.lower, est.upper, est.method
+    met = math.isfinite(metric) and upper <= budget.max_drop + 1e-12
+    trial = Trial(
+        index=index,
+        cost=point.cost,
+        avg_bits=point.avg_bits,
+        metric=metric,
+        drop=drop,
+        met=met,
+        seconds=seconds,
+        allocation=dict(point.allocation),
+        note=note,
+        drop_lower=lower,
+        drop_upper=upper,
+        confidence=budget.confidence if bound != "point" else 0.0,
+        bound=bound,
+        source=source,
+        latency_ms=m.latency_ms,
+    )
+    log.info(
+        "search probe #%d (%s): cost %.6g, %.2f avg bits, metric %.6g, drop %.4g (bound %.4g) -> %s",
+        index,
+        note,
+        point.cost,
+        point.avg_bits,
+        metric,
+        drop,
+        upper,
+        "meets" if trial.met else "misses",
+    )
+    return trial
+
+
 def bisect(
     candidates: Sequence[FrontierPoint] | Iterable[FrontierPoint],
     evaluate: Evaluate,
@@ -225,52 +285,21 @@ def bisect(
         key = _key(point)
         if key in memo:
             return memo[key]
-        t0 = time.perf_counter()
-        got = evaluate(point)
-        seconds = time.perf_counter() - t0
-        m = got if isinstance(got, Measurement) else Measurement(float(got))
-        metric = float(m.metric)
-        if not math.isfinite(metric):
-            log.warning("candidate #%d has a non-finite metric (%s); counted as a miss", index, metric)
-        drop = budget.drop(baseline, metric)
-        lower = upper = drop
-        bound = "point"
-        if reference is not None and math.isfinite(metric):
-            est = judge(budget, reference, m, seed=seed)
-            drop, lower, upper, bound = est.drop, est.lower, est.upper, est.method
-        met = math.isfinite(metric) and upper <= budget.max_drop + 1e-12
-        trial = Trial(
+        trial = measure_trial(
+            point,
+            evaluate,
+            baseline=baseline,
+            budget=budget,
+            reference=reference,
+            seed=seed,
             index=index,
-            cost=point.cost,
-            avg_bits=point.avg_bits,
-            metric=metric,
-            drop=drop,
-            met=met,
-            seconds=seconds,
-            allocation=dict(point.allocation),
             note=note,
-            drop_lower=lower,
-            drop_upper=upper,
-            confidence=budget.confidence if bound != "point" else 0.0,
-            bound=bound,
             source=source,
-            latency_ms=m.latency_ms,
         )
         memo[key] = trial
         trials.append(trial)
         bar.update(1)
-        bar.set_postfix(index=index, metric=f"{metric:.4g}", met=trial.met)
-        log.info(
-            "search probe #%d (%s): cost %.6g, %.2f avg bits, metric %.6g, drop %.4g (bound %.4g) -> %s",
-            index,
-            note,
-            point.cost,
-            point.avg_bits,
-            metric,
-            drop,
-            upper,
-            "meets" if trial.met else "misses",
-        )
+        bar.set_postfix(index=index, metric=f"{trial.metric:.4g}", met=trial.met)
         return trial
 
     def in_range(t: Trial) -> bool:

@@ -77,7 +77,7 @@ from hawqtool.dependency import candidates_for_search, make_repair, rescore
 from hawqtool.errors import UsageError
 from hawqtool.evaluate import evaluate_onnx
 from hawqtool.frontier import pareto_frontier
-from hawqtool.search import Measurement, bisect
+from hawqtool.search import Measurement, bisect, measure_trial
 from hawqtool.sensitivity import build_options
 from hawqtool.types import Budget, FrontierPoint, OptionTable, average_bits, parse_format
 
@@ -333,6 +333,16 @@ def run(key: str, args: argparse.Namespace) -> None:
 
         return evaluate
 
+    def shortlist_check(cands: Sequence[FrontierPoint], b: int, budget: Budget) -> Any:
+        """Evaluate a shortlisted candidate as quantize() does (timed at batch b)."""
+
+        def check(p: FrontierPoint) -> Any:
+            return measure_trial(
+                p, timed(b), baseline=base_eval, budget=budget, index=list(cands).index(p), note="shortlist"
+            )
+
+        return check
+
     def retime(b: int) -> Any:
         def again(allocations: Sequence[Mapping[str, str]]) -> list[Timing]:
             blobs = {str(i): exp.quantized_model(a).SerializeToString() for i, a in enumerate(allocations)}
@@ -377,7 +387,14 @@ def run(key: str, args: argparse.Namespace) -> None:
                 extra=pipeline.uniform_quantized_points(opts) if b else {},
             )
             if b:
-                res, _, _ = pipeline._fastest_within_budget(res, lat[b], opts, retime(b))
+                res, _, _ = pipeline._fastest_within_budget(
+                    res,
+                    lat[b],
+                    opts,
+                    retime(b),
+                    shortlist=pipeline.latency_shortlist(cands, res),
+                    check=shortlist_check(cands, b, budget),
+                )
             probes += [dict(t.allocation) for t in res.trials]
             label = f"hawqtool {name} {budget_value:.1%}"
             if res.chosen is None:
@@ -391,8 +408,14 @@ def run(key: str, args: argparse.Namespace) -> None:
                     for t in res.trials
                     if t.source == "extra"
                 )
+                checked = [
+                    f"{fmt_metric(t.metric)} {'meets' if t.met else 'misses'}"
+                    for t in res.trials
+                    if t.source == "timed"
+                ]
                 print(
                     f"{label}: chose {res.reason} {describe(rows[label])} | uniform probes: {uniform or 'none new'}"
+                    f" | shortlist evaluated: {', '.join(checked) or 'none'}"
                 )
         opts_w = {b: options(formats, lat[b].cost_model(), activations=False) for b in batches}
         for b in batches:

@@ -16,7 +16,7 @@ from hawqtool.types import FrontierPoint, LayerOption, OptionTable, Trial
 
 def _row(*formats: str) -> tuple[LayerOption, ...]:
     # cost = bits, omega = 32 - bits, less 0.5 without the activation error: float is the most precise.
-    bits = {"int2": 2, "int4": 4, "int7": 7, "int8": 8, "int4-w": 4, "int8-d": 8, "float": 32}
+    bits = {"int2": 2, "int4": 4, "int6": 6, "int7": 7, "int8": 8, "int4-w": 4, "int8-d": 8, "float": 32}
     return tuple(
         LayerOption(f, float(bits[f]), 0.0, 32.0 - bits[f] - 0.5 * f.endswith("-w")) for f in formats
     )
@@ -113,6 +113,60 @@ def test_the_choice_is_the_fastest_within_budget_of_everything_timed_retimed_tog
     assert chosen.reason == "fastest-measured" and chosen.chosen is not None
     assert dict(chosen.chosen.allocation) == {"a": "int8"} and chosen.chosen.omega == 24.0
     assert all(r["retimed_ms"] is None for r in rows)
+
+
+def test_a_shortlisted_candidate_that_measures_faster_is_evaluated_and_chosen_if_it_meets() -> None:
+    from hawqtool.costs import LatencyEntry, LatencyTable
+    from hawqtool.pipeline import LATENCY_SHORTLIST_CHECKS, latency_shortlist
+
+    fmts = ("int2", "int4", "int6", "int7", "int8", "float")
+    entries = {"a": {f: LatencyEntry(0.0, 0.0) for f in fmts}}
+    table = LatencyTable(2.0, 0.0, {"a": 2.0}, entries, "cpu", 1, {"x": (1,)}, "both", 10, 0.0, "fp")
+    options = OptionTable(("a",), {"a": _row(*fmts)}, "latency")
+    # Candidates by predicted cost; bisection probed int4 (met, its choice) and int2 (missed).
+    cands = [
+        FrontierPoint(float(c), 0.0, {"a": f}, 0.0)
+        for c, f in enumerate(("int2", "int4", "int6", "int7", "int8", "float"))
+    ]
+    trials = (_trial("bisect", "int4", True, 1.3), _trial("bisect", "int2", False, 1.0))
+    result = SearchResult(cands[1], 1, trials, True, 0.9, "converged")
+    short = latency_shortlist(cands, result)
+    assert [p.allocation["a"] for p in short] == ["int6", "int7", "int8"]  # unprobed, costlier, quantized
+    assert [p.allocation["a"] for p in latency_shortlist(cands, result, k=2)] == ["int6", "int8"]
+    timing = {"float": 2.0, "int4": 1.3, "int6": 1.25, "int7": 1.1, "int8": 1.2}
+    meets = {"int6": True, "int7": False, "int8": True}
+    checked: list[str] = []
+
+    def retime(allocations):  # type: ignore[no-untyped-def]
+        return [Timing(timing[f], 0.01, (timing[f],) * 3) for f in (a.get("a", "float") for a in allocations)]
+
+    def check(point):  # type: ignore[no-untyped-def]
+        checked.append(point.allocation["a"])
+        return _trial(
+            "shortlist", point.allocation["a"], meets[point.allocation["a"]], timing[point.allocation["a"]]
+        )
+
+    # int7 measures fastest but misses; int8 is next and meets: chosen, both trials kept.
+    chosen, rows, vf = _fastest_within_budget(result, table, options, retime, shortlist=short, check=check)
+    assert checked == ["int7", "int8"] and LATENCY_SHORTLIST_CHECKS == 2
+    assert dict(chosen.chosen.allocation) == {"a": "int8"} and chosen.reason == "fastest-measured"
+    assert [(t.allocation["a"], t.source) for t in chosen.trials[2:]] == [
+        ("int7", "timed"),
+        ("int8", "timed"),
+    ]
+    assert len(rows) == len(chosen.trials) and [r["retimed_ms"] for r in rows[2:]] == [1.1, 1.2]
+    assert vf is not None and vf["chosen_ms"] == 1.2 and vf["verdict"] == "faster"
+    # When every check misses (at most two), the fastest probe within budget stays the choice.
+    meets.update(int7=False, int8=False)
+    checked.clear()
+    chosen, rows, vf = _fastest_within_budget(result, table, options, retime, shortlist=short, check=check)
+    assert checked == ["int7", "int8"] and dict(chosen.chosen.allocation) == {"a": "int4"}
+    assert vf is not None and vf["chosen_ms"] == 1.3
+    # A shortlist slower than the probes within budget costs no evaluation.
+    timing.update(int6=1.5, int7=1.6, int8=1.7)
+    checked.clear()
+    chosen, _, _ = _fastest_within_budget(result, table, options, retime, shortlist=short, check=check)
+    assert checked == [] and chosen is result
 
 
 @pytest.mark.slow
