@@ -389,8 +389,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines += [
             "",
             "Latency cost: every probe was timed, the uniform integer models too; the probes within the "
-            "budget were timed again together, in interleaved rounds, and the choice is the fastest of "
-            "those. Predicted (float latency + Σ per-layer deltas) against measured:",
+            "budget were timed again together, in interleaved rounds with the float model and a shortlist "
+            "of unprobed candidates more precise than the search's choice, and the choice is the fastest "
+            "of those within budget (a shortlisted one is evaluated first: `timed` rows). Predicted "
+            "(float latency + Σ per-layer deltas) against measured:",
             "",
             "| candidate | within budget | predicted (ms) | measured (ms) | re-timed (ms) |",
             "|---|---|---|---|---|",

@@ -409,7 +409,7 @@ class Trial:
     drop_upper: float | None = None
     confidence: float = 0.0
     bound: str = "point"  # how the bounds were computed (hawqtool.confidence)
-    source: str = "candidates"  # the list the probe came from: candidates | frontier (gap fill) | extra (named points probed after the search)
+    source: str = "candidates"  # the list the probe came from: candidates | frontier (gap fill) | extra (named points probed after the search) | timed (a latency shortlist point, evaluated because it measured fastest)
     latency_ms: float | None = None  # measured end-to-end latency, when timed
 
 
