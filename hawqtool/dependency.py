@@ -71,6 +71,7 @@ from hawqtool.types import (
     Frontier,
     FrontierPoint,
     OptionTable,
+    allocation_key,
     average_bits,
     format_bits,
     is_quantized,
@@ -708,16 +709,14 @@ def nondominated(points: Sequence[FrontierPoint], *, keep_last: bool = True) -> 
     out: list[FrontierPoint] = []
     best = math.inf
     for p in sorted(points, key=lambda p: (p.cost, p.score if p.score is not None else math.inf)):
-        key = tuple(sorted(p.allocation.items()))
+        key = allocation_key(p.allocation)
         if key in seen or p.score is None:
             continue
         seen.add(key)
         if p.score < best:
             out.append(p)
             best = p.score
-    if keep_last and tuple(sorted(anchor.allocation.items())) not in {
-        tuple(sorted(p.allocation.items())) for p in out
-    }:
+    if keep_last and allocation_key(anchor.allocation) not in {allocation_key(p.allocation) for p in out}:
         out = [p for p in out if p.cost < anchor.cost] + [anchor]
     return out
 
@@ -821,10 +820,10 @@ def make_repair(
     Given a failing candidate, it promotes layers until its score reaches that of the next
     more expensive candidate (which bisection found to pass) while staying strictly cheaper than it.
     """
-    order = {tuple(sorted(p.allocation.items())): i for i, p in enumerate(candidates)}
+    order = {allocation_key(p.allocation): i for i, p in enumerate(candidates)}
 
     def fix(point: FrontierPoint) -> FrontierPoint | None:
-        i = order.get(tuple(sorted(point.allocation.items())))
+        i = order.get(allocation_key(point.allocation))
         if i is None or i + 1 >= len(candidates):
             return None
         nxt = candidates[i + 1]

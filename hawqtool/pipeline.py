@@ -38,6 +38,7 @@ from hawqtool.types import (
     OptionTable,
     SensitivityTable,
     Trial,
+    allocation_key,
     average_bits,
     is_quantized,
     parse_format,
@@ -465,12 +466,12 @@ def latency_shortlist(
     """
     if result.chosen is None or k < 1:
         return []
-    probed = {tuple(sorted(t.allocation.items())) for t in result.trials}
+    probed = {allocation_key(t.allocation) for t in result.trials}
     above = [
         p
         for p in candidates
         if p.cost > result.chosen.cost
-        and tuple(sorted(p.allocation.items())) not in probed
+        and allocation_key(p.allocation) not in probed
         and any(is_quantized(f) for f in p.allocation.values())
     ]
     if len(above) <= k:

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hawqtool.errors import UsageError
-from hawqtool.types import Budget, FrontierPoint, Trial
+from hawqtool.types import Budget, FrontierPoint, Trial, allocation_key
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +134,6 @@ class SearchResult:
 def max_evaluations(n: int, *, repair: bool = True) -> int:
     """The most evaluations :func:`bisect` spends on ``n`` candidates: ⌈log2 n⌉ + 1 (+1 repair)."""
     return (math.ceil(math.log2(n)) if n > 1 else 0) + 1 + int(repair)
-
-
-def _key(point: FrontierPoint) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted(point.allocation.items()))
 
 
 def measure_trial(
@@ -282,7 +278,7 @@ def bisect(
     )
 
     def probe(index: int, point: FrontierPoint, note: str, source: str = "candidates") -> Trial:
-        key = _key(point)
+        key = allocation_key(point.allocation)
         if key in memo:
             return memo[key]
         trial = measure_trial(

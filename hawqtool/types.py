@@ -135,6 +135,16 @@ def is_quantized(fmt: str) -> bool:
     return parse_format(fmt).quantized
 
 
+def allocation_key(allocation: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """A hashable key of an allocation (``fqn -> format``), the same whatever its order.
+
+    Example:
+        >>> allocation_key({"b": "int4", "a": "float"})
+        (('a', 'float'), ('b', 'int4'))
+    """
+    return tuple(sorted(allocation.items()))
+
+
 # --------------------------------------------------------------------------------------------
 # Layers and sensitivity
 # --------------------------------------------------------------------------------------------
