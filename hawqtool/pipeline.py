@@ -553,7 +553,7 @@ def _fastest_within_budget(
     assert best is not None and best_timing is not None  # the probes within budget are in the loop
     if added:
         result = replace(result, trials=(*result.trials, *added))
-    diff, se = best_timing.minus(float_timing)
+    diff, se, verdict = best_timing.compare(float_timing)
     versus_float = {
         "float_ms": float_timing.median_ms,
         "float_stderr_ms": float_timing.stderr_ms,
@@ -561,9 +561,9 @@ def _fastest_within_budget(
         "chosen_stderr_ms": best_timing.stderr_ms,
         "difference_ms": diff,
         "difference_stderr_ms": se,
-        "verdict": "within noise" if abs(diff) <= 2 * se else ("faster" if diff < 0 else "slower"),
+        "verdict": verdict,
     }
-    if versus_float["verdict"] == "slower":
+    if verdict == "slower":
         log.warning(
             "no quantized model within budget is faster than float here: the fastest is %+.3f ± %.3f ms "
             "slower (%.3f vs %.3f ms, timed in the same rounds)",

@@ -162,8 +162,8 @@ def pm(t: Timing) -> str:
 
 def versus(t: Timing, ref: Timing) -> str:
     """``t − ref`` ± its standard error, and whether the difference is resolved (> 2 standard errors)."""
-    d, se = t.minus(ref)
-    return f"{d:+.3f} ± {se:.3f} ({'resolved' if abs(d) > 2 * se else 'within noise'})"
+    d, se, verdict = t.compare(ref)
+    return f"{d:+.3f} ± {se:.3f} ({'within noise' if verdict == 'within noise' else 'resolved'})"
 
 
 def batch_feeds(ws: pipeline.Workspace, size: int) -> dict[str, np.ndarray]:
@@ -500,8 +500,12 @@ def run(key: str, args: argparse.Namespace) -> None:
                 print(f"{v:.1%}, batch {b}: {ours} is not within budget")
                 continue
             best = min(within[v], key=lambda k: lat_meas[b][k].median_ms)
-            d, se = lat_meas[b][ours].minus(lat_meas[b][best])
-            verdict = "the fastest" if best == ours else ("slower" if d > 2 * se else "tied (within noise)")
+            d, se, verdict = lat_meas[b][ours].compare(lat_meas[b][best])
+            verdict = (
+                "the fastest"
+                if best == ours
+                else {"within noise": "tied (within noise)"}.get(verdict, verdict)
+            )
             print(
                 f"{v:.1%}, batch {b}: fastest within budget {best} ({pm(lat_meas[b][best])} ms); "
                 f"latency@{b} − it {d:+.3f} ± {se:.3f} ms, paired by round: {verdict}; "

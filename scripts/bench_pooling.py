@@ -108,10 +108,10 @@ def run(key: str, batch: int, args: argparse.Namespace) -> None:
                 f"median |error| {100 * err:.1f} %"
             )
     for i in range(args.picks):
-        d, se = timed[f"pick {i} pooled"].minus(timed[f"pick {i} raw"])
+        d, se, verdict = timed[f"pick {i} pooled"].compare(timed[f"pick {i} raw"])
         p_raw = raw.predict(allocs[f"pick {i} raw"])
         p_pool = pooled.predict(allocs[f"pick {i} pooled"])
-        verdict = "resolved" if abs(d) > 2 * se else "within noise"
+        verdict = "within noise" if verdict == "within noise" else "resolved"
         print(
             f"pick {i} ({len(layers) // 4 * (i % 3)} layers float): pooled − raw {d:+.3f} ± {se:.3f} ms "
             f"({verdict}); raw predicted {p_raw:.3f} for {timed[f'pick {i} raw'].median_ms:.3f}, pooled "
