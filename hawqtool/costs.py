@@ -215,7 +215,7 @@ class BopsCost:
 # --------------------------------------------------------------------------------------------
 
 #: Version of the measurement; part of the cache key.
-LATENCY_SCHEDULE = "paired-interleaved/v2"
+LATENCY_SCHEDULE = "paired-interleaved/v3"
 #: ``context`` of :func:`measure_latency`: the reference each layer's variants are timed against.
 LATENCY_CONTEXTS = ("float", "quantized", "both", "random")
 # A normal distribution's median has a standard error 1.2533 σ/√n; σ from the MAD (× 1.4826) so a
@@ -419,6 +419,17 @@ def _layer_formats(layers: Sequence[LayerInfo], formats: Sequence[str]) -> dict[
     return out
 
 
+def _same_graph(exporter: QDQExporter, per_layer: Mapping[str, tuple[str, ...]]) -> dict[str, dict[str, str]]:
+    """Per layer, format -> the first of the layer's formats that emits the same graph
+    (:meth:`hawqtool.export.QDQExporter.structure`): those run the same kernels, so they are
+    timed once."""
+    same: dict[str, dict[str, str]] = {}
+    for fqn, fmts in per_layer.items():
+        first: dict[str, str] = {}
+        same[fqn] = {fmt: first.setdefault(exporter.structure(fqn, fmt), fmt) for fmt in fmts}
+    return same
+
+
 def _reference_format(formats: Sequence[str]) -> str | None:
     """The activation format with the most bits: the quantized context's format."""
     from hawqtool.types import parse_format
@@ -449,11 +460,12 @@ class _Timer:
         return 1e3 * (self.clock() - t)
 
     def paired(
-        self, ref: onnxruntime.InferenceSession, var: onnxruntime.InferenceSession
+        self, ref: onnxruntime.InferenceSession, var: onnxruntime.InferenceSession, runs: int | None = None
     ) -> tuple[list[float], list[float]]:
-        """(reference times, variant − reference differences), in ms, the order alternating."""
+        """(reference times, variant − reference differences), in ms, the order alternating;
+        ``runs`` pairs (default: the timer's)."""
         ref_t, diffs = [], []
-        for r in range(self.runs):
+        for r in range(runs or self.runs):
             if r % 2:
                 tv, tr = self.once(var), self.once(ref)
             else:
@@ -567,17 +579,26 @@ def _one_at_a_time(
     timer: _Timer,
     session: Callable[[Mapping[str, str]], onnxruntime.InferenceSession],
     bar: Any,
+    same: Mapping[str, Mapping[str, str]],
 ) -> tuple[dict[str, dict[str, tuple[float, float]]], list[float]]:
     """Per layer and format, ``t(reference with the layer in fmt) − t(reference with it float)``
-    (median of paired differences, standard error); and the reference's own times."""
+    (median of paired differences, standard error); and the reference's own times. Formats with
+    one graph (``same``: format -> the first format of its layer with that graph) share one
+    measurement of ``runs`` × (their number) pairs; one with the reference's graph adds nothing."""
     ref = session(reference)
     ref_times: list[float] = []
     out: dict[str, dict[str, tuple[float, float]]] = {}
     for fqn, fmts in per_layer.items():
-        d: dict[str, tuple[float, float]] = {reference[fqn]: (0.0, 0.0)}
+        rep = same[fqn]
+        d: dict[str, tuple[float, float]] = {}
         for fmt in fmts:
-            if fmt != reference[fqn]:
-                ref_t, diffs = timer.paired(ref, session({**reference, fqn: fmt}))
+            if rep[fmt] == rep[reference[fqn]]:
+                d[fmt] = (0.0, 0.0)
+            elif rep[fmt] != fmt:  # its representative came first: measured already
+                d[fmt] = d[rep[fmt]]
+            else:
+                runs = timer.runs * sum(1 for f in fmts if rep[f] == fmt)
+                ref_t, diffs = timer.paired(ref, session({**reference, fqn: fmt}), runs)
                 ref_times += ref_t
                 d[fmt] = _median_se(diffs)
                 bar.update(1)
@@ -593,14 +614,18 @@ def _random_contexts(
     timer: _Timer,
     session: Callable[[Mapping[str, str]], onnxruntime.InferenceSession],
     bar: Any,
+    same: Mapping[str, Mapping[str, str]],
     *,
     allocations: int,
     seed: int,
 ) -> tuple[dict[str, dict[str, tuple[float, float]]], list[float]]:
     """Least-squares deltas: ``t(a) − t(float) = Σ_i δ_i(a_i)`` over random allocations ``a``
-    (each layer's format drawn uniformly), δ_i(float) = 0; standard errors from the residuals."""
+    (each layer's format drawn uniformly), δ_i(float) = 0, formats with one graph (``same``)
+    sharing one unknown; standard errors from the residuals."""
     rng = np.random.default_rng(seed)
-    columns = [(f, fmt) for f, fmts in per_layer.items() for fmt in fmts if fmt != FLOAT]
+    columns = [
+        (f, fmt) for f, fmts in per_layer.items() for fmt in fmts if same[f][fmt] == fmt != same[f][FLOAT]
+    ]
     index = {c: k for k, c in enumerate(columns)}
     ref = session({})
     ref_times: list[float] = []
@@ -611,8 +636,8 @@ def _random_contexts(
         ref_times += ref_t
         row = np.zeros(len(columns))
         for f, fmt in alloc.items():
-            if fmt != FLOAT:
-                row[index[(f, fmt)]] = 1.0
+            if (f, same[f][fmt]) in index:
+                row[index[(f, same[f][fmt])]] = 1.0
         rows.append(row)
         ys.append(statistics.median(diffs))
         bar.update(1)
@@ -621,9 +646,12 @@ def _random_contexts(
     dof = max(len(y) - len(columns), 1)
     sigma2 = float(np.sum((y - X @ coef) ** 2)) / dof
     cov = sigma2 * np.linalg.pinv(X.T @ X)
-    out: dict[str, dict[str, tuple[float, float]]] = {f: {FLOAT: (0.0, 0.0)} for f in per_layer}
-    for (f, fmt), k in index.items():
-        out[f][fmt] = (float(coef[k]), math.sqrt(max(float(cov[k, k]), 0.0)))
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for f, fmts in per_layer.items():
+        out[f] = {}
+        for fmt in fmts:
+            k = index.get((f, same[f][fmt]))
+            out[f][fmt] = (0.0, 0.0) if k is None else (float(coef[k]), math.sqrt(max(float(cov[k, k]), 0.0)))
     return out, ref_times
 
 
@@ -717,7 +745,10 @@ def measure_latency(
     Every variant is the exporter's model of a whole allocation, so it carries exactly the Q/DQ
     (and requantize) nodes that allocation causes. Each variant is timed in ``runs`` runs
     alternating with a reference session's, and its time is the median of the paired differences
-    (load from other processes hits both alike). ``context`` says which allocations:
+    (load from other processes hits both alike). Formats that give a layer the same graph
+    (:meth:`hawqtool.export.QDQExporter.structure`: ``int7`` and ``int8``, every ``intB-d``) share
+    one measurement with ``runs`` × their number of pairs: timed apart, noise alone would make one
+    look faster and a search would pick it for that. ``context`` says which allocations:
 
     - ``float``: each layer in each format, the rest float (the layer pays its own Q/DQ boundaries);
     - ``quantized``: each layer changed inside the reference allocation that puts every layer that
@@ -788,11 +819,13 @@ def measure_latency(
 
     layers = exporter.prepared.layers
     per_layer = _layer_formats(layers, formats)
+    same = _same_graph(exporter, per_layer)
     feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
     shapes = {k: tuple(int(d) for d in v.shape) for k, v in feeds.items()}
     settings = {
         "model": _model_digest(exporter),
         "formats": per_layer,
+        "same_graph": same,
         "provider": provider,
         "threads": threads,
         "shapes": shapes,
@@ -823,7 +856,7 @@ def measure_latency(
             timer.once(s)
         return s
 
-    unknowns = sum(len(fmts) - 1 for fmts in per_layer.values())
+    unknowns = sum(len(set(same[f].values())) - 1 for f in per_layer)
     n_random = math.ceil(allocations * (unknowns + 1)) if context == "random" else 0
     ref_fmt = _reference_format(formats)
     q_ref = {}
@@ -838,12 +871,15 @@ def measure_latency(
     bar = tqdm(total=total, desc="latency", unit="variant", disable=not progress)
     try:
         if context in ("float", "both"):
-            d, float_times = _one_at_a_time(per_layer, dict.fromkeys(per_layer, FLOAT), timer, session, bar)
+            f_ref = dict.fromkeys(per_layer, FLOAT)
+            d, float_times = _one_at_a_time(per_layer, f_ref, timer, session, bar, same)
             measured.append(d)
         if context in ("quantized", "both"):
-            measured.append(_one_at_a_time(per_layer, q_ref, timer, session, bar)[0])
+            measured.append(_one_at_a_time(per_layer, q_ref, timer, session, bar, same)[0])
         if context == "random":
-            d, float_times = _random_contexts(per_layer, timer, session, bar, allocations=n_random, seed=seed)
+            d, float_times = _random_contexts(
+                per_layer, timer, session, bar, same, allocations=n_random, seed=seed
+            )
             measured.append(d)
     finally:
         bar.close()

@@ -380,3 +380,32 @@ def test_time_interleaved_pairs_rounds_of_real_sessions(exported) -> None:  # ty
         time_interleaved(models, feeds, rounds=2)
     with pytest.raises(UsageError, match=r"unknown clock"):
         time_interleaved(models, feeds, clock="gpu")
+
+
+def test_formats_with_one_graph_are_timed_once(exported, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import importlib
+
+    evaluate = importlib.import_module("hawqtool.evaluate")  # the package's evaluate() hides it
+    _, exporter, feeds = exported
+    # int7 and int8 store int8 weights; int4 packs them (another dtype); every intB-d is one graph.
+    assert exporter.structure("fc1", "int7") == exporter.structure("fc1", "int8")
+    assert exporter.structure("fc1", "int6-d") == exporter.structure("fc1", "int8-d")
+    assert len({exporter.structure("fc1", f) for f in ("int8", "int4", "int8-w", "int8-d", "float")}) == 5
+    assert exporter.structure("fc1", "int8") != exporter.structure("fc2", "int8")
+    sessions = []
+    make_session = evaluate.make_session
+    monkeypatch.setattr(evaluate, "make_session", lambda *a, **k: sessions.append(1) or make_session(*a, **k))
+    kw: dict[str, Any] = {"threads": 1, "runs": 4, "clock": "cpu"}
+    fmts = ("int8", "int7", "int8-d", "int6-d", "float")
+    t = measure_latency(exporter, feeds, formats=fmts, context="float", **kw)
+    assert len(sessions) == 1 + 2 * 2  # float, and int8 and int8-d of fc1 and fc2 (head is pinned)
+    for fqn in ("fc1", "fc2"):
+        assert t.entries[fqn]["int7"] == t.entries[fqn]["int8"]
+        assert t.entries[fqn]["int6-d"] == t.entries[fqn]["int8-d"]
+    # Inside the int8 region int7 is the reference's own graph: it adds nothing.
+    sessions.clear()
+    q = measure_latency(exporter, feeds, formats=fmts, context="quantized", pool=False, **kw)
+    assert len(sessions) == 2 + 2 * 2  # the int8 reference and float, then float and int8-d of fc1, fc2
+    assert q.entries["fc1"]["int7"] == q.entries["fc1"]["int8"]
+    r = measure_latency(exporter, feeds, formats=fmts, context="random", **kw)
+    assert r.entries["fc2"]["int7"] == r.entries["fc2"]["int8"] != r.entries["fc2"]["int8-d"]

@@ -48,6 +48,15 @@ log = logging.getLogger(__name__)
 INT4_STORAGES = STORAGES
 METADATA_ALLOCATION = "hawqtool.allocation"
 METADATA_VERSION = "hawqtool.version"
+#: Input positions of zero points, per op an emitter writes: their values can pick a kernel.
+_ZERO_POINT_INPUTS = {
+    "DequantizeLinear": (2,),
+    "QuantizeLinear": (2,),
+    "MatMulInteger": (2, 3),
+    "ConvInteger": (2, 3),
+    "MatMulNBits": (3,),
+    "GatherBlockQuantized": (3,),
+}
 
 
 def _storage_bits(fmt: str, int4_storage: str, opset: int) -> int:
@@ -288,6 +297,60 @@ class QDQExporter:
             for fqn, fmt in full.items()
             if is_quantized(fmt)
         }
+
+    def structure(self, fqn: str, fmt: str) -> str:
+        """A digest of the graph ``fmt`` makes of layer ``fqn``, blind to the weights' and scales'
+        values: its nodes (ops, attributes, wiring), the shapes and types of its initializers, the
+        values of its zero points, and whether its activations are quantized. Two formats with one
+        digest emit the same kernels on the same shapes: ``int7`` and ``int8`` (both stored in
+        int8), every ``intB-d``. On a CPU execution provider the speed of such kernels does not
+        depend on the values, so a latency measured for one holds for the other.
+
+        Raises:
+            UsageError: an unknown layer or a format it cannot take.
+
+        Example:
+            >>> exp.structure(fqn, "int7") == exp.structure(fqn, "int8")    # doctest: +SKIP
+            True
+        """
+        import hashlib
+
+        from onnx import numpy_helper
+
+        full = self.full_allocation({fqn: fmt})
+        if not is_quantized(full[fqn]):
+            return FLOAT
+        spec = parse_format(full[fqn])
+        emission = self._emission(self.sites[fqn], full[fqn])
+        nodes = [*emission.nodes, *(n for name in sorted(emission.replace) for n in emission.replace[name])]
+        zero_points = {
+            node.input[i]
+            for node in nodes
+            for i in _ZERO_POINT_INPUTS.get(node.op_type, ())
+            if i < len(node.input) and node.input[i]
+        }
+        h = hashlib.sha256(repr((spec.activations, spec.dynamic, sorted(emission.drops))).encode())
+        for node in nodes:
+            attrs = [
+                (
+                    a.name,
+                    a.type,
+                    a.i,
+                    a.f,
+                    a.s,
+                    tuple(a.ints),
+                    tuple(a.floats),
+                    a.t.data_type,
+                    tuple(a.t.dims),
+                )
+                for a in node.attribute
+            ]
+            h.update(repr((node.op_type, node.domain, tuple(node.input), tuple(node.output), attrs)).encode())
+        for t in emission.initializers:
+            h.update(repr((t.name, t.data_type, tuple(t.dims))).encode())
+            if t.name in zero_points:
+                h.update(numpy_helper.to_array(t).tobytes())
+        return h.hexdigest()[:16]
 
     def quantized_model(
         self, allocation: Mapping[str, str], *, metadata: Mapping[str, str] | None = None
