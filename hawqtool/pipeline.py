@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -434,9 +434,15 @@ def uniform_quantized_points(options: OptionTable) -> dict[str, FrontierPoint]:
         for fqn in options.layers:
             row = options.options[fqn]
             alloc[fqn] = fmt if any(o.format == fmt for o in row) else min(row, key=lambda o: o.omega).format
-        bits = average_bits(alloc, options.params) if set(options.params) >= set(alloc) else 0.0
-        out[f"uniform {fmt}"] = FrontierPoint(options.cost(alloc), options.omega(alloc), alloc, bits)
+        out[f"uniform {fmt}"] = _point(options, alloc)
     return out
+
+
+def _point(options: OptionTable, allocation: Mapping[str, str]) -> FrontierPoint:
+    """``allocation`` as a point of ``options`` (its cost, ΣΩ and average bits)."""
+    alloc = dict(allocation)
+    bits = average_bits(alloc, options.params) if set(options.params) >= set(alloc) else 0.0
+    return FrontierPoint(options.cost(alloc), options.omega(alloc), alloc, bits)
 
 
 Retime = Callable[[Sequence[Mapping[str, str]]], Sequence[Any]]
@@ -446,6 +452,48 @@ Check = Callable[[FrontierPoint], Any]
 #: first, may be evaluated when one measures faster than every probe within budget.
 LATENCY_SHORTLIST = 8
 LATENCY_SHORTLIST_CHECKS = 2
+#: Under ``cost: latency``: how many one-layer changes of the choice are timed against it
+#: (:func:`latency_moves`), and how many of those that measure resolvably faster may be evaluated.
+LATENCY_MOVES = 6
+LATENCY_MOVE_CHECKS = 2
+
+
+def latency_moves(
+    options: OptionTable,
+    allocation: Mapping[str, str],
+    *,
+    exclude: Collection[tuple[tuple[str, str], ...]] = (),
+    k: int = LATENCY_MOVES,
+) -> list[FrontierPoint]:
+    """Up to ``k`` allocations that each change one layer of ``allocation`` to a format predicted
+    faster (one per layer: the one adding the least ΣΩ per predicted millisecond saved), least ΣΩ
+    added per millisecond first; allocations in ``exclude`` (:func:`hawqtool.types.allocation_key`)
+    are skipped. A bisection ends between two frontier points, and the frontier moves many layers
+    at once between neighbours; the cheapest model within budget can lie off it, one layer away
+    from the choice (on MiniLM at batch 1, one more layer on integer kernels was 0.1 ms faster
+    within budget).
+
+    Example:
+        >>> from hawqtool.types import LayerOption
+        >>> row = (LayerOption("int8", 1.0, 1.0, 3.0), LayerOption("int4", 0.5, 2.0, 9.0),
+        ...        LayerOption("float", 2.0, 0.0, 0.0))
+        >>> opts = OptionTable(("a", "b"), {"a": row, "b": row}, "latency")
+        >>> [dict(p.allocation) for p in latency_moves(opts, {"a": "float", "b": "int8"})]
+        [{'a': 'int8', 'b': 'int8'}, {'a': 'float', 'b': 'int4'}]
+    """
+    skip = set(exclude)
+    best: dict[str, tuple[float, str]] = {}
+    for fqn in options.layers:
+        now = options.option(fqn, allocation[fqn])
+        for o in options.options[fqn]:
+            saved = now.cost - o.cost
+            if saved <= 0 or allocation_key({**allocation, fqn: o.format}) in skip:
+                continue
+            ratio = (o.omega - now.omega) / saved
+            if fqn not in best or ratio < best[fqn][0]:
+                best[fqn] = (ratio, o.format)
+    order = sorted(best, key=lambda f: best[f][0])[: max(k, 0)]
+    return [_point(options, {**allocation, f: best[f][1]}) for f in order]
 
 
 def latency_shortlist(
@@ -498,7 +546,12 @@ def _fastest_within_budget(
     fastest probe within budget, unless a shortlisted point measures faster; then ``check``
     (evaluate and judge one point, :func:`hawqtool.search.measure_trial`) is called on those, fastest
     first, at most :data:`LATENCY_SHORTLIST_CHECKS` times, and the first that meets the budget is
-    chosen (its trial is appended, ``source="timed"``). The third value (``None`` without
+    chosen (its trial is appended, ``source="timed"``). Then the choice's one-layer moves
+    (:func:`latency_moves`) are timed against it and float; those resolvably faster (beyond twice
+    the paired standard error) are evaluated, least ΣΩ added per predicted ms first, and the first
+    that meets the budget becomes the choice, from which the moves start again, until
+    :data:`LATENCY_MOVE_CHECKS` evaluations are spent or no move is faster (trials
+    ``source="move"``, ``index`` −1). The third value (``None`` without
     ``retime``) compares the choice with float, paired by round: on small layers or at batch 1 the
     Q/DQ nodes can cost more than the integer kernels save, and then no quantized model within
     budget is faster than float (``verdict`` ``slower``), which the report says.
@@ -551,6 +604,31 @@ def _fastest_within_budget(
             best, best_timing = trial, timings[k]
             break
     assert best is not None and best_timing is not None  # the probes within budget are in the loop
+    # One-layer moves off the choice: timed against it (and float) in rounds of their own; one
+    # resolvably faster is evaluated (least ΣΩ per ms first) and taken if it meets the budget.
+    moved = 0
+    while check is not None and moved < LATENCY_MOVE_CHECKS:
+        seen = [allocation_key(t.allocation) for t in (*result.trials, *added)]
+        moves = latency_moves(options, best.allocation, exclude=seen)
+        if not moves:
+            break
+        t_best, t_float, *t_moves = retime([best.allocation, {}, *(m.allocation for m in moves)])
+        faster = [k for k, t in enumerate(t_moves) if t.compare(t_best)[2] == "faster"]
+        taken = False
+        for k in faster[: LATENCY_MOVE_CHECKS - moved]:
+            moved += 1
+            changed = next(f for f in options.layers if moves[k].allocation[f] != best.allocation[f])
+            note = f"move {changed}: {best.allocation[changed]} → {moves[k].allocation[changed]}"
+            trial = replace(check(moves[k]), source="move", note=note, index=-1)
+            added.append(trial)
+            rows.append(
+                {**row(trial), "retimed_ms": t_moves[k].median_ms, "retimed_stderr_ms": t_moves[k].stderr_ms}
+            )
+            if trial.met:  # compared with float in these rounds from now on
+                best, best_timing, float_timing, taken = trial, t_moves[k], t_float, True
+                break
+        if not taken:
+            break
     if added:
         result = replace(result, trials=(*result.trials, *added))
     diff, se, verdict = best_timing.compare(float_timing)
@@ -1025,7 +1103,7 @@ def quantize(
                 budget=budget,
                 reference=Measurement.of(base_eval),
                 seed=r.hessian.seed,
-                index=candidates.index(point),
+                index=candidates.index(point) if point in candidates else -1,
                 note="shortlist",
             )
 

@@ -352,7 +352,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         interval = "—" if lo is None or t.get("bound", "point") == "point" else f"[{lo:.4f}, {hi:.4f}]"
         note = t.get("note", "") + (" (frontier gap)" if t.get("source") == "frontier" else "")
         lines.append(
-            f"| {i} | {t['index']} | {t['avg_bits']:.2f} | {t['cost']:.4g} | {_pct(t['metric'])} | "
+            f"| {i} | {_candidate(t)} | {t['avg_bits']:.2f} | {t['cost']:.4g} | {_pct(t['metric'])} | "
             f"{t['drop']:.4f} | {interval} | {'yes' if t['met'] else 'no'} | {t['seconds']:.2f} | {note} |"
         )
     conf = budget.get("confidence", 0) or 0
@@ -460,8 +460,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 
 
 def _candidate(row: Mapping[str, Any]) -> str:
-    """A latency row's probe: its candidate index, or the name of an extra point (``uniform int8``)."""
-    return str(row["note"]) if row.get("source") == "extra" else str(row["index"])
+    """A probe's candidate index; the name of an extra point (``uniform int8``); ``move`` for a
+    one-layer change of the latency choice (its note says which)."""
+    if row.get("source") == "extra":
+        return str(row["note"])
+    return "move" if row.get("source") == "move" else str(row["index"])
 
 
 def write_report(report: Mapping[str, Any], out: Path) -> None:

@@ -419,7 +419,7 @@ class Trial:
     drop_upper: float | None = None
     confidence: float = 0.0
     bound: str = "point"  # how the bounds were computed (hawqtool.confidence)
-    source: str = "candidates"  # the list the probe came from: candidates | frontier (gap fill) | extra (named points probed after the search) | timed (a latency shortlist point, evaluated because it measured fastest)
+    source: str = "candidates"  # the list the probe came from: candidates | frontier (gap fill) | extra (named points probed after the search) | timed (a latency shortlist point, evaluated because it measured fastest) | move (a one-layer change of the latency choice, evaluated because it measured resolvably faster; index -1)
     latency_ms: float | None = None  # measured end-to-end latency, when timed
 
 

@@ -338,7 +338,12 @@ def run(key: str, args: argparse.Namespace) -> None:
 
         def check(p: FrontierPoint) -> Any:
             return measure_trial(
-                p, timed(b), baseline=base_eval, budget=budget, index=list(cands).index(p), note="shortlist"
+                p,
+                timed(b),
+                baseline=base_eval,
+                budget=budget,
+                index=list(cands).index(p) if p in cands else -1,
+                note="shortlist",
             )
 
         return check
@@ -413,9 +418,13 @@ def run(key: str, args: argparse.Namespace) -> None:
                     for t in res.trials
                     if t.source == "timed"
                 ]
+                moves = [
+                    f"{t.note} {'meets' if t.met else 'misses'}" for t in res.trials if t.source == "move"
+                ]
                 print(
                     f"{label}: chose {res.reason} {describe(rows[label])} | uniform probes: {uniform or 'none new'}"
                     f" | shortlist evaluated: {', '.join(checked) or 'none'}"
+                    f" | moves evaluated: {', '.join(moves) or 'none'}"
                 )
         opts_w = {b: options(formats, lat[b].cost_model(), activations=False) for b in batches}
         for b in batches:
