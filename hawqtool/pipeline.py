@@ -468,7 +468,7 @@ def latency_moves(
     """Up to ``k`` allocations that each change one layer of ``allocation`` to a format predicted
     faster (one per layer: the one adding the least ΣΩ per predicted millisecond saved), least ΣΩ
     added per millisecond first; allocations in ``exclude`` (:func:`hawqtool.types.allocation_key`)
-    are skipped. A bisection ends between two frontier points, and the frontier moves many layers
+    and all-float ones are skipped. A bisection ends between two frontier points, and the frontier moves many layers
     at once between neighbours; the cheapest model within budget can lie off it, one layer away
     from the choice (on MiniLM at batch 1, one more layer on integer kernels was 0.1 ms faster
     within budget).
@@ -487,8 +487,9 @@ def latency_moves(
         now = options.option(fqn, allocation[fqn])
         for o in options.options[fqn]:
             saved = now.cost - o.cost
-            if saved <= 0 or allocation_key({**allocation, fqn: o.format}) in skip:
-                continue
+            moved = {**allocation, fqn: o.format}
+            if saved <= 0 or allocation_key(moved) in skip or not any(map(is_quantized, moved.values())):
+                continue  # not faster, probed already, or float (no quantization result)
             ratio = (o.omega - now.omega) / saved
             if fqn not in best or ratio < best[fqn][0]:
                 best[fqn] = (ratio, o.format)
