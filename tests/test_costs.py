@@ -280,8 +280,10 @@ def test_latency_table_is_reproducible_within_its_noise_and_cached(exported, tmp
     for fqn, row in first.entries.items():
         for fmt, e in row.items():
             other = second.entries[fqn][fmt]
-            # 5 combined standard errors, and a floor for the clock's resolution.
-            tol = 5 * math.hypot(e.stderr_ms, other.stderr_ms) + 0.02 * first.float_ms
+            # 5 combined standard errors, and a floor for what paired runs inside one session cannot
+            # see: a variant's delta moves between sessions (memory placement) by 1–1.7 µs on this
+            # 36 µs model (6 tables) where its standard error is 0.2 µs; once by 3 % of float in CI.
+            tol = 5 * math.hypot(e.stderr_ms, other.stderr_ms) + 0.08 * first.float_ms
             assert abs(e.delta_ms - other.delta_ms) <= tol, (fqn, fmt, e, other)
     options = build_options(
         prepared.layers,
