@@ -468,10 +468,10 @@ def latency_moves(
     """Up to ``k`` allocations that each change one layer of ``allocation`` to a format predicted
     faster (one per layer: the one adding the least ΣΩ per predicted millisecond saved), least ΣΩ
     added per millisecond first; allocations in ``exclude`` (:func:`hawqtool.types.allocation_key`)
-    and all-float ones are skipped. A bisection ends between two frontier points, and the frontier moves many layers
-    at once between neighbours; the cheapest model within budget can lie off it, one layer away
-    from the choice (on MiniLM at batch 1, one more layer on integer kernels was 0.1 ms faster
-    within budget).
+    and all-float ones are skipped. A bisection ends between two frontier points, and neighbouring
+    frontier points differ in many layers; the fastest model within budget can lie off the
+    frontier, one layer away from the choice (on MiniLM at batch 1, one more layer on integer
+    kernels was 0.1 ms faster within budget).
 
     Example:
         >>> from hawqtool.types import LayerOption
