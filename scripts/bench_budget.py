@@ -52,7 +52,7 @@ from hawqtool.confidence import TOLERANCE, is_binary, resolvable_drop
 from hawqtool.dependency import candidates_for_search, make_repair, rescore
 from hawqtool.evaluate import evaluate_onnx
 from hawqtool.search import Measurement, bisect
-from hawqtool.types import FrontierPoint, Trial, is_quantized
+from hawqtool.types import FrontierPoint, allocation_key, is_quantized
 
 log = logging.getLogger("bench_budget")
 
@@ -75,10 +75,6 @@ DEFAULT_MODELS = ("resnet20-digits", "small-cnn-digits", "small-cnn-mnist")
 BUDGETS = (("1 pt abs", 0.01, "absolute"), ("0.5 % rel", 0.005, "relative"))
 #: (label, confidence)
 RULES = (("point", 0.0), ("bound 0.9", 0.9), ("bound 0.95", 0.95))
-
-
-def _key(point: FrontierPoint | Trial) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted(point.allocation.items()))
 
 
 class PooledEvaluator:
@@ -108,7 +104,7 @@ class PooledEvaluator:
         return np.asarray(ev.values, dtype=np.float64)
 
     def values(self, point: FrontierPoint) -> np.ndarray:
-        key = _key(point)
+        key = allocation_key(point.allocation)
         if key not in self.memo:
             self.memo[key] = self._run(self.exp.quantized_model(point.allocation))
         return self.memo[key]
@@ -169,7 +165,7 @@ def bench_model(name: str, redeals: int, seed: int) -> list[Cell]:
 
     def repair(point: FrontierPoint) -> FrontierPoint | None:
         assert make is not None
-        key = _key(point)
+        key = allocation_key(point.allocation)
         if key not in repair_memo:
             repair_memo[key] = make(point)
         return repair_memo[key]
@@ -243,7 +239,7 @@ def bench_model(name: str, redeals: int, seed: int) -> list[Cell]:
                 cell.kept.append(drop <= max_drop + TOLERANCE)
                 cell.test_drops.append(drop)
                 cell.bits[k] = chosen.avg_bits
-                trial = next(t for t in result.trials if _key(t) == _key(chosen))
+                trial = next(t for t in result.trials if dict(t.allocation) == dict(chosen.allocation))
                 cell.records.append(
                     {
                         "redeal": k,

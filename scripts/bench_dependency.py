@@ -70,6 +70,7 @@ from hawqtool.types import (
     Budget,
     FrontierPoint,
     SensitivityTable,
+    allocation_key,
 )
 
 
@@ -244,7 +245,7 @@ def run(key: str, n_allocs: int, seed: int, budgets: Sequence[float], threads: i
     memo: dict[tuple[tuple[str, str], ...], float] = {}
 
     def measure(p: FrontierPoint) -> float:
-        k = tuple(sorted(p.allocation.items()))
+        k = allocation_key(p.allocation)
         if k not in memo:
             memo[k] = ev.top1(dict(p.allocation), ev_b)
         return memo[k]

@@ -79,7 +79,7 @@ from hawqtool.evaluate import evaluate_onnx
 from hawqtool.frontier import pareto_frontier
 from hawqtool.search import Measurement, bisect, measure_trial
 from hawqtool.sensitivity import build_options
-from hawqtool.types import Budget, FrontierPoint, OptionTable, average_bits, parse_format
+from hawqtool.types import Budget, FrontierPoint, OptionTable, allocation_key, average_bits, parse_format
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_export import ort_quantize_static
@@ -318,7 +318,7 @@ def run(key: str, args: argparse.Namespace) -> None:
     memo: dict[tuple[tuple[str, str], ...], float] = {}
 
     def measure(p: FrontierPoint) -> float:
-        k = tuple(sorted(p.allocation.items()))
+        k = allocation_key(p.allocation)
         if k not in memo:
             memo[k] = runner.scores(exp.quantized_model(p.allocation), "evaluation")[0]
         return memo[k]
@@ -522,7 +522,7 @@ def run(key: str, args: argparse.Namespace) -> None:
             )
 
     # -- predicted vs measured latency on every probed model -------------------------------------
-    uniq = {tuple(sorted(a.items())): a for a in probes}
+    uniq = {allocation_key(a): a for a in probes}
     probe_models = {str(i): exp.quantized_model(a).SerializeToString() for i, a in enumerate(uniq.values())}
     for b in batches:
         meas = time_models(probe_models, feeds[b], rounds=5, runs=args.timing_runs)
