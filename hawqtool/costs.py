@@ -668,13 +668,13 @@ def pool_deltas(
     """Shrink each layer's measured delta toward the mean of the layers with its kernel signature.
 
     One layer's delta is the difference of two noisy timings, and a search that picks, per layer,
-    the format with the lowest delta picks noise as well as speed (at batch 1 a MiniLM layer's deltas
-    are ~0.1–0.4 ms with standard errors near 0.1 ms, and the allocation of every layer's lowest
-    delta was predicted at 2.4 ms and measured 5.2 ms; pooled, 3.9 and 4.9). Layers with one :func:`kernel_signature` measure
-    the same kernels, so per (signature, format) this is the random-effects estimate: the between-
-    layer variance τ² by DerSimonian–Laird (what the deltas' spread shows beyond their standard
-    errors), the precision-weighted mean m, and each layer's delta moved toward m by
-    ``s² / (s² + τ²)``. Deltas that differ by more than their noise (a layer whose Q/DQ boundary
+    the format with the lowest delta picks noise as well as speed (at batch 1 a MiniLM layer's
+    deltas are ~0.1–0.4 ms with standard errors near 0.1 ms, and the allocation of every layer's
+    lowest delta was predicted at 2.4 ms and measured 5.2 ms; pooled, 3.9 and 4.9). Layers with one
+    :func:`kernel_signature` measure the same kernels, so per (signature, format) this is the
+    random-effects estimate: the between-layer variance τ² by DerSimonian–Laird (what the deltas'
+    spread shows beyond their standard errors), the precision-weighted mean m, and each layer's
+    delta moved toward m by ``s² / (s² + τ²)``. Deltas that differ by more than their noise (a layer whose Q/DQ boundary
     costs more) keep their difference (τ² large); deltas that differ by noise alone become their
     group's mean (τ² = 0). A layer alone in its signature, or without a standard error, is kept.
 
