@@ -456,6 +456,9 @@ LATENCY_SHORTLIST_CHECKS = 2
 #: (:func:`latency_moves`), and how many of those that measure resolvably faster may be evaluated.
 LATENCY_MOVES = 6
 LATENCY_MOVE_CHECKS = 2
+#: Under ``cost: latency``: how many format swaps of the choice (:func:`format_swaps`) are timed
+#: with its one-layer moves.
+LATENCY_SWAPS = 2
 
 
 def latency_moves(
@@ -495,6 +498,69 @@ def latency_moves(
                 best[fqn] = (ratio, o.format)
     order = sorted(best, key=lambda f: best[f][0])[: max(k, 0)]
     return [_point(options, {**allocation, f: best[f][1]}) for f in order]
+
+
+def format_swaps(
+    options: OptionTable,
+    allocation: Mapping[str, str],
+    table: Any = None,
+    *,
+    exclude: Collection[tuple[tuple[str, str], ...]] = (),
+    k: int = LATENCY_SWAPS,
+) -> list[FrontierPoint]:
+    """Up to ``k`` allocations that each move every layer of ``allocation`` in one format ``a`` to
+    one other format ``b``, on the layers where ``b`` adds no Ω (say static ``int8`` → dynamic
+    ``int8-d``, which drops the activation term), most predicted ms saved first; only swaps whose
+    predicted change the latency ``table`` cannot resolve from zero or a gain (saved > −2 standard
+    errors, its entries' errors added in quadrature; without a table, saved > 0) and that change
+    some layer's predicted cost (formats timed as one graph share their entry, so swapping between
+    them gains nothing). Allocations in ``exclude`` and all-float ones are skipped.
+
+    An additive table prices a layer in isolation; a few layers whose format differs from their
+    neighbours' (two static layers among dynamic ones on MiniLM at batch 1) pay the boundaries
+    between kernels, which the table cannot see and a one-layer move predicted no faster never
+    tries. A swap adds no ΣΩ, so it is the likeliest change to stay within budget.
+
+    Example:
+        >>> from hawqtool.types import LayerOption
+        >>> row = (LayerOption("int8", 1.0, 1.0, 3.0), LayerOption("int8-d", 1.0, 1.0, 2.0),
+        ...        LayerOption("float", 2.0, 0.0, 0.0))
+        >>> opts = OptionTable(("a", "b", "c"), {"a": row, "b": row, "c": row}, "latency")
+        >>> [dict(p.allocation) for p in format_swaps(opts, {"a": "int8", "b": "int8", "c": "int8-d"})]
+        []
+        >>> row = (LayerOption("int8", 1.0, 1.0, 3.0), LayerOption("int8-d", 0.9, 1.0, 2.0),
+        ...        LayerOption("float", 2.0, 0.0, 0.0))
+        >>> opts = OptionTable(("a", "b", "c"), {"a": row, "b": row, "c": row}, "latency")
+        >>> [dict(p.allocation) for p in format_swaps(opts, {"a": "int8", "b": "int8", "c": "int8-d"})]
+        [{'a': 'int8-d', 'b': 'int8-d', 'c': 'int8-d'}]
+    """
+    skip = set(exclude)
+    ranked: list[tuple[float, dict[str, str]]] = []
+    for a in sorted(set(allocation.values())):
+        for b in sorted({o.format for f in options.layers if allocation[f] == a for o in options.options[f]}):
+            pairs = [
+                (f, options.option(f, a), o)
+                for f in options.layers
+                if allocation[f] == a
+                for o in options.options[f]
+                if o.format == b and o.omega <= options.option(f, a).omega
+            ]
+            if b == a or not pairs or all(now.cost == o.cost for _, now, o in pairs):
+                continue  # nothing moves, or only between formats timed as one graph
+            saved = sum(now.cost - o.cost for _, now, o in pairs)
+            if table is None:
+                floor = 0.0
+            else:
+                var = sum(
+                    table.entry(f, a).stderr_ms ** 2 + table.entry(f, b).stderr_ms ** 2 for f, _, _ in pairs
+                )
+                floor = -2.0 * float(np.sqrt(var))
+            moved = {**allocation, **{f: b for f, _, _ in pairs}}
+            if saved <= floor or allocation_key(moved) in skip or not any(map(is_quantized, moved.values())):
+                continue  # resolvably slower, probed already, or float (no quantization result)
+            ranked.append((saved, moved))
+    ranked.sort(key=lambda r: -r[0])
+    return [_point(options, moved) for _, moved in ranked[: max(k, 0)]]
 
 
 def latency_shortlist(
@@ -547,9 +613,10 @@ def _fastest_within_budget(
     fastest probe within budget, unless a shortlisted point measures faster; then ``check``
     (evaluate and judge one point, :func:`hawqtool.search.measure_trial`) is called on those, fastest
     first, at most :data:`LATENCY_SHORTLIST_CHECKS` times, and the first that meets the budget is
-    chosen (its trial is appended, ``source="timed"``). Then the choice's one-layer moves
-    (:func:`latency_moves`) are timed against it and float; those resolvably faster (beyond twice
-    the paired standard error) are evaluated, least ΣΩ added per predicted ms first, and the first
+    chosen (its trial is appended, ``source="timed"``). Then the choice's format swaps
+    (:func:`format_swaps`) and one-layer moves (:func:`latency_moves`) are timed against it and
+    float; those resolvably faster (beyond twice the paired standard error) are evaluated, swaps
+    (no ΣΩ added) first, then least ΣΩ added per predicted ms, and the first
     that meets the budget becomes the choice, from which the moves start again, until
     :data:`LATENCY_MOVE_CHECKS` evaluations are spent or no move is faster (trials
     ``source="move"``, ``index`` −1). The third value (``None`` without
@@ -605,12 +672,15 @@ def _fastest_within_budget(
             best, best_timing = trial, timings[k]
             break
     assert best is not None and best_timing is not None  # the probes within budget are in the loop
-    # One-layer moves off the choice: timed against it (and float) in rounds of their own; one
-    # resolvably faster is evaluated (least ΣΩ per ms first) and taken if it meets the budget.
+    # Format swaps and one-layer moves off the choice: timed against it (and float) in rounds of
+    # their own; one resolvably faster is evaluated (swaps first, then least ΣΩ per ms) and taken
+    # if it meets the budget.
     moved = 0
     while check is not None and moved < LATENCY_MOVE_CHECKS:
         seen = [allocation_key(t.allocation) for t in (*result.trials, *added)]
-        moves = latency_moves(options, best.allocation, exclude=seen)
+        moves = format_swaps(options, best.allocation, table, exclude=seen)
+        seen += [allocation_key(m.allocation) for m in moves]
+        moves += latency_moves(options, best.allocation, exclude=seen)
         if not moves:
             break
         t_best, t_float, *t_moves = retime([best.allocation, {}, *(m.allocation for m in moves)])
@@ -618,8 +688,7 @@ def _fastest_within_budget(
         taken = False
         for k in faster[: LATENCY_MOVE_CHECKS - moved]:
             moved += 1
-            changed = next(f for f in options.layers if moves[k].allocation[f] != best.allocation[f])
-            note = f"move {changed}: {best.allocation[changed]} → {moves[k].allocation[changed]}"
+            note = _move_note(best.allocation, moves[k].allocation)
             trial = replace(check(moves[k]), source="move", note=note, index=-1)
             added.append(trial)
             rows.append(
@@ -652,6 +721,22 @@ def _fastest_within_budget(
             float_timing.median_ms,
         )
     return _choose(result, best, options), rows, versus_float
+
+
+def _move_note(before: Mapping[str, str], after: Mapping[str, str]) -> str:
+    """``move <layer>: a → b`` for a one-layer move, ``swap a → b on N layers`` for a format swap.
+
+    Example:
+        >>> _move_note({"x": "int8", "y": "int8"}, {"x": "int8-d", "y": "int8"})
+        'move x: int8 → int8-d'
+        >>> _move_note({"x": "int8", "y": "int8"}, {"x": "int8-d", "y": "int8-d"})
+        'swap int8 → int8-d on 2 layers'
+    """
+    changed = [f for f in before if after[f] != before[f]]
+    a, b = before[changed[0]], after[changed[0]]
+    return (
+        f"move {changed[0]}: {a} → {b}" if len(changed) == 1 else f"swap {a} → {b} on {len(changed)} layers"
+    )
 
 
 def _choose(result: Any, best: Any, options: OptionTable) -> Any:

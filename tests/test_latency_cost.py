@@ -249,6 +249,84 @@ def test_one_layer_moves_that_measure_resolvably_faster_are_evaluated_and_taken_
     assert chosen.chosen is not None and dict(chosen.chosen.allocation) == {"a": "float", "b": "int4"}
 
 
+def test_format_swaps_move_a_format_where_it_adds_no_omega_and_are_evaluated_first() -> None:
+    from hawqtool.costs import LatencyEntry, LatencyTable
+    from hawqtool.pipeline import format_swaps
+
+    # Three matmuls: static int8 (Ω 3: weights 2 + activations 1), dynamic int8-d (Ω 2), int4 (Ω 6),
+    # float. Layer "c" is an embedding-like layer without int8-d.
+    delta = {"float": 0.0, "int8": -1.0, "int8-d": -1.05, "int4": -1.02}
+    omega = {"float": 0.0, "int8": 3.0, "int8-d": 2.0, "int4": 6.0}
+    se = {"float": 0.0, "int8": 0.03, "int8-d": 0.03, "int4": 0.03}
+    offered = {"a": tuple(delta), "b": tuple(delta), "c": ("float", "int8", "int4")}
+    options = OptionTable(
+        ("a", "b", "c"),
+        {f: tuple(LayerOption(g, 2.0 + delta[g], 0.0, omega[g]) for g in fs) for f, fs in offered.items()},
+        "latency",
+    )
+    entries = {f: {g: LatencyEntry(delta[g], se[g]) for g in fs} for f, fs in offered.items()}
+    table = LatencyTable(
+        6.0, 0.0, dict.fromkeys("abc", 2.0), entries, "cpu", 1, {"x": (1,)}, "both", 10, 0.0, "fp"
+    )
+    start = {"a": "int8", "b": "int8", "c": "int8"}
+    # int8 → int8-d on a and b (c has no int8-d): ΔΩ −2, 0.1 ms predicted saved. int8 → float adds no Ω
+    # but is predicted 3 ms slower (beyond 2 se = 2 × 0.0735); int8 → int4 adds Ω.
+    assert [dict(p.allocation) for p in format_swaps(options, start, table)] == [
+        {"a": "int8-d", "b": "int8-d", "c": "int8"}
+    ]
+    # A swap predicted slower within the table's noise is timed too (saved −0.06 > −2 × 0.0735 ms) ...
+    slower = {**start, "a": "int4", "b": "int4"}
+    entries["a"]["int8-d"] = entries["b"]["int8-d"] = LatencyEntry(-0.97, 0.03)
+    opts2 = OptionTable(
+        options.layers,
+        {
+            f: tuple(LayerOption(g, 2.0 + entries[f][g].delta_ms, 0.0, omega[g]) for g in fs)
+            for f, fs in offered.items()
+        },
+        "latency",
+    )
+    assert [dict(p.allocation) for p in format_swaps(opts2, start, table)] == [
+        {"a": "int8-d", "b": "int8-d", "c": "int8"}
+    ]
+    # ... but not without a table to say how noisy it is, nor when probed already.
+    assert format_swaps(opts2, start) == []
+    assert (
+        format_swaps(options, start, table, exclude=[(("a", "int8-d"), ("b", "int8-d"), ("c", "int8"))]) == []
+    )
+    # int4 → int8-d and int4 → int8 both drop Ω (int8 0.04 ms slower, within noise); faster first.
+    got = [dict(p.allocation) for p in format_swaps(options, slower, table)]
+    assert got == [{"a": "int8-d", "b": "int8-d", "c": "int8"}, {"a": "int8", "b": "int8", "c": "int8"}]
+    # Formats timed as one graph share their entry: swapping between them gains nothing.
+    same = OptionTable(
+        ("a",), {"a": (LayerOption("int8", 1.0, 0.0, 3.0), LayerOption("int7", 1.0, 0.0, 4.0))}, "latency"
+    )
+    assert format_swaps(same, {"a": "int7"}) == []
+
+    # In the search the swap is timed with the one-layer moves and, resolvably faster, evaluated first.
+    def retime(allocations):  # type: ignore[no-untyped-def]
+        out = []
+        for alloc in allocations:
+            # The table cannot see it: one static layer beside a dynamic one costs 0.5 ms more.
+            fmts = [alloc.get(f, "float") for f in "ab"]
+            m = 6.0 + sum(delta[g] for g in fmts) + 0.5 * (len(set(fmts)) > 1)
+            out.append(Timing(m, 0.01, (m, m, m)))
+        return out
+
+    checked: list[dict[str, str]] = []
+
+    def check(point):  # type: ignore[no-untyped-def]
+        checked.append(dict(point.allocation))
+        return Trial(0, point.cost, 8.0, 0.9, 0.0, point.omega <= 8.0, 0.1, dict(point.allocation))
+
+    trials = (Trial(0, options.cost(start), 8.0, 0.9, 0.0, True, 0.1, start, latency_ms=4.0),)
+    result = SearchResult(_point_of(options, start), 0, trials, True, 0.9, "converged")
+    chosen, rows, _ = _fastest_within_budget(result, table, options, retime, check=check)
+    assert checked[0] == {"a": "int8-d", "b": "int8-d", "c": "int8"}
+    assert chosen.chosen is not None and dict(chosen.chosen.allocation) == checked[0]
+    assert chosen.trials[1].note == "swap int8 → int8-d on 2 layers" and chosen.trials[1].source == "move"
+    assert rows[1]["retimed_ms"] == pytest.approx(3.9)  # the one-layer moves measured 4.45: slower
+
+
 def _point_of(options: OptionTable, alloc: dict[str, str]) -> FrontierPoint:
     return FrontierPoint(options.cost(alloc), options.omega(alloc), alloc, 8.0)
 
