@@ -10,6 +10,11 @@ uint8 quantizer with the range the exporter calibrates (min/max of X over the sp
 :func:`hawqtool.export.uint8_qparams`). This is the weight term's twin (Ω = avg trace · ‖ΔW‖²): both
 estimate ΔᵀHΔ, so they add.
 
+Dynamic formats (``intB-d``) quantize the same input at run time (``DynamicQuantizeLinear``: uint8,
+the range of the tensor the node sees, widened to include 0). Their term uses the same trace and
+``‖Q_dyn(X) − X‖²`` with one range per calibration batch, as the model quantizes when it runs on
+batches of that size (a smaller batch spans a narrower range, so this errs on the safe side).
+
 Normalisation. Sample n's loss depends only on its own activation x_n (eval mode, no batch
 statistics), so H_X is block diagonal with blocks (1/N) ∇²ℓ_n(x_n) and
 ``Tr(H_X) = (1/N) Σ_n Tr(∇²_{x_n} ℓ_n)``: the per-sample traces are SUMMED over the split, each with
@@ -64,7 +69,7 @@ from hawqtool.types import write_json_atomic
 log = logging.getLogger(__name__)
 
 #: Version of the estimator; part of the cache key.
-SCHEDULE = "activation-epochs/v2-confidence-bound"
+SCHEDULE = "activation-epochs/v2-confidence-bound/dynamic-error"
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,9 @@ class ActivationTrace:
         scale, zero_point: the uint8 quantization of that range.
         sq_error: ‖Q_u8(X) − X‖² summed over the split.
         omega: ``max(trace, 0) / numel · sq_error``.
+        sq_error_dynamic: ‖Q_dyn(X) − X‖² summed over the split, each batch quantized with its own
+            range (as ``DynamicQuantizeLinear`` does for the dynamic formats ``intB-d``).
+        omega_dynamic: ``max(trace, 0) / numel · sq_error_dynamic``.
     """
 
     layer: str
@@ -97,6 +105,8 @@ class ActivationTrace:
     zero_point: int
     sq_error: float
     omega: float
+    sq_error_dynamic: float = 0.0
+    omega_dynamic: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -120,6 +130,11 @@ class ActivationTable:
     def omegas(self) -> dict[str, float]:
         """``fqn -> Ω_act``: ``build_options(..., activation_omega=table.omegas())``."""
         return {row.layer: row.omega for row in self.layers}
+
+    def dynamic_omegas(self) -> dict[str, float]:
+        """``fqn -> Ω_act`` of run-time (dynamic) quantization:
+        ``build_options(..., dynamic_activation_omega=table.dynamic_omegas())``."""
+        return {row.layer: row.omega_dynamic for row in self.layers}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -206,8 +221,9 @@ class _Model:
 @torch.no_grad()
 def _ranges_and_errors(
     m: _Model, batches: Sequence[Batch]
-) -> dict[str, tuple[float, float, int, float, int, float]]:
-    """Per layer: (rmin, rmax, numel, scale, zero point, ‖Q_u8(X) − X‖²) over the split."""
+) -> dict[str, tuple[float, float, int, float, int, float, float]]:
+    """Per layer: (rmin, rmax, numel, scale, zero point, ‖Q_u8(X) − X‖², ‖Q_dyn(X) − X‖²) over the
+    split; ``Q_dyn`` quantizes each input tensor with its own range (``DynamicQuantizeLinear``)."""
     from hawqtool.export import uint8_qparams
 
     lo: dict[str, float] = {}
@@ -225,11 +241,15 @@ def _ranges_and_errors(
             m.forward(x)
     qp = {f: uint8_qparams(lo[f], hi[f]) for f in lo}
     sq: dict[str, float] = {}
+    sq_dyn: dict[str, float] = {}
 
     def error(fqn: str, x: torch.Tensor) -> torch.Tensor:
         scale, zp = qp[fqn]
         d = uint8_fake_quant(x, float(scale), int(zp)) - x
         sq[fqn] = sq.get(fqn, 0.0) + float(d.double().pow(2).sum())
+        scale, zp = uint8_qparams(float(x.min()), float(x.max()))
+        d = uint8_fake_quant(x, float(scale), int(zp)) - x
+        sq_dyn[fqn] = sq_dyn.get(fqn, 0.0) + float(d.double().pow(2).sum())
         return x
 
     with _input_hooks(m.modules, error):
@@ -239,7 +259,8 @@ def _ranges_and_errors(
     if missing:
         raise UsageError(f"layer(s) {', '.join(missing)} never ran on the calibration split")
     return {
-        f: (lo[f], hi[f], numel[f], float(qp[f][0]), int(qp[f][1]), sq[f]) for f in (i.fqn for i in m.layers)
+        f: (lo[f], hi[f], numel[f], float(qp[f][0]), int(qp[f][1]), sq[f], sq_dyn[f])
+        for f in (i.fqn for i in m.layers)
     }
 
 
@@ -392,7 +413,7 @@ def estimate_activation_traces(
 
     rows = []
     for s in states:
-        rmin, rmax, numel, scale, zp, sq = stats[s.fqn]
+        rmin, rmax, numel, scale, zp, sq, sq_dyn = stats[s.fqn]
         trace = s.mean
         stderr = s.final_stderr()
         rows.append(
@@ -409,6 +430,8 @@ def estimate_activation_traces(
                 zero_point=zp,
                 sq_error=sq,
                 omega=max(trace, 0.0) / numel * sq if numel else 0.0,
+                sq_error_dynamic=sq_dyn,
+                omega_dynamic=max(trace, 0.0) / numel * sq_dyn if numel else 0.0,
             )
         )
     lagging = [r for r in rows if not r.converged]

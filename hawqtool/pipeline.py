@@ -376,9 +376,10 @@ def frontier(
         lat = latency_table(ws, progress=progress)
         cost = lat.cost_model()
         s["cost"] = f"latency:{lat.fingerprint}"
-    activation_omega = None
+    activation_omega = dynamic_omega = None
     if ws.recipe.hessian.activations:
-        activation_omega = activation_table(ws, progress=progress).omegas()
+        act = activation_table(ws, progress=progress)
+        activation_omega, dynamic_omega = act.omegas(), act.dynamic_omegas()
         s["activation_traces"] = True
     weights = dict(zip(ws.prepared.fqns, ws.prepared.weights(), strict=True))
     options = build_options(
@@ -391,6 +392,7 @@ def frontier(
         clip_search=s["clip_search"],
         opset=s["opset"],
         activation_omega=activation_omega,
+        dynamic_activation_omega=dynamic_omega,
     )
     options = replace(options, settings=s)
     return options, pareto_frontier(options, cost_grid=a.cost_grid, omega_grid=a.omega_grid)
@@ -510,7 +512,7 @@ def format_swaps(
 ) -> list[FrontierPoint]:
     """Up to ``k`` allocations that each move every layer of ``allocation`` in one format ``a`` to
     one other format ``b``, on the layers where ``b`` adds no Ω (say static ``int8`` → dynamic
-    ``int8-d``, which drops the activation term), most predicted ms saved first; only swaps whose
+    ``int8-d``, whose run-time ranges lose less than a calibrated one), most predicted ms saved first; only swaps whose
     predicted change the latency ``table`` cannot resolve from zero or a gain (saved > −2 standard
     errors, its entries' errors added in quadrature; without a table, saved > 0) and that change
     some layer's predicted cost (formats timed as one graph share their entry, so swapping between

@@ -190,6 +190,7 @@ def build_options(
     activation_bits: int = 8,
     opset: int = DEFAULT_OPSET,
     activation_omega: Mapping[str, float] | None = None,
+    dynamic_activation_omega: Mapping[str, float] | None = None,
 ) -> OptionTable:
     """One :class:`~hawqtool.types.LayerOption` per allowed format per layer: the frontier's input.
 
@@ -205,7 +206,9 @@ def build_options(
 
     With ``activation_omega`` (HAWQ-V2's activation term, :mod:`hawqtool.activations`), every format
     that quantizes the layer's input activation (``Format.activations``: ``intB``) adds the layer's
-    Ω_act to its Ω; weight-only formats (``intB-w``, ``intB-bK``) and ``float`` do not.
+    Ω_act to its Ω; weight-only formats (``intB-w``, ``intB-bK``) and ``float`` do not. With
+    ``dynamic_activation_omega`` the dynamic formats (``intB-d``, activations quantized at run time
+    with each tensor's own range) add theirs; without it they are charged their weights' error only.
 
     Args:
         layers: the quantizable layers (``PreparedModel.layers``), in model order.
@@ -221,6 +224,9 @@ def build_options(
         opset: the exported model's opset, which decides packed int2 storage for ``size``.
         activation_omega: Ω_act per layer (fqn -> finite number >= 0), added to the Ω of its
             activation-quantizing formats; a layer that can take such a format must be covered.
+        dynamic_activation_omega: Ω_act of run-time quantization per layer
+            (:meth:`hawqtool.activations.ActivationTable.dynamic_omegas`), added to the Ω of its
+            dynamic formats; same checks.
 
     Raises:
         UsageError: unknown format, cost model or storage; no formats; a layer without a trace or
@@ -247,7 +253,7 @@ def build_options(
         if isinstance(cost, str)
         else cost
     )
-    for fqn, value in (activation_omega or {}).items():
+    for fqn, value in [*(activation_omega or {}).items(), *(dynamic_activation_omega or {}).items()]:
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise UsageError(f"activation Ω of layer {fqn!r} must be a finite number >= 0, got {value!r}")
     known = {row.layer for row in traces}
@@ -289,13 +295,17 @@ def build_options(
             _check_format(fmt)
             sq_error = 0.0 if fmt == FLOAT else quantize_as(w, fmt, clip_search=clip_search).sq_error
             omega = avg_trace * sq_error
-            if activation_omega is not None and parse_format(fmt).activations:
-                if layer.fqn not in activation_omega:
+            spec = parse_format(fmt)
+            charged = (
+                activation_omega if spec.activations else dynamic_activation_omega if spec.dynamic else None
+            )
+            if charged is not None:
+                if layer.fqn not in charged:
                     raise UsageError(
                         f"no activation Ω for layer {layer.fqn!r}, which can take {fmt!r}; given for: "
-                        f"{', '.join(sorted(activation_omega)) or '(nothing)'}"
+                        f"{', '.join(sorted(charged)) or '(nothing)'}"
                     )
-                omega += float(activation_omega[layer.fqn])
+                omega += float(charged[layer.fqn])
             layer_cost_value = float(cost_model.layer_cost(layer, fmt))
             if not math.isfinite(layer_cost_value):
                 raise UsageError(

@@ -271,6 +271,7 @@ def run(key: str, args: argparse.Namespace) -> None:
                 clip_search=r.allocation.clip_search,
                 opset=r.export.opset,
                 activation_omega=act.omegas() if activations else None,
+                dynamic_activation_omega=act.dynamic_omegas() if activations else None,
             ),
             settings=settings,
         )

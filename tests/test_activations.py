@@ -127,6 +127,43 @@ def test_uint8_fake_quant_matches_onnxruntime() -> None:
     np.testing.assert_allclose(ours, y, rtol=0, atol=1e-6)
 
 
+def test_dynamic_error_is_what_onnxruntimes_dynamic_quantization_loses_batch_by_batch() -> None:
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"]),
+            helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+        ],
+        "dql",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    onnx_model.ir_version = 10
+    sess = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    model, batches = _setup()
+    prepared = prepare_model(model, batches[0][0])
+    table = estimate_activation_traces(prepared, batches, F.cross_entropy, rel_tol=0.2, progress=False)
+    expected = dict.fromkeys(("fc1", "fc2", "head"), 0.0)
+    for x, _ in batches:  # each batch is quantized with its own range, as the exported model runs it
+        with torch.no_grad():
+            h1 = torch.tanh(model.fc1(x))
+            h2 = torch.tanh(model.fc2(h1))
+        for name, act in (("fc1", x), ("fc2", h1), ("head", h2)):
+            a = act.numpy().astype(np.float32)
+            (y,) = sess.run(None, {"x": a})
+            expected[name] += float(((y.astype(np.float64) - a) ** 2).sum())
+    for name, sq in expected.items():
+        row = table[name]
+        assert row.sq_error_dynamic == pytest.approx(sq, rel=1e-5)
+        assert row.omega_dynamic == pytest.approx(max(row.trace, 0) / row.numel * sq)
+        assert 0 < row.sq_error_dynamic < row.sq_error  # a batch's range is within the split's
+    assert table.dynamic_omegas() == {r.layer: r.omega_dynamic for r in table.layers}
+
+
 def test_cache_roundtrip_and_seed(tmp_path) -> None:  # type: ignore[no-untyped-def]
     model, batches = _setup()
     prepared = prepare_model(model, batches[0][0])
@@ -140,7 +177,7 @@ def test_cache_roundtrip_and_seed(tmp_path) -> None:  # type: ignore[no-untyped-
     assert other.omegas() == first.omegas()  # same seed, same device: bit for bit
 
 
-def test_activation_omega_charges_only_activation_formats() -> None:
+def test_activation_omega_charges_static_and_dynamic_formats_their_own_terms() -> None:
     model, batches = _setup()
     prepared = prepare_model(model, batches[0][0])
     layers = prepared.layers
@@ -153,13 +190,16 @@ def test_activation_omega_charges_only_activation_formats() -> None:
         0.0,
     )
     weights = dict(zip(prepared.fqns, prepared.weights(), strict=True))
-    formats = ("int4", "int4-w", "int8", "float")
+    formats = ("int4", "int4-w", "int8", "int8-d", "float")
     act = {"fc1": 0.5, "fc2": 0.25, "head": 2.0}
+    dyn = {"fc1": 0.125, "fc2": 0.0625, "head": 1.0}
     plain = build_options(layers, traces, weights, formats=formats)
-    charged = build_options(layers, traces, weights, formats=formats, activation_omega=act)
+    charged = build_options(
+        layers, traces, weights, formats=formats, activation_omega=act, dynamic_activation_omega=dyn
+    )
     for fqn in prepared.fqns:
         for fmt in formats:
-            extra = act[fqn] if fmt in ("int4", "int8") else 0.0
+            extra = act[fqn] if fmt in ("int4", "int8") else dyn[fqn] if fmt == "int8-d" else 0.0
             assert charged.option(fqn, fmt).omega == pytest.approx(plain.option(fqn, fmt).omega + extra)
     # The frontier's least-Ω quantized end now prefers weight-only formats on the costly input.
     assert math.isfinite(pareto_frontier(charged).points[0].omega)
@@ -167,6 +207,12 @@ def test_activation_omega_charges_only_activation_formats() -> None:
         build_options(layers, traces, weights, formats=formats, activation_omega={"fc1": 1.0, "fc2": 1.0})
     with pytest.raises(UsageError, match=r"activation Ω of layer 'fc1' must be a finite number >= 0"):
         build_options(layers, traces, weights, formats=formats, activation_omega={**act, "fc1": -1.0})
+    with pytest.raises(UsageError, match=r"no activation Ω for layer 'fc2', which can take 'int8-d'"):
+        build_options(layers, traces, weights, formats=formats, dynamic_activation_omega={"fc1": 1.0})
+    with pytest.raises(UsageError, match=r"activation Ω of layer 'head' must be a finite number >= 0"):
+        build_options(
+            layers, traces, weights, formats=formats, dynamic_activation_omega={**dyn, "head": math.nan}
+        )
 
 
 def test_bad_settings_are_usage_errors() -> None:
