@@ -221,6 +221,39 @@ def ilp(options: OptionTable, max_cost: float) -> dict[str, str] | None:
     return {f: fmt for (f, fmt), v in x.items() if v.value() is not None and v.value() > 0.5}
 
 
+def format_scales(table: LatencyTable, allocs: Sequence[Mapping[str, str]], measured: Sequence[float]) -> str:
+    """Is the table off by format? Least squares of the measured latencies on a constant plus, per
+    format, the table's deltas summed over the layers in it (a scale of 1 is the table's own
+    prediction); and the prediction of that fit left out one model at a time, against the table's.
+    """
+    fmts = sorted({f for a in allocs for f in a.values() if f != "float"})
+    X = np.array(
+        [[1.0] + [sum(table.delta(k, f) for k, g in a.items() if g == f) for f in fmts] for a in allocs]
+    )
+    y = np.asarray(measured, dtype=float)
+    if len(y) <= X.shape[1] + 2:
+        return f"per-format scales: too few probed models ({len(y)})"
+    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+    resid = y - X @ coef
+    sigma2 = float(resid @ resid) / (len(y) - X.shape[1])
+    cov = sigma2 * np.linalg.pinv(X.T @ X)
+    hat = np.einsum("ij,jk,ik->i", X, np.linalg.pinv(X.T @ X), X)
+    loo = y - resid / np.clip(1.0 - hat, 1e-9, None)  # leave-one-out predictions
+    raw = [table.predict(a) for a in allocs]
+    med = statistics.median
+    return (
+        "per-format scales of the table's deltas (measured ≈ c + Σ scale × Σ deltas; 1 = the table): "
+        + ", ".join(
+            f"{f} {c:.2f} ± {np.sqrt(v):.2f}"
+            for f, c, v in zip(fmts, coef[1:], np.diag(cov)[1:], strict=True)
+        )
+        + f"; c {coef[0]:.3f} ms (table float {table.float_ms:.3f})"
+        + f" | leave-one-out: Spearman {rho(list(loo), list(y)):.3f}, median |error| "
+        + f"{100 * med(np.abs(loo - y) / y):.1f} % (table: {rho(raw, list(y)):.3f}, "
+        + f"{100 * med(np.abs(np.asarray(raw) - y) / y):.1f} %)"
+    )
+
+
 def describe(alloc: Mapping[str, str]) -> str:
     """An allocation in short: how many layers take each format."""
     counts: dict[str, int] = {}
@@ -534,6 +567,7 @@ def run(key: str, args: argparse.Namespace) -> None:
             f"predicted vs measured latency, batch {b}, {len(m)} probed models: Spearman {rho(predicted, m):.3f}, "
             f"median |error| {100 * statistics.median(err):.1f} %, max {100 * max(err):.1f} %"
         )
+        print(format_scales(lat[b], list(uniq.values()), m))
 
     # -- Spearman: ΣΩ with and without activation terms vs measured drops ------------------------
     if args.allocs < 4:
