@@ -254,6 +254,12 @@ def format_scales(table: LatencyTable, allocs: Sequence[Mapping[str, str]], meas
     )
 
 
+def describe_ratios(ratios: Sequence[float]) -> str:
+    if not ratios:
+        return "(no layer)"
+    return f"median {statistics.median(ratios):.2g}, min {min(ratios):.2g}, max {max(ratios):.2g}"
+
+
 def describe(alloc: Mapping[str, str]) -> str:
     """An allocation in short: how many layers take each format."""
     counts: dict[str, int] = {}
@@ -344,8 +350,9 @@ def run(key: str, args: argparse.Namespace) -> None:
     w8 = options((ref_fmt,), "size", activations=False)
     ratio = [x.omega / max(w8.option(x.layer, ref_fmt).omega, 1e-30) for x in act.layers]
     print(
-        f"Ω_act / Ω_weights({ref_fmt}) over layers: median {statistics.median(ratio):.2g}, "
-        f"min {min(ratio):.2g}, max {max(ratio):.2g}"
+        f"Ω_act / Ω_weights({ref_fmt}) over layers: {describe_ratios(ratio)}"
+        + "; dynamic (per-batch range) / static (calibrated range): "
+        + describe_ratios([x.omega_dynamic / x.omega for x in act.layers if x.omega > 0])
     )
 
     # -- searches ------------------------------------------------------------------------------
