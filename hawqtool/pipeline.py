@@ -512,11 +512,12 @@ def format_swaps(
 ) -> list[FrontierPoint]:
     """Up to ``k`` allocations that each move every layer of ``allocation`` in one format ``a`` to
     one other format ``b``, on the layers where ``b`` adds no Ω (say static ``int8`` → dynamic
-    ``int8-d``, whose run-time ranges lose less than a calibrated one), most predicted ms saved first; only swaps whose
-    predicted change the latency ``table`` cannot resolve from zero or a gain (saved > −2 standard
-    errors, its entries' errors added in quadrature; without a table, saved > 0) and that change
-    some layer's predicted cost (formats timed as one graph share their entry, so swapping between
-    them gains nothing). Allocations in ``exclude`` and all-float ones are skipped.
+    ``int8-d``, whose per-batch ranges lose no more than the calibrated one), most predicted ms
+    saved first; only swaps whose predicted change the latency ``table`` cannot resolve from zero
+    or a gain (saved > −2 standard errors, its entries' errors added in quadrature; without a
+    table, saved > 0) and that change some layer's predicted cost (formats timed as one graph
+    share their entry, so swapping between them gains nothing). Allocations in ``exclude`` and
+    all-float ones are skipped.
 
     An additive table prices a layer in isolation; a few layers whose format differs from their
     neighbours' (two static layers among dynamic ones on MiniLM at batch 1) pay the boundaries
