@@ -150,7 +150,13 @@ def measure_trial(
 ) -> Trial:
     """Evaluate one point and judge it against ``budget`` as :func:`bisect` does (a confidence bound
     on the drop when ``reference`` has per-sample values, the point drop otherwise; a non-finite
-    metric is a miss). ``index``, ``note`` and ``source`` are recorded in the :class:`Trial`."""
+    metric is a miss). ``index``, ``note`` and ``source`` are recorded in the :class:`Trial`.
+
+    A point that quantizes no layer and scores every sample exactly as the reference does is the
+    float model itself: its drop is 0 with no uncertainty (bound ``identical``). A bound from the
+    samples would not be 0: a teacher-fidelity metric (the float model scores 1 on every sample)
+    looks binary, and a binary bound over n agreeing pairs still allows about 3/n.
+    """
     t0 = time.perf_counter()
     got = evaluate(point)
     seconds = time.perf_counter() - t0
@@ -161,7 +167,16 @@ def measure_trial(
     drop = budget.drop(baseline, metric)
     lower = upper = drop
     bound = "point"
-    if reference is not None and math.isfinite(metric):
+    same = (
+        reference is not None
+        and all(f == "float" for f in point.allocation.values())
+        and reference.values is not None
+        and m.values is not None
+        and np.array_equal(reference.values, m.values)
+    )
+    if same:
+        drop, lower, upper, bound = 0.0, 0.0, 0.0, "identical"
+    elif reference is not None and math.isfinite(metric):
         est = judge(budget, reference, m, seed=seed)
         drop, lower, upper, bound = est.drop, est.lower, est.upper, est.method
     met = math.isfinite(metric) and upper <= budget.max_drop + 1e-12

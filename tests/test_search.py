@@ -261,3 +261,32 @@ def test_extra_points_are_probed_once_after_the_search_and_do_not_change_its_cho
     low = Planted([0.5] * 8)
     r = bisect(pts, low, baseline=0.9, budget=Budget(0.01), progress=False, extra={"uniform": new})
     assert r.reason == "impossible" and [t.source for t in r.trials] == ["candidates"]
+
+
+def test_the_float_model_itself_has_no_uncertain_drop() -> None:
+    # Teacher fidelity: the float model scores exactly 1 on every sample, which looks binary; a
+    # binary bound over 256 agreeing pairs is about 0.014, above a 1 % budget. The all-float point
+    # IS the float model (every sample scored the same): its drop is 0, certain.
+    from hawqtool.search import Measurement, measure_trial
+
+    ones = np.ones(256)
+    ref = Measurement(1.0, ones)
+    budget = Budget(0.01, "relative", confidence=0.95)
+    floaty = FrontierPoint(32.0, 0.0, {"a": "float", "b": "float"}, 32.0)
+    t = measure_trial(
+        floaty, lambda p: Measurement(1.0, ones.copy()), baseline=1.0, budget=budget, reference=ref
+    )
+    assert t.met and (t.drop, t.drop_lower, t.drop_upper, t.bound) == (0.0, 0.0, 0.0, "identical")
+    # A quantized point that agrees on every sample is judged from the samples: not certain.
+    quant = FrontierPoint(8.0, 1.0, {"a": "int8", "b": "float"}, 20.0)
+    t = measure_trial(
+        quant, lambda p: Measurement(1.0, ones.copy()), baseline=1.0, budget=budget, reference=ref
+    )
+    assert t.bound == "score-paired" and 0.01 < t.drop_upper < 0.02 and not t.met
+    # An all-float point that scores differently (another export) is judged from the samples too.
+    other = ones.copy()
+    other[:2] = 0.999
+    t = measure_trial(
+        floaty, lambda p: Measurement(float(other.mean()), other), baseline=1.0, budget=budget, reference=ref
+    )
+    assert t.bound != "identical" and t.drop_upper > t.drop > 0
