@@ -540,17 +540,17 @@ def format_swaps(
     skip = set(exclude)
     ranked: list[tuple[float, dict[str, str]]] = []
     for a in sorted(set(allocation.values())):
-        for b in sorted({o.format for f in options.layers if allocation[f] == a for o in options.options[f]}):
+        now = {f: options.option(f, a) for f in options.layers if allocation[f] == a}
+        for b in sorted({o.format for f in now for o in options.options[f]} - {a}):
             pairs = [
-                (f, options.option(f, a), o)
-                for f in options.layers
-                if allocation[f] == a
+                (f, now[f], o)
+                for f in now
                 for o in options.options[f]
-                if o.format == b and o.omega <= options.option(f, a).omega
+                if o.format == b and o.omega <= now[f].omega
             ]
-            if b == a or not pairs or all(now.cost == o.cost for _, now, o in pairs):
+            if not pairs or all(was.cost == o.cost for _, was, o in pairs):
                 continue  # nothing moves, or only between formats timed as one graph
-            saved = sum(now.cost - o.cost for _, now, o in pairs)
+            saved = sum(was.cost - o.cost for _, was, o in pairs)
             if table is None:
                 floor = 0.0
             else:
