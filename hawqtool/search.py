@@ -25,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hawqtool.errors import UsageError
-from hawqtool.types import Budget, FrontierPoint, Trial, allocation_key
+from hawqtool.types import FLOAT, Budget, FrontierPoint, Trial, allocation_key
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def measure_trial(
     bound = "point"
     same = (
         reference is not None
-        and all(f == "float" for f in point.allocation.values())
+        and all(f == FLOAT for f in point.allocation.values())
         and reference.values is not None
         and m.values is not None
         and np.array_equal(reference.values, m.values)
