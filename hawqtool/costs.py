@@ -674,9 +674,10 @@ def pool_deltas(
     :func:`kernel_signature` measure the same kernels, so per (signature, format) this is the
     random-effects estimate: the between-layer variance τ² by DerSimonian–Laird (what the deltas'
     spread shows beyond their standard errors), the precision-weighted mean m, and each layer's
-    delta moved toward m by ``s² / (s² + τ²)``. Deltas that differ by more than their noise (a layer whose Q/DQ boundary
-    costs more) keep their difference (τ² large); deltas that differ by noise alone become their
-    group's mean (τ² = 0). A layer alone in its signature, or without a standard error, is kept.
+    delta moved toward m by ``s² / (s² + τ²)``. Deltas that differ by more than their noise (a
+    layer whose Q/DQ boundary costs more) keep their difference (τ² large); deltas that differ by
+    noise alone become their group's mean (τ² = 0). A layer alone in its signature, or without a
+    standard error, is kept.
 
     Args:
         entries: ``fqn -> format ->`` :class:`LatencyEntry` as measured.
