@@ -18,7 +18,8 @@ What the pipeline calls:
 
 Bounds by case (``method="auto"``):
 
-- ``score-paired``: both value arrays are in {0, 1} (accuracy-like). Tango's asymptotic score bound
+- ``score-paired``: the metric is binary, as declared (``binary``, from ``task.binary`` or the
+  built-in metric) or, undeclared, both value arrays are in {0, 1} (accuracy-like). Tango's asymptotic score bound
   for the difference of paired proportions (Tango 1998, Stat. Med. 17:891), inverted one-sided, with
   a half-sample continuity correction. Why: the plug-in normal (Wald) bound has zero width when no
   sample changes, and the conditional exact (McNemar / Clopper–Pearson on b/(b+c)) bound treats the
@@ -31,13 +32,13 @@ Bounds by case (``method="auto"``):
   0.95 and 0.99 (lowest 0.9513 at 0.95); without the correction it dipped to 0.940. In relative
   mode the bounds are divided by ``|mean(base)|``: the baseline's own sampling error is second
   order there (simulated coverage 0.958 to 0.978 at 0.95).
-- ``bootstrap-paired``: any other per-sample values, n ≤ 20 000. BCa bootstrap of the pairs
-  (Efron 1987): bias and skew corrected, which matters for right-skewed drops such as per-sample MSE
-  increases where a symmetric normal bound is too low; "expanded" (its normal quantiles replaced by
+- ``bootstrap-paired``: a continuous metric, n ≤ 20 000. BCa bootstrap of the pairs (Efron 1987):
+  bias and skew corrected, which matters for right-skewed drops such as per-sample MSE increases
+  where a symmetric normal bound is too low; "expanded" (its normal quantiles replaced by
   sqrt(n/(n−1))·Student-t ones, Hesterberg 2015) so that it is not too narrow at small n.
-- ``normal-paired``: any other per-sample values, n > 20 000 (the bootstrap costs resamples × n and
-  the skew error of the normal bound shrinks as 1/√n). Student-t bound on the mean paired
-  difference; in relative mode the delta method for the ratio.
+- ``normal-paired``: a continuous metric, n > 20 000 (the bootstrap costs resamples × n and the
+  skew error of the normal bound shrinks as 1/√n). Student-t bound on the mean paired difference;
+  in relative mode the delta method for the ratio.
 - ``bootstrap-batches``: :func:`paired_drop_batches`, the same expanded BCa bootstrap over batches.
 - ``point``: ``confidence == 0``: the old rule, lower == upper == the observed drop.
 
@@ -121,6 +122,7 @@ def paired_drop(
     mode: str = "absolute",
     higher_is_better: bool = True,
     method: str = "auto",
+    binary: bool | None = None,
     seed: int | np.random.Generator = 0,
     resamples: int = 4000,
 ) -> DropEstimate:
@@ -137,6 +139,10 @@ def paired_drop(
         higher_is_better: the metric's direction.
         method: ``auto`` (see the module docstring), ``score-paired`` (values in {0, 1} only),
             ``bootstrap-paired`` or ``normal-paired``.
+        binary: whether the metric is 0/1 per sample, for ``auto``: ``True`` bounds with the score
+            method, ``False`` as a continuous metric even where the values happen to be all 0 or 1
+            (a teacher-fidelity cosine of exactly 1); ``None`` reads it off the values
+            (:func:`is_binary`).
         seed: seed or generator of the bootstrap resampling; the bound is a function of it.
         resamples: bootstrap resamples (≥ 100).
 
@@ -145,7 +151,8 @@ def paired_drop(
 
     Raises:
         UsageError: arrays of different or bad shapes, non-finite values, a relative drop on a
-            zero baseline, too few samples for the method, or a bad argument.
+            zero baseline, too few samples for the method, values not in {0, 1} for a binary metric,
+            or a bad argument.
 
     Example:
         >>> base = np.ones(300)
@@ -163,12 +170,18 @@ def paired_drop(
     scale = _relative_scale(b, mode)
     drop = float(d.mean()) / scale
 
+    values_binary = is_binary(b) and is_binary(c)
+    if binary and not values_binary:
+        raise UsageError(
+            "the metric is declared binary (task.binary) but its per-sample values are not all 0 or 1; "
+            "declare task.binary: false for a continuous metric"
+        )
     if method == "auto":
-        if is_binary(b) and is_binary(c):
+        if values_binary if binary is None else binary:
             method = "score-paired"
         else:
             method = "bootstrap-paired" if n <= BOOTSTRAP_MAX_N else "normal-paired"
-    if method == "score-paired" and not (is_binary(b) and is_binary(c)):
+    if method == "score-paired" and not values_binary:
         raise UsageError(
             "method 'score-paired' needs per-sample values in {0, 1} (accuracy-like); "
             "use 'auto', 'bootstrap-paired' or 'normal-paired' for other metrics"

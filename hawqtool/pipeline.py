@@ -32,6 +32,7 @@ from hawqtool.prepare import PreparedModel, prepare_model
 from hawqtool.recipe import Recipe, load_recipe
 from hawqtool.tasks import LossFn, MetricFn, import_object, resolve_loss, resolve_metric
 from hawqtool.types import (
+    Budget,
     DataSplits,
     Frontier,
     FrontierPoint,
@@ -281,22 +282,35 @@ def check_task(ws: Workspace) -> tuple[float, np.ndarray | None]:
     return metric, per
 
 
+def budget_for(ws: Workspace, values: np.ndarray | None) -> Budget:
+    """The recipe's budget with the metric's kind settled: binary (0/1 per sample) as declared
+    (``task.binary`` or the built-in metric), else read once off the float torch model's per-sample
+    ``values`` on the evaluation split (:func:`check_task`), so that every later judgement of this
+    run bounds drops the same way, whatever float rounding does to the ONNX model's values."""
+    from hawqtool.confidence import is_binary
+
+    budget = ws.recipe.budget_spec
+    if budget.binary is None and values is not None:
+        budget = replace(budget, binary=is_binary(values))
+    return budget
+
+
 def check_budget_resolvable(ws: Workspace, baseline: float, values: np.ndarray | None) -> None:
     """Refuse a budget the evaluation split cannot resolve at the recipe's confidence.
 
     Args:
         ws: the workspace.
         baseline: the float model's metric on the evaluation split (for relative budgets).
-        values: its per-sample values; a binary metric (0/1 per sample, as top-1) has a smallest
-            resolvable drop, a continuous one does not.
+        values: its per-sample values. A binary metric (0/1 per sample, as top-1; see
+            :func:`budget_for`) has a smallest resolvable drop, a continuous one does not.
 
     Raises:
         UsageError: (exit 2) saying how many evaluation samples the budget needs.
     """
-    from hawqtool.confidence import TOLERANCE, is_binary, resolvable_drop, samples_needed
+    from hawqtool.confidence import TOLERANCE, resolvable_drop, samples_needed
 
     b = ws.recipe.budget
-    if b.confidence <= 0 or values is None or not is_binary(values):
+    if b.confidence <= 0 or values is None or not budget_for(ws, values).binary:
         return  # the point rule, or a metric with no granularity to resolve
     n = len(values)
     if b.max_drop <= 0:
@@ -1068,6 +1082,7 @@ def quantize(
     # Garbage in must stop here, before minutes of Hessian work, never end as "budget met".
     base_metric, base_values = check_task(ws)
     check_budget_resolvable(ws, base_metric, base_values)
+    budget = budget_for(ws, base_values)
     out = Path(out)
     if is_main():
         try:
@@ -1138,7 +1153,6 @@ def quantize(
     base_eval = run(exp.float_model, "evaluation", timed=True)
     base_test = run(exp.float_model, "test")
     timings["baseline"] = time.perf_counter() - t
-    budget = r.budget_spec
 
     # With the latency cost every probe is timed: latency is not exactly additive, so the choice
     # among the candidates within budget is made on measured, not predicted, latency.
@@ -1226,6 +1240,7 @@ def quantize(
 
     report = build_report(
         recipe=r,
+        budget=budget,
         prepared=ws.prepared,
         table=table,
         front=front,

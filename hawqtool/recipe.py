@@ -48,11 +48,14 @@ class TaskSection(_Section):
     ``ModelOutput``: a key or attribute (``logits``, ``last_hidden_state``), an index, or an import
     path ``package.module:function``. Defaults: labels → ``cross_entropy`` + ``top1``; model →
     ``kl`` + ``top1_agreement`` (for embeddings give ``loss: mse`` and ``metric: cosine``).
+    ``binary`` says whether the metric is 0/1 per sample (``top1``) or continuous (``cosine``); the
+    built-in metrics declare it, a user's metric may (``null``: read off the float model's values).
     """
 
     loss: str | None = None
     metric: str | None = None
     higher_is_better: bool | None = None
+    binary: bool | None = None
     targets: Literal["labels", "model"] = "labels"
     output: str | int | None = None
 
@@ -71,6 +74,17 @@ class TaskSection(_Section):
         from hawqtool.tasks import HIGHER_IS_BETTER
 
         return HIGHER_IS_BETTER.get(self.metric_name, True)
+
+    @property
+    def binary_resolved(self) -> bool | None:
+        """Whether the metric is 0/1 per sample: ``binary`` if given, else the built-in metric's
+        (:data:`hawqtool.tasks.BINARY`); ``None`` for a user's metric that does not say (the pipeline
+        then reads it off the float torch model's values on the evaluation split)."""
+        if self.binary is not None:
+            return self.binary
+        from hawqtool.tasks import BINARY
+
+        return BINARY.get(self.metric_name)
 
 
 class HessianSection(_Section):
@@ -209,6 +223,7 @@ class Recipe(_Section):
             b.min_drop,
             higher_is_better=self.task.higher_is_better_resolved,
             confidence=b.confidence,
+            binary=self.task.binary_resolved,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hawqtool.types import (
+    Budget,
     Frontier,
     FrontierPoint,
     SensitivityTable,
@@ -94,12 +95,11 @@ def write_frontier_csv(frontier: Frontier, out: Path) -> None:
     write_bytes_atomic(out / "frontier.csv", _csv_bytes(header, body))
 
 
-def _drop(recipe: Recipe, base: Evaluation, cand: Evaluation, seed: int) -> dict[str, Any]:
+def _drop(b: Budget, base: Evaluation, cand: Evaluation, seed: int) -> dict[str, Any]:
     """The drop of ``cand`` from ``base`` on the same split, with paired bounds at the budget's
     confidence (see :func:`hawqtool.search.judge`)."""
     from hawqtool.search import Measurement, judge
 
-    b = recipe.budget_spec
     est = judge(b, Measurement.of(base), Measurement.of(cand), seed=seed)
     return {**est.to_dict(), "met": est.upper <= b.max_drop + 1e-12}
 
@@ -119,19 +119,21 @@ def build_report(
     timings: Mapping[str, float],
     versions: Mapping[str, str],
     model_path: Path | None,
+    budget: Budget | None = None,
 ) -> dict[str, Any]:
     """``report.json``: the output contract of docs/design.md, plus what each stage assumed.
 
     Keys of 0.1 are kept (``baseline``, ``result`` {metric, test_metric, latency_ms, size_bytes,
     allocation}, ``budget``, ``budget_met``, ``search``, ``sensitivity``, ``frontier``, ``seed``,
     ``versions``); 0.2 adds the drop intervals on evaluation and test, the smallest drop the split
-    resolves, the model-I/O contract and the layers kept float (unused or unsupported).
+    resolves, the model-I/O contract and the layers kept float (unused or unsupported). ``budget``
+    is the one the search judged by (:func:`hawqtool.pipeline.budget_for`; default: the recipe's).
     """
     from hawqtool.confidence import is_binary, resolvable_drop
 
     r = recipe
     base_eval, base_test = baseline
-    budget = r.budget_spec
+    budget = budget or r.budget_spec
     res: dict[str, Any] = {
         "metric": None,
         "test_metric": None,
@@ -141,8 +143,8 @@ def build_report(
     }
     if final is not None and chosen is not None and model_path is not None:
         final_eval, final_test = final
-        on_eval = _drop(r, base_eval, final_eval, r.hessian.seed)
-        on_test = _drop(r, base_test, final_test, r.hessian.seed)
+        on_eval = _drop(budget, base_eval, final_eval, r.hessian.seed)
+        on_test = _drop(budget, base_test, final_test, r.hessian.seed)
         formats: dict[str, int] = {}
         for fmt in chosen.allocation.values():
             formats[fmt] = formats.get(fmt, 0) + 1
@@ -168,14 +170,16 @@ def build_report(
             "weight_only_layers": sum(1 for f in chosen.allocation.values() if parse_format(f).weight_only),
         }
     resolvable = None
-    if base_eval.values is not None and budget.confidence > 0:
+    binary = budget.binary
+    if binary is None and base_eval.values is not None:
         binary = is_binary(base_eval.values)
+    if base_eval.values is not None and budget.confidence > 0:
         base = base_eval.metric if budget.mode == "relative" and base_eval.metric else None
         if budget.mode == "absolute" or base is not None:
             resolvable = resolvable_drop(
                 base_eval.samples,
                 confidence=budget.confidence,
-                binary=binary,
+                binary=bool(binary),
                 mode=budget.mode,
                 baseline=base,
             )
@@ -196,6 +200,7 @@ def build_report(
             "metric": r.task.metric_name,
             "split": "evaluation",
             "per_sample": base_eval.values is not None,
+            "binary": binary,
             "resolvable_drop": resolvable,
         },
         "budget_met": result.budget_met,
@@ -357,16 +362,21 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         )
     conf = budget.get("confidence", 0) or 0
     if conf > 0:
+        resolution = "."
+        if budget.get("binary") and budget.get("resolvable_drop") is not None:
+            resolution = (
+                f"; the evaluation split ({b.get('samples', '?')} samples) resolves drops down to "
+                f"{budget['resolvable_drop']:.4g}."
+            )
+        elif budget.get("binary") is False:
+            resolution = (
+                "; the metric is continuous, so the bound narrows as the candidate's per-sample values "
+                "approach the float model's (no smallest resolvable drop)."
+            )
         lines += [
             "",
             f"A candidate meets the budget when the one-sided {100 * conf:g} % upper bound of its drop, "
-            "paired against the float model on the same evaluation samples, is within max_drop"
-            + (
-                f"; the evaluation split ({b.get('samples', '?')} samples) resolves drops down to "
-                f"{budget['resolvable_drop']:.4g}."
-                if budget.get("resolvable_drop") is not None
-                else "."
-            ),
+            "paired against the float model on the same evaluation samples, is within max_drop" + resolution,
         ]
     for key, split in (("drop_interval", "evaluation"), ("test_drop_interval", "test")):
         iv = r.get(key)

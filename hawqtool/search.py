@@ -25,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hawqtool.errors import UsageError
-from hawqtool.types import FLOAT, Budget, FrontierPoint, Trial, allocation_key
+from hawqtool.types import Budget, FrontierPoint, Trial, allocation_key
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,13 @@ def judge(budget: Budget, reference: Measurement, candidate: Measurement, *, see
     c, mode, hib = budget.confidence, budget.mode, budget.higher_is_better
     if c > 0 and reference.values is not None and candidate.values is not None:
         return paired_drop(
-            reference.values, candidate.values, confidence=c, mode=mode, higher_is_better=hib, seed=seed
+            reference.values,
+            candidate.values,
+            confidence=c,
+            mode=mode,
+            higher_is_better=hib,
+            binary=budget.binary,
+            seed=seed,
         )
     if c > 0 and reference.chunks is not None and candidate.chunks is not None:
         return paired_drop_batches(
@@ -150,13 +156,7 @@ def measure_trial(
 ) -> Trial:
     """Evaluate one point and judge it against ``budget`` as :func:`bisect` does (a confidence bound
     on the drop when ``reference`` has per-sample values, the point drop otherwise; a non-finite
-    metric is a miss). ``index``, ``note`` and ``source`` are recorded in the :class:`Trial`.
-
-    A point that quantizes no layer and scores every sample exactly as the reference does is the
-    float model itself: its drop is 0 with no uncertainty (bound ``identical``). A bound from the
-    samples would not be 0: a teacher-fidelity metric (the float model scores 1 on every sample)
-    looks binary, and a binary bound over n agreeing pairs still allows about 3/n.
-    """
+    metric is a miss). ``index``, ``note`` and ``source`` are recorded in the :class:`Trial`."""
     t0 = time.perf_counter()
     got = evaluate(point)
     seconds = time.perf_counter() - t0
@@ -167,16 +167,7 @@ def measure_trial(
     drop = budget.drop(baseline, metric)
     lower = upper = drop
     bound = "point"
-    same = (
-        reference is not None
-        and all(f == FLOAT for f in point.allocation.values())
-        and reference.values is not None
-        and m.values is not None
-        and np.array_equal(reference.values, m.values)
-    )
-    if same:
-        drop, lower, upper, bound = 0.0, 0.0, 0.0, "identical"
-    elif reference is not None and math.isfinite(metric):
+    if reference is not None and math.isfinite(metric):
         est = judge(budget, reference, m, seed=seed)
         drop, lower, upper, bound = est.drop, est.lower, est.upper, est.method
     met = math.isfinite(metric) and upper <= budget.max_drop + 1e-12

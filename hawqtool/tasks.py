@@ -156,6 +156,17 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "neg_mse": True,
 }
 """Each built-in metric's direction: the default of ``task.higher_is_better`` for that name."""
+BINARY: dict[str, bool] = {
+    "top1": True,
+    "top1_agreement": True,
+    "cosine": False,
+    "mse": False,
+    "neg_mse": False,
+}
+"""Whether each built-in metric is binary per sample (0 or 1: accuracy-like) or continuous: the default
+of ``task.binary`` for that name. It decides how a drop is bounded (:mod:`hawqtool.confidence`) and
+whether a split has a smallest resolvable drop. Declared, not read off the values: a teacher-fidelity
+``cosine`` scores the float model exactly 1 on every sample, which looks binary."""
 USES_TEACHER: frozenset[str] = frozenset({"top1_agreement", "cosine", "kl"})
 """Built-in metrics and losses whose ``targets`` are the float model's outputs, not labels."""
 

@@ -385,6 +385,9 @@ class Budget:
     #: One-sided confidence of the bound on the drop a candidate must keep within ``max_drop``
     #: (paired against the float model on the same samples); 0 = the point estimate decides.
     confidence: float = 0.0
+    #: Whether the metric is 0/1 per sample (top-1), which decides how a drop is bounded; ``None``
+    #: reads it off the values (:func:`hawqtool.confidence.is_binary`).
+    binary: bool | None = None
 
     def drop(self, baseline: float, metric: float) -> float:
         """The drop of ``metric`` from ``baseline`` in this budget's mode (positive = worse)."""

@@ -208,6 +208,11 @@ def test_auto_picks_the_method_by_data() -> None:
     # A candidate identical to the float model on a continuous metric: no spread, no margin.
     same = paired_drop(big[:50], big[:50])
     assert same.drop == same.lower == same.upper == 0.0
+    # Declared, the metric's kind wins over what its values look like.
+    assert paired_drop(np.ones(10), np.ones(10), binary=False).method == "bootstrap-paired"
+    assert paired_drop(np.ones(10), np.ones(10), binary=True).method == "score-paired"
+    with pytest.raises(UsageError, match="declared binary"):
+        paired_drop(np.ones(10), np.full(10, 0.5), binary=True)
 
 
 @pytest.mark.parametrize("skewed", [False, True])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from hawqtool.errors import UsageError
 from hawqtool.search import SearchResult, bisect, max_evaluations
-from hawqtool.types import Budget, FrontierPoint
+from hawqtool.types import Budget, FrontierPoint, Trial
 
 
 def points(n: int) -> list[FrontierPoint]:
@@ -263,30 +264,37 @@ def test_extra_points_are_probed_once_after_the_search_and_do_not_change_its_cho
     assert r.reason == "impossible" and [t.source for t in r.trials] == ["candidates"]
 
 
-def test_the_float_model_itself_has_no_uncertain_drop() -> None:
-    # Teacher fidelity: the float model scores exactly 1 on every sample, which looks binary; a
-    # binary bound over 256 agreeing pairs is about 0.014, above a 1 % budget. The all-float point
-    # IS the float model (every sample scored the same): its drop is 0, certain.
+def test_a_declared_continuous_metric_bounds_exact_agreement_at_zero() -> None:
+    # Teacher fidelity on a cosine metric: the float model scores exactly 1 on every sample, which
+    # looks binary. Read off the values, a binary bound over 256 agreeing pairs allows about 0.014,
+    # above a 1 % budget, and the float model itself "missed" (hawqtool 0.3.2 on MiniLM). Declared
+    # continuous, agreement on every sample bounds the drop at 0.
     from hawqtool.search import Measurement, measure_trial
 
     ones = np.ones(256)
     ref = Measurement(1.0, ones)
-    budget = Budget(0.01, "relative", confidence=0.95)
     floaty = FrontierPoint(32.0, 0.0, {"a": "float", "b": "float"}, 32.0)
-    t = measure_trial(
-        floaty, lambda p: Measurement(1.0, ones.copy()), baseline=1.0, budget=budget, reference=ref
-    )
-    assert t.met and (t.drop, t.drop_lower, t.drop_upper, t.bound) == (0.0, 0.0, 0.0, "identical")
-    # A quantized point that agrees on every sample is judged from the samples: not certain.
-    quant = FrontierPoint(8.0, 1.0, {"a": "int8", "b": "float"}, 20.0)
-    t = measure_trial(
-        quant, lambda p: Measurement(1.0, ones.copy()), baseline=1.0, budget=budget, reference=ref
-    )
+
+    def trial(budget: Budget, values: np.ndarray) -> Trial:
+        return measure_trial(
+            floaty,
+            lambda p: Measurement(float(values.mean()), values),
+            baseline=1.0,
+            budget=budget,
+            reference=ref,
+        )
+
+    inferred = Budget(0.01, "relative", confidence=0.95)
+    t = trial(inferred, ones.copy())
     assert t.bound == "score-paired" and 0.01 < t.drop_upper < 0.02 and not t.met
-    # An all-float point that scores differently (another export) is judged from the samples too.
+    continuous = replace(inferred, binary=False)
+    t = trial(continuous, ones.copy())
+    assert t.met and t.bound == "bootstrap-paired" and (t.drop, t.drop_lower, t.drop_upper) == (0, 0, 0)
+    # A model that scores differently is bounded from the samples' spread, above its drop.
     other = ones.copy()
     other[:2] = 0.999
-    t = measure_trial(
-        floaty, lambda p: Measurement(float(other.mean()), other), baseline=1.0, budget=budget, reference=ref
-    )
-    assert t.bound != "identical" and t.drop_upper > t.drop > 0
+    t = trial(continuous, other)
+    assert t.bound == "bootstrap-paired" and t.drop_upper > t.drop > 0
+    # Declared binary, values that are not 0/1 are a usage error naming the key.
+    with pytest.raises(UsageError, match=r"task\.binary"):
+        trial(replace(inferred, binary=True), other)

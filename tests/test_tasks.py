@@ -12,6 +12,7 @@ import torch
 
 from hawqtool.errors import UsageError
 from hawqtool.tasks import (
+    BINARY,
     HIGHER_IS_BETTER,
     LOSSES,
     METRICS,
@@ -85,7 +86,12 @@ def test_mse_and_neg_mse_per_sample() -> None:
 
 
 def test_registries_and_directions() -> None:
-    assert set(METRICS) == set(HIGHER_IS_BETTER) == {"top1", "top1_agreement", "cosine", "mse", "neg_mse"}
+    assert (
+        set(METRICS)
+        == set(HIGHER_IS_BETTER)
+        == set(BINARY)
+        == {"top1", "top1_agreement", "cosine", "mse", "neg_mse"}
+    )
     assert not HIGHER_IS_BETTER["mse"] and all(v for k, v in HIGHER_IS_BETTER.items() if k != "mse")
     assert set(LOSSES) == {"cross_entropy", "mse", "kl"}
     assert set(USES_TEACHER) == {"top1_agreement", "cosine", "kl"}
