@@ -104,6 +104,19 @@ def _drop(b: Budget, base: Evaluation, cand: Evaluation, seed: int) -> dict[str,
     return {**est.to_dict(), "met": est.upper <= b.max_drop + 1e-12}
 
 
+def _versus_float(ms: float, float_ms: float) -> str:
+    """The result's latency as a multiple of the float model's, and which way it went.
+
+    Example:
+        >>> _versus_float(531.0, 295.0), _versus_float(5.0, 10.0)
+        ("latency 1.80× float's (slower)", "latency 0.50× float's (2.00× faster)")
+    """
+    ratio = ms / float_ms
+    if ratio > 1:
+        return f"latency {ratio:.2f}× float's (slower)"
+    return f"latency {ratio:.2f}× float's ({1 / ratio:.2f}× faster)"
+
+
 def build_report(
     *,
     recipe: Recipe,
@@ -331,8 +344,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         )
     lines += [
         "",
-        f"Average weight bits {r.get('avg_bits', float('nan')):.2f}; "
-        f"latency ×{b['latency_ms'] / r['latency_ms']:.2f} vs float; size ×{b['size_bytes'] / r['size_bytes']:.2f} smaller."
+        f"Average weight bits {r.get('avg_bits', float('nan')):.2f}; {_versus_float(r['latency_ms'], b['latency_ms'])}; "
+        f"size ×{b['size_bytes'] / r['size_bytes']:.2f} smaller."
         if r.get("size_bytes") and r.get("latency_ms")
         else "",
         "",
