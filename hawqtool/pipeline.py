@@ -41,8 +41,8 @@ from hawqtool.types import (
     Trial,
     allocation_key,
     average_bits,
-    is_quantized,
     parse_format,
+    quantizes_nothing,
     write_json_atomic,
 )
 
@@ -507,7 +507,7 @@ def latency_moves(
         for o in options.options[fqn]:
             saved = now.cost - o.cost
             moved = {**allocation, fqn: o.format}
-            if saved <= 0 or allocation_key(moved) in skip or not any(map(is_quantized, moved.values())):
+            if saved <= 0 or allocation_key(moved) in skip or quantizes_nothing(moved):
                 continue  # not faster, probed already, or float (no quantization result)
             ratio = (o.omega - now.omega) / saved
             if fqn not in best or ratio < best[fqn][0]:
@@ -573,7 +573,7 @@ def format_swaps(
                 )
                 floor = -2.0 * float(np.sqrt(var))
             moved = {**allocation, **{f: b for f, _, _ in pairs}}
-            if saved <= floor or allocation_key(moved) in skip or not any(map(is_quantized, moved.values())):
+            if saved <= floor or allocation_key(moved) in skip or quantizes_nothing(moved):
                 continue  # resolvably slower, probed already, or float (no quantization result)
             ranked.append((saved, moved))
     ranked.sort(key=lambda r: -r[0])
@@ -604,7 +604,7 @@ def latency_shortlist(
         for p in candidates
         if p.cost > result.chosen.cost
         and allocation_key(p.allocation) not in probed
-        and any(is_quantized(f) for f in p.allocation.values())
+        and not quantizes_nothing(p.allocation)
     ]
     if len(above) <= k:
         return above
@@ -659,7 +659,7 @@ def _fastest_within_budget(
     ok = [
         i
         for i, t in enumerate(result.trials)
-        if t.met and t.latency_ms is not None and any(is_quantized(f) for f in t.allocation.values())
+        if t.met and t.latency_ms is not None and not quantizes_nothing(t.allocation)
     ]
     if not ok:
         return result, rows, None
@@ -1220,7 +1220,7 @@ def quantize(
         )
         timings["search"] += time.perf_counter() - t
     chosen = result.chosen
-    if chosen is not None and not any(is_quantized(f) for f in chosen.allocation.values()):
+    if chosen is not None and quantizes_nothing(chosen.allocation):
         # Keeping every layer float is not a quantization result: say so (exit 3).
         result = replace(result, chosen=None, chosen_index=None, budget_met=False, reason="only-float")
         chosen = None

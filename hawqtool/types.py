@@ -135,6 +135,16 @@ def is_quantized(fmt: str) -> bool:
     return parse_format(fmt).quantized
 
 
+def quantizes_nothing(allocation: Mapping[str, str]) -> bool:
+    """Whether an allocation keeps every layer float: the float model, not a quantization result.
+
+    Example:
+        >>> quantizes_nothing({"a": "float", "b": "float"}), quantizes_nothing({"a": "float", "b": "int8"})
+        (True, False)
+    """
+    return not any(map(is_quantized, allocation.values()))
+
+
 def allocation_key(allocation: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     """A hashable key of an allocation (``fqn -> format``), the same whatever its order.
 

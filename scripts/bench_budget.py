@@ -52,7 +52,7 @@ from hawqtool.confidence import TOLERANCE, is_binary, resolvable_drop
 from hawqtool.dependency import candidates_for_search, make_repair, rescore
 from hawqtool.evaluate import evaluate_onnx
 from hawqtool.search import Measurement, bisect
-from hawqtool.types import FrontierPoint, allocation_key, is_quantized
+from hawqtool.types import FrontierPoint, allocation_key, quantizes_nothing
 
 log = logging.getLogger("bench_budget")
 
@@ -229,7 +229,7 @@ def bench_model(name: str, redeals: int, seed: int) -> list[Cell]:
                 cell.evaluations.append(result.evaluations)
                 chosen = result.chosen
                 reason = result.reason
-                if chosen is not None and not any(is_quantized(f) for f in chosen.allocation.values()):
+                if chosen is not None and quantizes_nothing(chosen.allocation):
                     chosen, reason = None, "only-float"
                 if chosen is None:
                     cell.refused[reason] = cell.refused.get(reason, 0) + 1
