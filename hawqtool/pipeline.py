@@ -41,6 +41,7 @@ from hawqtool.types import (
     Trial,
     allocation_key,
     average_bits,
+    is_quantized,
     parse_format,
     quantizes_nothing,
     write_json_atomic,
@@ -580,14 +581,54 @@ def format_swaps(
     return [_point(options, moved) for _, moved in ranked[: max(k, 0)]]
 
 
+def nearest_float(options: OptionTable) -> FrontierPoint | None:
+    """The quantization result closest to the float model: every layer at its most precise option
+    (float where offered) and, if that quantizes nothing, the one layer and format that add the
+    least cost quantized (least Ω on ties); ``None`` when no layer can be quantized.
+
+    Under a latency cost where float is the fastest model (small layers at batch 1: the Q/DQ nodes
+    cost more than the integer kernels save), float dominates every point with its Ω of 0, so the
+    frontier holds no model close to it, and the search's probes are all far slower than float.
+    The fastest model within budget that still quantizes something is then this one.
+
+    Example:
+        >>> from hawqtool.types import LayerOption
+        >>> def row(int8_ms):
+        ...     return (LayerOption("float", 1.0, 0.0, 0.0), LayerOption("int8", int8_ms, 1.0, 1.0))
+        >>> opts = OptionTable(("a", "b"), {"a": row(1.5), "b": row(1.2)}, "latency")
+        >>> dict(nearest_float(opts).allocation)
+        {'a': 'float', 'b': 'int8'}
+    """
+    closest = {f: min(options.options[f], key=lambda o: (o.omega, o.cost)) for f in options.layers}
+    allocation = {f: o.format for f, o in closest.items()}
+    if not quantizes_nothing(allocation):
+        return _point(options, allocation)  # a layer pinned to a quantized format
+    steps = [
+        (o.cost - closest[f].cost, o.omega, f, o.format)
+        for f in options.layers
+        for o in options.options[f]
+        if is_quantized(o.format)
+    ]
+    if not steps:
+        return None
+    _, _, fqn, fmt = min(steps)
+    return _point(options, {**allocation, fqn: fmt})
+
+
 def latency_shortlist(
-    candidates: Sequence[FrontierPoint], result: Any, k: int = LATENCY_SHORTLIST
+    candidates: Sequence[FrontierPoint],
+    result: Any,
+    k: int = LATENCY_SHORTLIST,
+    *,
+    options: OptionTable | None = None,
 ) -> list[FrontierPoint]:
     """Up to ``k`` candidates costlier (by predicted latency) than the search's choice that no trial
-    probed, spread evenly from the choice to the most precise. Along a frontier a costlier point has
-    a lower ΣΩ, so the monotonicity bisection relies on expects them within budget; predicted
-    latency can still order them wrongly (on small layers at batch 1 a mostly-float model can be the
-    fastest within budget), and timing a model costs far less than evaluating it.
+    probed, spread evenly from the choice to the most precise, and with ``options`` the
+    :func:`nearest_float` model (unless probed or listed). Along a frontier a costlier point has a
+    lower ΣΩ, so the monotonicity bisection relies on expects them within budget; predicted latency
+    can still order them wrongly (on small layers at batch 1 a mostly-float model can be the fastest
+    within budget, and where float is the fastest model the frontier holds none close to it), and
+    timing a model costs far less than evaluating it.
 
     Example:
         >>> from hawqtool.search import SearchResult
@@ -606,9 +647,13 @@ def latency_shortlist(
         and allocation_key(p.allocation) not in probed
         and not quantizes_nothing(p.allocation)
     ]
-    if len(above) <= k:
-        return above
-    return [above[i] for i in np.unique(np.linspace(0, len(above) - 1, k).round().astype(int))]
+    if len(above) > k:
+        above = [above[i] for i in np.unique(np.linspace(0, len(above) - 1, k).round().astype(int))]
+    near = nearest_float(options) if options is not None else None
+    listed = probed | {allocation_key(p.allocation) for p in above}
+    if near is not None and allocation_key(near.allocation) not in listed:
+        above.append(near)
+    return above
 
 
 def _fastest_within_budget(
@@ -1215,7 +1260,7 @@ def quantize(
             latency_table(ws),
             options,
             retime,
-            shortlist=latency_shortlist(candidates, result),
+            shortlist=latency_shortlist(candidates, result, options=options),
             check=check,
         )
         timings["search"] += time.perf_counter() - t

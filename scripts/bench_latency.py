@@ -438,7 +438,7 @@ def run(key: str, args: argparse.Namespace) -> None:
                     lat[b],
                     opts,
                     retime(b),
-                    shortlist=pipeline.latency_shortlist(cands, res),
+                    shortlist=pipeline.latency_shortlist(cands, res, options=opts),
                     check=shortlist_check(cands, b, budget),
                 )
             probes += [dict(t.allocation) for t in res.trials]

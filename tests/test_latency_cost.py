@@ -363,3 +363,65 @@ def test_quantize_under_the_latency_cost_times_the_uniform_models(tmp_path: Path
         assert vf["chosen_ms"] == min(r["retimed_ms"] for r, _ in met)
         assert "Timed in the same rounds as the float model" in md
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_where_float_is_fastest_the_model_nearest_float_is_timed_and_chosen_if_it_meets() -> None:
+    # Batch 1 on small layers: every quantized format is slower than float. Float (Ω 0, fastest)
+    # dominates the frontier, so the search's probes are all far from it; the quantized model
+    # closest to float is one layer quantized, the one that adds the least latency.
+    from hawqtool.costs import LatencyEntry, LatencyTable
+    from hawqtool.pipeline import latency_shortlist, nearest_float
+
+    def opts(*rows: tuple[str, float, float]) -> tuple[LayerOption, ...]:
+        return tuple(LayerOption(f, cost, 0.0, omega) for f, cost, omega in rows)
+
+    options = OptionTable(
+        ("a", "b", "c"),
+        {
+            "a": opts(("float", 1.0, 0.0), ("int8", 1.4, 1.0), ("int4", 1.5, 4.0)),
+            "b": opts(("float", 1.0, 0.0), ("int8", 1.1, 2.0), ("int4", 1.2, 5.0)),
+            "c": opts(("float", 1.0, 0.0), ("int8", 1.3, 1.0), ("int4", 1.1, 9.0)),
+        },
+        "latency",
+    )
+    near = nearest_float(options)
+    assert near is not None and dict(near.allocation) == {"a": "float", "b": "int8", "c": "float"}
+    assert (near.cost, near.omega) == pytest.approx((3.1, 2.0))
+    # A layer pinned to a quantized format is the quantization already: the rest stays float.
+    pinned = OptionTable(("a", "p"), {"a": options.options["a"], "p": opts(("int8", 1.4, 1.0))}, "latency")
+    assert dict(nearest_float(pinned).allocation) == {"a": "float", "p": "int8"}  # type: ignore[union-attr]
+    assert nearest_float(OptionTable(("a",), {"a": opts(("float", 1.0, 0.0))}, "latency")) is None
+
+    # The search probed the uniform models (met) and chose uniform int8, slower than float by far.
+    uniform8 = {"a": "int8", "b": "int8", "c": "int8"}
+    uniform4 = {"a": "int4", "b": "int4", "c": "int4"}
+    trials = (
+        Trial(0, 3.8, 8.0, 0.9, 0.0, True, 0.1, uniform8, source="extra", latency_ms=3.8),
+        Trial(1, 3.8, 4.0, 0.8, 0.1, False, 0.1, uniform4, source="extra", latency_ms=3.8),
+    )
+    result = SearchResult(FrontierPoint(3.8, 4.0, uniform8, 8.0), 0, trials, True, 0.9, "converged")
+    short = latency_shortlist([], result, options=options)
+    assert [dict(p.allocation) for p in short] == [dict(near.allocation)]
+    assert latency_shortlist([], result) == []  # without the options: the frontier's points only
+
+    entries = {f: {g: LatencyEntry(0.0, 0.0) for g in ("float", "int8", "int4")} for f in "abc"}
+    table = LatencyTable(
+        3.0, 0.0, {f: 1.0 for f in "abc"}, entries, "cpu", 1, {"x": (1,)}, "both", 10, 0.0, "fp"
+    )
+    measured = {(): 3.0, tuple(sorted(uniform8.items())): 3.8, tuple(sorted(near.allocation.items())): 3.1}
+    checked: list[dict[str, str]] = []
+
+    def retime(allocations):  # type: ignore[no-untyped-def]
+        return [Timing(m, 0.01, (m,) * 3) for m in (measured[tuple(sorted(a.items()))] for a in allocations)]
+
+    def check(point):  # type: ignore[no-untyped-def]
+        checked.append(dict(point.allocation))
+        return Trial(
+            -1, point.cost, 10.0, 0.9, 0.0, True, 0.1, dict(point.allocation), source="timed", latency_ms=3.1
+        )
+
+    chosen, _, vf = _fastest_within_budget(result, table, options, retime, shortlist=short, check=check)
+    assert checked == [dict(near.allocation)]
+    assert chosen.chosen is not None and dict(chosen.chosen.allocation) == dict(near.allocation)
+    # Still slower than float (which hawqtool does not return), by 0.1 ms instead of 0.8.
+    assert vf is not None and vf["verdict"] == "slower" and vf["difference_ms"] == pytest.approx(0.1)
