@@ -507,16 +507,16 @@ class Timing:
             raise UsageError("timings from different rounds cannot be paired")
         return _median_se([a - b for a, b in zip(self.rounds_ms, other.rounds_ms, strict=True)])
 
-    def compare(self, other: Timing) -> tuple[float, float, str]:
-        """:meth:`minus`, and a verdict: ``faster`` / ``slower`` when the difference is beyond twice
-        its standard error (resolved), ``within noise`` otherwise.
+    def compare(self, other: Timing, *, z: float = 2.0) -> tuple[float, float, str]:
+        """:meth:`minus`, and a verdict: ``faster`` / ``slower`` when the difference is beyond ``z``
+        times its standard error (resolved; twice by default), ``within noise`` otherwise.
 
         Example:
             >>> Timing(1.0, 0.1, (1.0, 1.0, 1.0)).compare(Timing(2.0, 0.1, (2.0, 2.0, 2.0)))
             (-1.0, 0.0, 'faster')
         """
         diff, se = self.minus(other)
-        return diff, se, "within noise" if abs(diff) <= 2 * se else ("faster" if diff < 0 else "slower")
+        return diff, se, "within noise" if abs(diff) <= z * se else ("faster" if diff < 0 else "slower")
 
 
 def time_interleaved(
