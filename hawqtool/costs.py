@@ -495,6 +495,17 @@ class Timing:
     stderr_ms: float
     rounds_ms: tuple[float, ...]
 
+    @classmethod
+    def of_rounds(cls, rounds_ms: Sequence[float]) -> Timing:
+        """A timing from each round's time (its median and that median's standard error).
+
+        Example:
+            >>> Timing.of_rounds([1.0, 1.5, 1.25]).median_ms
+            1.25
+        """
+        med, se = _median_se(rounds_ms)
+        return cls(med, se, tuple(rounds_ms))
+
     def minus(self, other: Timing) -> tuple[float, float]:
         """``self − other`` in ms, as the median of the per-round differences, and its standard
         error: the rounds were interleaved, so load that drifts over seconds cancels in pairs.
@@ -507,16 +518,16 @@ class Timing:
             raise UsageError("timings from different rounds cannot be paired")
         return _median_se([a - b for a, b in zip(self.rounds_ms, other.rounds_ms, strict=True)])
 
-    def compare(self, other: Timing, *, z: float = 2.0) -> tuple[float, float, str]:
-        """:meth:`minus`, and a verdict: ``faster`` / ``slower`` when the difference is beyond ``z``
-        times its standard error (resolved; twice by default), ``within noise`` otherwise.
+    def compare(self, other: Timing) -> tuple[float, float, str]:
+        """:meth:`minus`, and a verdict: ``faster`` / ``slower`` when the difference is beyond twice
+        its standard error (resolved), ``within noise`` otherwise.
 
         Example:
             >>> Timing(1.0, 0.1, (1.0, 1.0, 1.0)).compare(Timing(2.0, 0.1, (2.0, 2.0, 2.0)))
             (-1.0, 0.0, 'faster')
         """
         diff, se = self.minus(other)
-        return diff, se, "within noise" if abs(diff) <= z * se else ("faster" if diff < 0 else "slower")
+        return diff, se, "within noise" if abs(diff) <= 2 * se else ("faster" if diff < 0 else "slower")
 
 
 def time_interleaved(
@@ -566,11 +577,7 @@ def time_interleaved(
     for r in range(rounds):
         for k in names if r % 2 == 0 else reversed(names):
             per_round[k].append(statistics.median(timer.once(sessions[k]) for _ in range(runs)))
-    out = {}
-    for k, v in per_round.items():
-        med, se = _median_se(v)
-        out[k] = Timing(med, se, tuple(v))
-    return out
+    return {k: Timing.of_rounds(v) for k, v in per_round.items()}
 
 
 def _one_at_a_time(
