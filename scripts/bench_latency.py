@@ -591,8 +591,11 @@ def run(key: str, args: argparse.Namespace) -> None:
             # worst of k comparisons, one 2-standard-error test per rival calls ours "slower" by
             # chance with probability up to k × 2.3 %; the family-wise verdict keeps that at 2.3 %
             # (Bonferroni).
+            # A row with ours's allocation is the same model (another search found it too): not a
+            # rival, and its measured difference from ours is pure measurement noise, printed.
             t = lat_meas[b]
-            others = [k for k in within[v] if k != ours]
+            same = [k for k in within[v] if k != ours and rows.get(k) == rows[ours]]
+            others = [k for k in within[v] if k != ours and k not in same]
             best = max(others, key=lambda k: t[ours].minus(t[k])[0], default=ours)
             d, se_rounds = t[ours].minus(t[best])
             se_sessions = session_se(session_sd[b], t[ours], t[best])
@@ -608,6 +611,10 @@ def run(key: str, args: argparse.Namespace) -> None:
                 f"{verdicts[2]} (beyond {z_k:.2f} se, family-wise over {len(others)} rivals; beyond 2 se: "
                 f"{verdicts[1]}; beyond 2 se of the rounds alone: {verdicts[0]}); "
                 f"vs float {100 * (lat_meas[b][ours].median_ms / lat_meas[b]['float'].median_ms - 1):+.1f} %"
+                + "".join(
+                    f"; the same model as {k}: {t[ours].minus(t[k])[0]:+.3f} ± {t[ours].minus(t[k])[1]:.3f} ms"
+                    for k in same
+                )
             )
 
     # -- predicted vs measured latency on every probed model -------------------------------------
