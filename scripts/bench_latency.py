@@ -38,7 +38,8 @@ its standard error, and each row's difference from ``ort int8`` is the median of
 differences ± its standard error, called resolved when it is more than twice that. A session keeps
 its speed for its life, which pairing by round cannot remove; the goal verdicts add that session
 effect (estimated from the two sessions of every row) and judge the closest of k rivals at the
-family-wise level (Bonferroni), so that identical models are not called resolvably different.
+family-wise level (Bonferroni), so that identical models are not called resolvably different; a
+row with the same allocation as hawqtool's (another search found the same model) is not a rival.
 
 Then, over ``--allocs`` random allocations of int4 / int6 / int4-w / int6-w / float, the Spearman
 correlation of ΣΩ (weights only, HAWQ-V2) and ΣΩ + Ω_act (with the activation terms of
