@@ -19,19 +19,19 @@ What the pipeline calls:
 Bounds by case (``method="auto"``):
 
 - ``score-paired``: the metric is binary, as declared (``binary``, from ``task.binary`` or the
-  built-in metric) or, undeclared, both value arrays are in {0, 1} (accuracy-like). Tango's asymptotic score bound
-  for the difference of paired proportions (Tango 1998, Stat. Med. 17:891), inverted one-sided, with
-  a half-sample continuity correction. Why: the plug-in normal (Wald) bound has zero width when no
-  sample changes, and the conditional exact (McNemar / Clopper–Pearson on b/(b+c)) bound treats the
-  number of changed samples as fixed, which badly under-covers when the candidate only loses samples
-  (exactly 58 % coverage at a nominal 95 % with n = 300, a true drop of 1 % and no gains). The
-  score bound estimates the nuisance (how often the two models disagree) under each hypothesised
-  drop, so its width stays honest with few discordant pairs; with no gains (c = 0) it reduces to the
-  continuity-corrected Wilson bound on the loss rate. Exact coverage, enumerated over the trinomial
-  for n from 20 to 1000 and drops from 1/n to 0.2, was never below nominal at confidence 0.8, 0.9,
-  0.95 and 0.99 (lowest 0.9513 at 0.95); without the correction it dipped to 0.940. In relative
-  mode the bounds are divided by ``|mean(base)|``: the baseline's own sampling error is second
-  order there (simulated coverage 0.958 to 0.978 at 0.95).
+  built-in metric) or, undeclared, both value arrays are in {0, 1} (accuracy-like). Tango's
+  asymptotic score bound for the difference of paired proportions (Tango 1998, Stat. Med. 17:891),
+  inverted one-sided, with a half-sample continuity correction. Why: the plug-in normal (Wald) bound
+  has zero width when no sample changes, and the conditional exact (McNemar / Clopper–Pearson on
+  b/(b+c)) bound treats the number of changed samples as fixed, which badly under-covers when the
+  candidate only loses samples (exactly 58 % coverage at a nominal 95 % with n = 300, a true drop of
+  1 % and no gains). The score bound estimates the nuisance (how often the two models disagree)
+  under each hypothesised drop, so its width stays honest with few discordant pairs; with no gains
+  (c = 0) it reduces to the continuity-corrected Wilson bound on the loss rate. Exact coverage,
+  enumerated over the trinomial for n from 20 to 1000 and drops from 1/n to 0.2, was never below
+  nominal at confidence 0.8, 0.9, 0.95 and 0.99 (lowest 0.9513 at 0.95); without the correction it
+  dipped to 0.940. In relative mode the bounds are divided by ``|mean(base)|``: the baseline's own
+  sampling error is second order there (simulated coverage 0.958 to 0.978 at 0.95).
 - ``bootstrap-paired``: a continuous metric, n ≤ 20 000. BCa bootstrap of the pairs (Efron 1987):
   bias and skew corrected, which matters for right-skewed drops such as per-sample MSE increases
   where a symmetric normal bound is too low; "expanded" (its normal quantiles replaced by
