@@ -588,12 +588,11 @@ def run(key: str, args: argparse.Namespace) -> None:
                 continue
             # The rival: the model within budget that ours loses to most, paired by round (medians
             # of models timed with different noise can order them otherwise). Its standard error
-            # adds the session effect (each side a mean of two sessions: σ_s² in all). Picking the
+            # adds the session effect (each side a mean of two sessions: session_se). Picking the
             # worst of k comparisons, one 2-standard-error test per rival calls ours "slower" by
             # chance with probability up to k × 2.3 %; the family-wise verdict keeps that at 2.3 %
-            # (Bonferroni).
-            # A row with ours's allocation is the same model (another search found it too): not a
-            # rival, and its measured difference from ours is pure measurement noise, printed.
+            # (Bonferroni). A row with our allocation is the same model (another search found it
+            # too): not a rival, and its measured difference from ours is measurement noise, printed.
             t = lat_meas[b]
             same = [k for k in within[v] if k != ours and rows.get(k) == rows[ours]]
             others = [k for k in within[v] if k != ours and k not in same]
@@ -613,7 +612,7 @@ def run(key: str, args: argparse.Namespace) -> None:
                 f"{verdicts[1]}; beyond 2 se of the rounds alone: {verdicts[0]}); "
                 f"vs float {100 * (lat_meas[b][ours].median_ms / lat_meas[b]['float'].median_ms - 1):+.1f} %"
                 + "".join(
-                    f"; the same model as {k}: {t[ours].minus(t[k])[0]:+.3f} ± {t[ours].minus(t[k])[1]:.3f} ms"
+                    "; the same model as {}: {:+.3f} ± {:.3f} ms".format(k, *t[ours].minus(t[k]))
                     for k in same
                 )
             )
