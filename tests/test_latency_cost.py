@@ -425,3 +425,60 @@ def test_where_float_is_fastest_the_model_nearest_float_is_timed_and_chosen_if_i
     assert chosen.chosen is not None and dict(chosen.chosen.allocation) == dict(near.allocation)
     # Still slower than float (which hawqtool does not return), by 0.1 ms instead of 0.8.
     assert vf is not None and vf["verdict"] == "slower" and vf["difference_ms"] == pytest.approx(0.1)
+
+
+def test_a_move_that_adds_no_omega_is_taken_when_faster_by_the_median_alone() -> None:
+    # Two layers: moving a to float removes its error and is predicted faster; moving b to int4 adds
+    # error. Both measure 0.02 ms faster by the median, with rounds too noisy to resolve it.
+    from hawqtool.costs import LatencyEntry, LatencyTable
+
+    def opts(*rows: tuple[str, float, float]) -> tuple[LayerOption, ...]:
+        return tuple(LayerOption(f, cost, 0.0, omega) for f, cost, omega in rows)
+
+    options = OptionTable(
+        ("a", "b"),
+        {
+            "a": opts(("float", 1.5, 0.0), ("int8", 2.0, 1.0)),
+            "b": opts(("float", 4.0, 0.0), ("int8", 2.0, 2.0), ("int4", 1.5, 3.0)),
+        },
+        "latency",
+    )
+    entries = {f: {g: LatencyEntry(0.0, 0.0) for g in ("float", "int8", "int4")} for f in "ab"}
+    table = LatencyTable(
+        2.0, 0.0, {"a": 1.0, "b": 1.0}, entries, "cpu", 1, {"x": (1,)}, "both", 10, 0.0, "fp"
+    )
+    start = {"a": "int8", "b": "int8"}
+    ms = {
+        ("int8", "int8"): 3.0,
+        ("float", "int8"): 2.98,
+        ("int8", "int4"): 2.98,
+        ("float", "int4"): 2.99,  # from the new choice: slower
+        ("float", "float"): 4.0,
+    }
+
+    def retime(allocations):  # type: ignore[no-untyped-def]
+        out = []
+        for alloc in allocations:
+            m = ms[(alloc.get("a", "float"), alloc.get("b", "float"))]
+            jitter = (0.0, 0.05, -0.05) if m != 3.0 else (0.0, 0.0, 0.0)
+            out.append(Timing(m, 0.03, tuple(m + j for j in jitter)))
+        return out
+
+    checked: list[dict[str, str]] = []
+
+    def check(point):  # type: ignore[no-untyped-def]
+        checked.append(dict(point.allocation))
+        return Trial(0, point.cost, 8.0, 0.9, 0.0, True, 0.1, dict(point.allocation))
+
+    trials = (Trial(0, 4.0, 8.0, 0.9, 0.0, True, 0.1, start, latency_ms=3.0),)
+    result = SearchResult(_point_of(options, start), 0, trials, True, 0.9, "converged")
+    chosen, _, _ = _fastest_within_budget(result, table, options, retime, check=check)
+    # Only the move that adds no ΣΩ is evaluated; it meets, so it is the choice.
+    assert checked == [{"a": "float", "b": "int8"}]
+    assert chosen.chosen is not None and dict(chosen.chosen.allocation) == {"a": "float", "b": "int8"}
+    assert chosen.trials[-1].note == "move a: int8 → float"
+    # Slower by the median, it is not evaluated.
+    ms[("float", "int8")] = 3.02
+    checked.clear()
+    chosen, _, _ = _fastest_within_budget(result, table, options, retime, check=check)
+    assert checked == [] and chosen is result
