@@ -477,22 +477,7 @@ def test_a_move_that_adds_no_omega_is_taken_when_faster_by_the_median_alone() ->
     assert checked == [{"a": "float", "b": "int8"}]
     assert chosen.chosen is not None and dict(chosen.chosen.allocation) == {"a": "float", "b": "int8"}
     assert chosen.trials[-1].note == "move a: int8 → float"
-    # A resolvable gain is evaluated before a tie, though the tie adds less ΣΩ per ms: here b → int4
-    # (0.2 ms faster) misses the budget, and then a → float is evaluated and taken.
-    ms[("int8", "int4")] = 2.8
-    met = {("int8", "int4"): False}
-    checked.clear()
-
-    def check_b(point):  # type: ignore[no-untyped-def]
-        checked.append(dict(point.allocation))
-        ok = met.get((point.allocation["a"], point.allocation["b"]), True)
-        return Trial(0, point.cost, 8.0, 0.9, 0.0, ok, 0.1, dict(point.allocation))
-
-    chosen, _, _ = _fastest_within_budget(result, table, options, retime, check=check_b)
-    assert checked == [{"a": "int8", "b": "int4"}, {"a": "float", "b": "int8"}]
-    assert chosen.chosen is not None and dict(chosen.chosen.allocation) == {"a": "float", "b": "int8"}
-    # Slower by the median, a move that adds no ΣΩ is not evaluated.
-    ms[("int8", "int4")] = 2.98
+    # Slower by the median, it is not evaluated.
     ms[("float", "int8")] = 3.02
     checked.clear()
     chosen, _, _ = _fastest_within_budget(result, table, options, retime, check=check)
