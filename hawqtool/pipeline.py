@@ -677,9 +677,8 @@ def _fastest_within_budget(
     first, at most :data:`LATENCY_SHORTLIST_CHECKS` times, and the first that meets the budget is
     chosen (its trial is appended, ``source="timed"``). Then the choice's format swaps
     (:func:`format_swaps`) and one-layer moves (:func:`latency_moves`) are timed against it and
-    float; those resolvably faster (beyond twice the paired standard error), or faster by the
-    median paired difference while adding no ΣΩ (a tie in speed goes to the more precise model),
-    are evaluated, swaps (no ΣΩ added) first, then least ΣΩ added per predicted ms, and the first
+    float; those resolvably faster (beyond twice the paired standard error) are evaluated, swaps
+    (no ΣΩ added) first, then least ΣΩ added per predicted ms, and the first
     that meets the budget becomes the choice, from which the moves start again, until
     :data:`LATENCY_MOVE_CHECKS` evaluations are spent or no move is faster (trials
     ``source="move"``, ``index`` −1). The third value (``None`` without
@@ -747,15 +746,7 @@ def _fastest_within_budget(
         if not moves:
             break
         t_best, t_float, *t_moves = retime([best.allocation, {}, *(m.allocation for m in moves)])
-        # Resolvably faster; or, where the move adds no ΣΩ, faster by the median: a model as
-        # precise or more, no slower by what the rounds can tell (ResNet-20 at batch 64: conv1 →
-        # float was 1.5 % faster in three runs, under 2 standard errors of one search's rounds).
-        omega = options.omega(best.allocation)
-        faster = [
-            k
-            for k, t in enumerate(t_moves)
-            if t.compare(t_best)[2] == "faster" or (moves[k].omega <= omega and t.minus(t_best)[0] < 0)
-        ]
+        faster = [k for k, t in enumerate(t_moves) if t.compare(t_best)[2] == "faster"]
         taken = False
         for k in faster[: LATENCY_MOVE_CHECKS - moved]:
             moved += 1
