@@ -376,15 +376,15 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     conf = budget.get("confidence", 0) or 0
     if conf > 0:
         resolution = "."
-        if budget.get("binary") and budget.get("resolvable_drop") is not None:
-            resolution = (
-                f"; the evaluation split ({b.get('samples', '?')} samples) resolves drops down to "
-                f"{budget['resolvable_drop']:.4g}."
-            )
-        elif budget.get("binary") is False:
+        if budget.get("binary") is False:
             resolution = (
                 "; the metric is continuous, so the bound narrows as the candidate's per-sample values "
                 "approach the float model's (no smallest resolvable drop)."
+            )
+        elif budget.get("resolvable_drop") is not None:  # binary, or a report from before 0.3.4
+            resolution = (
+                f"; the evaluation split ({b.get('samples', '?')} samples) resolves drops down to "
+                f"{budget['resolvable_drop']:.4g}."
             )
         lines += [
             "",
