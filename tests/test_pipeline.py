@@ -162,3 +162,16 @@ def test_the_metric_kind_is_declared_not_read_off_a_teachers_perfect_score(
             check_budget_resolvable(ws, base, values)
     else:
         check_budget_resolvable(ws, base, values)
+
+
+def test_report_md_says_what_the_split_resolves_by_the_metric_kind(tiny_run: Path) -> None:
+    from hawqtool.report import render_markdown
+
+    rep = json.loads((tiny_run / "report.json").read_text())
+    assert rep["budget"]["binary"] is True and rep["budget"]["resolvable_drop"] > 0
+    assert "resolves drops down to" in render_markdown(rep)
+    # A report.json from before 0.3.4 has no budget.binary: the sentence stays.
+    old = {**rep, "budget": {k: v for k, v in rep["budget"].items() if k != "binary"}}
+    assert "resolves drops down to" in render_markdown(old)
+    continuous = render_markdown({**rep, "budget": {**rep["budget"], "binary": False}})
+    assert "the metric is continuous" in continuous and "resolves drops down to" not in continuous
