@@ -11,8 +11,8 @@ from pathlib import Path
 from hawqtool import pipeline
 from hawqtool.distributed import is_main
 from hawqtool.errors import ExportError, UsageError
+from hawqtool.formats import FLOAT, FORMAT_GRAMMAR, is_format
 from hawqtool.report import sensitivity_text, write_frontier_csv, write_sensitivity
-from hawqtool.types import FLOAT, FORMAT_GRAMMAR, is_format
 
 log = logging.getLogger("hawqtool")
 

@@ -5,7 +5,7 @@ The frontier, the plots and the report only ever ask a :class:`CostModel` (its `
 Built in:
 
 - ``size`` (bytes of the weights as stored) and ``bops`` (MACs × weight bits × activation bits):
-  :func:`hawqtool.sensitivity.layer_cost`, wrapped.
+  :func:`hawqtool.formats.layer_cost`, wrapped.
 - ``latency`` (milliseconds on the target execution provider), *measured* by
   :func:`measure_latency` on the exported model: per layer and format, the model with that layer
   changed is timed against the all-float model and against the all-int8 one, and the two deltas are
@@ -46,7 +46,9 @@ import numpy as np
 
 from hawqtool.cache import load_cached, settings_key
 from hawqtool.errors import ExportError, UsageError
-from hawqtool.types import DEFAULT_OPSET, FLOAT, STORAGES, LayerInfo, is_format, write_json_atomic
+from hawqtool.files import write_json_atomic
+from hawqtool.formats import DEFAULT_OPSET, FLOAT, STORAGES, is_format
+from hawqtool.types import LayerInfo
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -122,7 +124,7 @@ def register(name: str, factory: CostFactory, *, replace: bool = False) -> None:
         UsageError: an empty name, or a name already registered without ``replace``.
 
     Example:
-        >>> from hawqtool.types import parse_format
+        >>> from hawqtool.formats import parse_format
         >>> class Params:
         ...     name, unit = "params", "weights"
         ...     def layer_cost(self, layer, fmt): return layer.params * parse_format(fmt).bits / 8
@@ -177,14 +179,14 @@ def unit(name: str) -> str:
 
 @dataclass(frozen=True)
 class SizeCost:
-    """Bytes of the weights as stored (:func:`hawqtool.sensitivity.layer_cost` with ``size``)."""
+    """Bytes of the weights as stored (:func:`hawqtool.formats.layer_cost` with ``size``)."""
 
     settings: CostSettings = CostSettings()
     name: str = field(default="size", init=False)
     unit: str = field(default="bytes", init=False)
 
     def layer_cost(self, layer: LayerInfo, fmt: str) -> float:
-        from hawqtool.sensitivity import layer_cost  # imports torch: kept out of ``import hawqtool.costs``
+        from hawqtool.formats import layer_cost  # imports torch: kept out of ``import hawqtool.costs``
 
         s = self.settings
         return layer_cost(layer, fmt, cost="size", storage=s.storage, opset=s.opset)
@@ -195,14 +197,14 @@ class SizeCost:
 
 @dataclass(frozen=True)
 class BopsCost:
-    """Bit operations per sample (:func:`hawqtool.sensitivity.layer_cost` with ``bops``)."""
+    """Bit operations per sample (:func:`hawqtool.formats.layer_cost` with ``bops``)."""
 
     settings: CostSettings = CostSettings()
     name: str = field(default="bops", init=False)
     unit: str = field(default="BOPs", init=False)
 
     def layer_cost(self, layer: LayerInfo, fmt: str) -> float:
-        from hawqtool.sensitivity import layer_cost
+        from hawqtool.formats import layer_cost
 
         return layer_cost(layer, fmt, cost="bops", activation_bits=self.settings.activation_bits)
 
@@ -410,7 +412,7 @@ def _model_digest(exporter: QDQExporter) -> str:
 
 
 def _layer_formats(layers: Sequence[LayerInfo], formats: Sequence[str]) -> dict[str, tuple[str, ...]]:
-    from hawqtool.sensitivity import supports
+    from hawqtool.formats import supports
 
     out = {}
     for layer in layers:
@@ -432,7 +434,7 @@ def _same_graph(exporter: QDQExporter, per_layer: Mapping[str, tuple[str, ...]])
 
 def _reference_format(formats: Sequence[str]) -> str | None:
     """The activation format with the most bits: the quantized context's format."""
-    from hawqtool.types import parse_format
+    from hawqtool.formats import parse_format
 
     acts = [parse_format(f) for f in formats if parse_format(f).activations]
     return max(acts, key=lambda f: f.bits).name if acts else None
@@ -820,7 +822,7 @@ def measure_latency(
         raise UsageError(f"allocations must be a number > 1 (per unknown delta), got {allocations!r}")
     bad = [f for f in formats if not is_format(f)]
     if bad or not formats:
-        from hawqtool.types import FORMAT_GRAMMAR
+        from hawqtool.formats import FORMAT_GRAMMAR
 
         raise UsageError(f"bad candidate formats {bad or list(formats)}; allowed: {FORMAT_GRAMMAR}")
     import onnxruntime as ort

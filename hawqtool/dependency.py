@@ -64,18 +64,11 @@ from tqdm.auto import tqdm
 
 from hawqtool import distributed
 from hawqtool.errors import UsageError
+from hawqtool.formats import format_bits, is_quantized
 from hawqtool.hvp import SplitHessian
 from hawqtool.prepare import PreparedModel
 from hawqtool.quantizer import dequantize_as, quant_error
-from hawqtool.types import (
-    Frontier,
-    FrontierPoint,
-    OptionTable,
-    allocation_key,
-    average_bits,
-    format_bits,
-    is_quantized,
-)
+from hawqtool.types import Frontier, FrontierPoint, OptionTable, allocation_key, average_bits
 
 if TYPE_CHECKING:
     import onnx

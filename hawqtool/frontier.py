@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from hawqtool.errors import UsageError
-from hawqtool.types import Frontier, FrontierPoint, OptionTable, format_bits
+from hawqtool.formats import format_bits
+from hawqtool.types import Frontier, FrontierPoint, OptionTable
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ def pareto_frontier(
     result does not depend on the order), or smallest first when the frontier may be thinned.
 
     Args:
-        options: the per-layer options (:func:`hawqtool.sensitivity.build_options`).
+        options: the per-layer options (:func:`hawqtool.formats.build_options`).
         cost_grid: optional bucket width, in cost units. After each layer is merged, only the
             lowest-ΣΩ point per bucket ``floor(cost / cost_grid)`` is kept (plus those kept by
             ``omega_grid``), which bounds the size at ``cost range / cost_grid`` points. Every

@@ -86,6 +86,7 @@ from torch.utils import _pytree as pytree
 from hawqtool import distributed, modelio
 from hawqtool.cache import load_cached, qualified_name
 from hawqtool.errors import UsageError
+from hawqtool.files import write_json_atomic
 from hawqtool.hvp import (
     NO_DOUBLE_BACKWARD,
     SplitHessian,
@@ -96,7 +97,7 @@ from hawqtool.hvp import (
 from hawqtool.modelio import Batch
 from hawqtool.prepare import PreparedModel
 from hawqtool.tasks import LossFn
-from hawqtool.types import LayerTrace, SensitivityTable, write_json_atomic
+from hawqtool.types import LayerTrace, SensitivityTable
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,8 @@ from hawqtool import __version__, modelio
 from hawqtool.cache import cache_dir, settings_key
 from hawqtool.distributed import is_main
 from hawqtool.errors import BudgetNotMetError, ExportError, UsageError
+from hawqtool.files import write_json_atomic
+from hawqtool.formats import is_quantized, parse_format, quantizes_nothing
 from hawqtool.modelio import Batch, ModelIO
 from hawqtool.prepare import PreparedModel, prepare_model
 from hawqtool.recipe import Recipe, load_recipe
@@ -41,10 +43,6 @@ from hawqtool.types import (
     Trial,
     allocation_key,
     average_bits,
-    is_quantized,
-    parse_format,
-    quantizes_nothing,
-    write_json_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -380,7 +378,7 @@ def frontier(
 ) -> tuple[OptionTable, Frontier]:
     """Options per layer × format (Ω, cost) and their exact Pareto frontier."""
     from hawqtool.frontier import pareto_frontier
-    from hawqtool.sensitivity import build_options
+    from hawqtool.options import build_options
 
     ws = recipe if isinstance(recipe, Workspace) else load(recipe, overrides=overrides)
     table = table or analyze(ws, progress=progress)
@@ -913,7 +911,7 @@ def uniform_allocation(ws: Workspace, fmt: str) -> dict[str, str]:
     """Every layer in ``fmt``, except pinned layers, which keep their pin, and layers whose kind
     cannot take ``fmt``: an embedding given ``int8`` (weights + activations) gets ``int8-w``, a
     conv given a block or dynamic format gets the per-channel weight-only format of the same bits."""
-    from hawqtool.sensitivity import supports
+    from hawqtool.formats import supports
 
     f = parse_format(fmt)
     out = {}

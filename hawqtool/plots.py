@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
 from hawqtool.errors import UsageError
-from hawqtool.types import Frontier, write_bytes_atomic
+from hawqtool.files import write_bytes_atomic
+from hawqtool.types import Frontier
 
 _NO_UNIFORM: Mapping[str, tuple[float, float]] = MappingProxyType({})
 # Cost units: (divisor, axis label) per cost model.

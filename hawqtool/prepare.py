@@ -18,8 +18,9 @@ from torch import nn
 
 from hawqtool import modelio
 from hawqtool.errors import UsageError
+from hawqtool.formats import format_bits
 from hawqtool.modelio import Batch, ModelIO
-from hawqtool.types import LayerInfo, format_bits
+from hawqtool.types import LayerInfo
 
 log = logging.getLogger(__name__)
 

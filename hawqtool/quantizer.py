@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hawqtool.types import parse_format
+from hawqtool.formats import parse_format
 
 #: Candidate clipping ratios of the per-channel scale search (1.0 = no clipping).
 CLIP_RATIOS = tuple(1.0 - 0.02 * i for i in range(26))  # 1.0 down to 0.5

@@ -17,7 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hawqtool.errors import RecipeError
-from hawqtool.types import DEFAULT_OPSET, FORMAT_GRAMMAR, Budget, format_bits, is_format
+from hawqtool.formats import DEFAULT_OPSET, FORMAT_GRAMMAR, format_bits, is_format
+from hawqtool.types import Budget
 
 
 class _Section(BaseModel):

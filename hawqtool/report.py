@@ -13,15 +13,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hawqtool.types import (
-    Budget,
-    Frontier,
-    FrontierPoint,
-    SensitivityTable,
-    parse_format,
-    write_bytes_atomic,
-    write_json_atomic,
-)
+from hawqtool.files import write_bytes_atomic, write_json_atomic
+from hawqtool.formats import parse_format
+from hawqtool.types import Budget, Frontier, FrontierPoint, SensitivityTable
 
 if TYPE_CHECKING:
     from hawqtool.evaluate import Evaluation

@@ -6,143 +6,12 @@ each stage can be cached, resumed and tested on its own. Nothing here imports to
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from hawqtool.errors import UsageError
-
-# --------------------------------------------------------------------------------------------
-# Formats
-# --------------------------------------------------------------------------------------------
-
-FLOAT = "float"
-#: The base integer formats: symmetric, per output channel, full signed range [-2^(b-1), 2^(b-1)-1],
-#: with uint8 activations around the layer (onnxruntime's integer kernels).
-INT_FORMATS = tuple(f"int{b}" for b in range(2, 9))
-#: Examples of every format family, for error messages and docs; :func:`parse_format` is the rule.
-KNOWN_FORMATS = (
-    *INT_FORMATS,
-    *(f"{f}-w" for f in INT_FORMATS),
-    *(f"{f}-d" for f in INT_FORMATS),
-    "int4-b32",
-    "int8-b32",
-    FLOAT,
-)
-FORMAT_GRAMMAR = (
-    "float, intB (B = 2..8: weights per output channel + uint8 activations), intB-w (weight-only), "
-    "intB-d (weights per output channel in int8 + uint8 activations quantized at run time, "
-    "MatMul/Gemm layers only), "
-    "intB-bK (weight-only, blocks of K input channels, K a power of two >= 16)"
-)
-_FORMAT_RE = re.compile(r"int([2-8])(?:-(w)|-(d)|-b(\d+))?")
-
-#: How sub-8-bit integers are stored: ``packed`` (ONNX INT2/INT4) or ``container`` (INT8).
-STORAGES = ("packed", "container")
-#: First opsets with INT4 / INT2 ``DequantizeLinear`` inputs (packed sub-byte storage).
-INT4_MIN_OPSET = 21
-INT2_MIN_OPSET = 25
-#: The exporter's default opset: the lowest that stores int2 packed (onnxruntime 1.32 runs it).
-DEFAULT_OPSET = 25
-
-
-@dataclass(frozen=True)
-class Format:
-    """A quantization format as data; recipes name it by a short string (:func:`parse_format`).
-
-    Attributes:
-        name: the short name (``int8``, ``int4-w``, ``int4-b32``, ``float``).
-        bits: weight bits (32 for float).
-        activations: the layer's input and output activations are quantized to uint8 (integer
-            kernels); otherwise the format is weight-only (weights dequantized, float compute).
-        block: block size along the input axis (one scale per output channel and block), or
-            ``None`` for one scale per output channel.
-        dynamic: the layer's input is quantized to uint8 at run time from each batch's own range
-            (``intB-d``: DynamicQuantizeLinear → MatMulInteger, which onnxruntime fuses into
-            DynamicQuantizeMatMul); nothing is calibrated, so ``activations`` is false.
-    """
-
-    name: str
-    bits: int
-    activations: bool
-    block: int | None = None
-    dynamic: bool = False
-
-    @property
-    def quantized(self) -> bool:
-        return self.bits < 32
-
-    @property
-    def weight_only(self) -> bool:
-        return self.quantized and not self.activations and not self.dynamic
-
-
-def parse_format(name: str) -> Format:
-    """The :class:`Format` a short name stands for.
-
-    Raises:
-        UsageError: a name outside :data:`FORMAT_GRAMMAR`, naming it and the allowed forms.
-
-    Example:
-        >>> parse_format("int4-b32")
-        Format(name='int4-b32', bits=4, activations=False, block=32, dynamic=False)
-        >>> parse_format("int8").activations, parse_format("int8-w").activations
-        (True, False)
-        >>> parse_format("int8-d")
-        Format(name='int8-d', bits=8, activations=False, block=None, dynamic=True)
-    """
-    if name == FLOAT:
-        return Format(FLOAT, 32, False)
-    m = _FORMAT_RE.fullmatch(name) if isinstance(name, str) else None
-    if m is None:
-        raise UsageError(f"unknown format {name!r}; allowed: {FORMAT_GRAMMAR}")
-    bits = int(m.group(1))
-    if m.group(3) is not None:
-        return Format(name, bits, False, dynamic=True)
-    if m.group(4) is not None:
-        block = int(m.group(4))
-        if block < 16 or block & (block - 1):
-            raise UsageError(f"format {name!r}: block size {block} must be a power of two >= 16")
-        return Format(name, bits, False, block)
-    return Format(name, bits, m.group(2) is None)
-
-
-def is_format(name: str) -> bool:
-    """Whether ``name`` is a valid format name."""
-    try:
-        parse_format(name)
-    except UsageError:
-        return False
-    return True
-
-
-def format_bits(fmt: str) -> int:
-    """Storage bits per weight of a format: ``int4`` -> 4, ``float`` -> 32.
-
-    Raises:
-        UsageError: ``fmt`` is not a format (:data:`FORMAT_GRAMMAR`).
-    """
-    return parse_format(fmt).bits
-
-
-def is_quantized(fmt: str) -> bool:
-    """Whether a format quantizes the layer (anything but ``float``)."""
-    return parse_format(fmt).quantized
-
-
-def quantizes_nothing(allocation: Mapping[str, str]) -> bool:
-    """Whether an allocation keeps every layer float: the float model, not a quantization result.
-
-    Example:
-        >>> quantizes_nothing({"a": "float", "b": "float"}), quantizes_nothing({"a": "float", "b": "int8"})
-        (True, False)
-    """
-    return not any(map(is_quantized, allocation.values()))
+from hawqtool.formats import format_bits
 
 
 def allocation_key(allocation: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
@@ -434,39 +303,6 @@ class Trial:
     bound: str = "point"  # how the bounds were computed (hawqtool.confidence)
     source: str = "candidates"  # the list the probe came from: candidates | frontier (gap fill) | extra (named points probed after the search) | timed (a latency shortlist point, evaluated because it measured fastest) | move (a one-layer change of the latency choice, evaluated because it measured resolvably faster; index -1)
     latency_ms: float | None = None  # measured end-to-end latency, when timed
-
-
-def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> None:
-    """Write JSON next to ``path`` then rename over it, so readers never see half a file."""
-    write_bytes_atomic(path, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode())
-
-
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to a temporary file in the same folder, flush it to disk, then rename it into
-    place: a crash or power loss leaves the old file or the new one, never a torn one. The file
-    gets the permissions an ordinary ``open(path, "w")`` would (0666 less the umask), not the
-    temporary file's private 0600."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            if hasattr(os, "fchmod"):  # POSIX
-                os.fchmod(fh.fileno(), 0o666 & ~_umask())
-            os.fsync(fh.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    """The process's umask (reading it means setting it; set straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 @dataclass(frozen=True)

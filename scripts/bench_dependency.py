@@ -61,17 +61,12 @@ from hawqtool.export import QDQExporter
 from hawqtool.frontier import pareto_frontier
 from hawqtool.hessian import estimate_traces
 from hawqtool.hvp import SplitHessian
+from hawqtool.options import build_options
 from hawqtool.prepare import PreparedModel, prepare_model, swapped_weights
 from hawqtool.quantizer import dequantize_as
 from hawqtool.search import bisect
-from hawqtool.sensitivity import build_options
 from hawqtool.tasks import top1
-from hawqtool.types import (
-    Budget,
-    FrontierPoint,
-    SensitivityTable,
-    allocation_key,
-)
+from hawqtool.types import Budget, FrontierPoint, SensitivityTable, allocation_key
 
 
 @dataclass

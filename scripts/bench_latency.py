@@ -81,10 +81,11 @@ from hawqtool.costs import LatencyTable, Timing, measure_latency, time_interleav
 from hawqtool.dependency import candidates_for_search, make_repair, rescore
 from hawqtool.errors import UsageError
 from hawqtool.evaluate import evaluate_onnx
+from hawqtool.formats import parse_format
 from hawqtool.frontier import pareto_frontier
+from hawqtool.options import build_options
 from hawqtool.search import Measurement, bisect, measure_trial
-from hawqtool.sensitivity import build_options
-from hawqtool.types import Budget, FrontierPoint, OptionTable, allocation_key, average_bits, parse_format
+from hawqtool.types import Budget, FrontierPoint, OptionTable, allocation_key, average_bits
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_export import ort_quantize_static

@@ -54,10 +54,10 @@ import torch
 
 from hawqtool import hessian, modelio, pipeline
 from hawqtool.cache import cache_dir
+from hawqtool.files import write_json_atomic
 from hawqtool.hessian import EpochSampler, TraceState, estimate_traces
 from hawqtool.hvp import SplitHessian
 from hawqtool.prepare import PreparedModel
-from hawqtool.types import write_json_atomic
 
 #: Benchmark name → recipe (model, calibration split, loss and sub-batch come from the recipe).
 MODELS = {

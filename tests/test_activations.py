@@ -14,8 +14,8 @@ from hawqtool.activations import ActivationTable, estimate_activation_traces, ui
 from hawqtool.errors import UsageError
 from hawqtool.export import uint8_qparams
 from hawqtool.frontier import pareto_frontier
+from hawqtool.options import build_options
 from hawqtool.prepare import prepare_model
-from hawqtool.sensitivity import build_options
 from hawqtool.types import LayerTrace, SensitivityTable
 
 

@@ -145,7 +145,7 @@ def test_command_line_exit_codes(tmp_path: Path) -> None:
 def test_atomic_writes_get_ordinary_permissions_and_leave_no_temporary_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
     # Outputs are written to a private temporary file and renamed into place; the result must be
     # readable like any file the user's umask allows (0644 under umask 022), not mode 0600.
-    from hawqtool.types import write_bytes_atomic, write_json_atomic
+    from hawqtool.files import write_bytes_atomic, write_json_atomic
 
     old = os.umask(0o022)
     try:

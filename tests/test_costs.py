@@ -22,10 +22,11 @@ from hawqtool.costs import (
     predicted_latency,
 )
 from hawqtool.errors import UsageError
+from hawqtool.formats import layer_cost, parse_format
 from hawqtool.frontier import pareto_frontier
+from hawqtool.options import build_options
 from hawqtool.prepare import prepare_model
-from hawqtool.sensitivity import build_options, layer_cost
-from hawqtool.types import LayerInfo, LayerTrace, SensitivityTable, parse_format
+from hawqtool.types import LayerInfo, LayerTrace, SensitivityTable
 
 CONV = LayerInfo("conv", "conv2d", (32, 16, 3, 3), params=4608, macs=294912)
 

@@ -24,10 +24,11 @@ from hawqtool.dependency import (
     rescore,
 )
 from hawqtool.errors import UsageError
+from hawqtool.formats import format_bits
 from hawqtool.hvp import SplitHessian
 from hawqtool.prepare import PreparedModel, prepare_model
 from hawqtool.quantizer import quant_error
-from hawqtool.types import Frontier, FrontierPoint, LayerOption, OptionTable, format_bits
+from hawqtool.types import Frontier, FrontierPoint, LayerOption, OptionTable
 
 
 def option_table(

@@ -22,10 +22,11 @@ from hawqtool.cache import settings_key
 from hawqtool.dependency import DependencyModel, build_dependency_model, exported_single_loss
 from hawqtool.errors import RecipeError
 from hawqtool.export import QDQExporter
+from hawqtool.formats import format_bits, is_quantized, parse_format
 from hawqtool.hvp import SplitHessian
 from hawqtool.prepare import prepare_model
 from hawqtool.recipe import load_recipe
-from hawqtool.types import LayerOption, OptionTable, format_bits, is_quantized, parse_format
+from hawqtool.types import LayerOption, OptionTable
 
 
 @pytest.fixture(scope="module")

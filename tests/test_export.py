@@ -32,11 +32,10 @@ from hawqtool.export import (
     uint8_qparams,
     write_model,
 )
+from hawqtool.formats import format_bits, is_quantized, layer_cost
 from hawqtool.prepare import prepare_model, swapped_weights
 from hawqtool.quantizer import int_range, quantize_weight
-from hawqtool.sensitivity import layer_cost
 from hawqtool.tasks import top1
-from hawqtool.types import format_bits, is_quantized
 
 INTEGER_KERNELS = {
     "QLinearConv",

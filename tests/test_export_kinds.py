@@ -21,11 +21,10 @@ from torch import nn
 
 from hawqtool.errors import UsageError
 from hawqtool.export import QDQExporter, external_data_path
+from hawqtool.formats import layer_cost, parse_format
 from hawqtool.modelio import ModelIO
 from hawqtool.prepare import prepare_model, swapped_weights
 from hawqtool.quantizer import quantize_as
-from hawqtool.sensitivity import layer_cost
-from hawqtool.types import parse_format
 
 #: Per format kind: the format of Linear-like layers and of embeddings.
 KINDS = {

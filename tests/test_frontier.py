@@ -14,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hawqtool.errors import UsageError
+from hawqtool.formats import format_bits
 from hawqtool.frontier import pareto_frontier, select
-from hawqtool.types import Frontier, LayerOption, OptionTable, format_bits
+from hawqtool.types import Frontier, LayerOption, OptionTable
 
 PROPS = settings(derandomize=True, max_examples=80, deadline=None)
 FORMATS = ("int4", "int8", "float")

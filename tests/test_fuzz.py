@@ -71,7 +71,7 @@ def test_fuzzed_recipe_values_validate_or_name_the_bad_key(pairs: list[tuple[str
         return
     # Whatever validates is a recipe that round-trips and whose formats all parse.
     assert parse_recipe(recipe.to_dict()) == recipe
-    from hawqtool.types import parse_format
+    from hawqtool.formats import parse_format
 
     for fmt in (*recipe.allocation.formats, *recipe.allocation.pins.values()):
         parse_format(fmt)

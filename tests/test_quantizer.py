@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hawqtool.errors import UsageError
+from hawqtool.formats import Format, parse_format
 from hawqtool.quantizer import int_range, quant_error, quantize_as, quantize_weight
-from hawqtool.types import Format, parse_format
 
 PROPS = settings(derandomize=True, max_examples=150, deadline=None)
 

@@ -24,7 +24,7 @@ integer kernels; measured, see ``tests/test_export.py``, ``tests/test_export_kin
 
 - weights: the integers and float32 scales of :func:`hawqtool.quantizer.quantize_as` (the function
   sensitivity scores), written by one emitter per kind (:mod:`~hawqtool.export.emitters`), stored
-  once per layer in the bits :func:`hawqtool.sensitivity.storage_bits` counts.
+  once per layer in the bits :func:`hawqtool.formats.storage_bits` counts.
 - activations: for ``intB`` formats, the tensor entering each node that computes with the weight
   and the tensor leaving it (after a Relu/Clip that is its only consumer, which onnxruntime folds
   into the Q) get Q→DQ with a uint8 scale and zero point from the calibrated range (onnxruntime's

@@ -58,7 +58,7 @@ import numpy as np
 
 from hawqtool.export.locate import LayerSite, WeightUse, attribute
 from hawqtool.export.pack import PACKED_OP_BITS, offset_unsigned, pack_int2, pack_int4, pack_rows
-from hawqtool.types import Format
+from hawqtool.formats import Format
 
 if TYPE_CHECKING:
     import onnx
@@ -78,7 +78,7 @@ class LayerContext:
     Attributes:
         site: where the layer lives in the float graph.
         fmt: its format.
-        bits: bits one stored integer takes (:func:`hawqtool.sensitivity.storage_bits`).
+        bits: bits one stored integer takes (:func:`hawqtool.formats.storage_bits`).
         q: the quantizer's integers, weight-view layout (output channels first), ``int8``.
         scale: the quantizer's float32 scales, ``(out,)`` or ``(out, blocks)``.
         nodes: the float graph's nodes by name.

@@ -24,7 +24,7 @@ from hawqtool.export.locate import LayerSite, locate_layers
 from hawqtool.export.plan import activation_tensors, quantization_plan
 from hawqtool.export.torch_export import MIN_OPSET, export_float_onnx
 from hawqtool.export.writer import PROTOBUF_LIMIT, write_model
-from hawqtool.types import (
+from hawqtool.formats import (
     DEFAULT_OPSET,
     FLOAT,
     FORMAT_GRAMMAR,
@@ -61,7 +61,7 @@ _ZERO_POINT_INPUTS = {
 
 def _storage_bits(fmt: str, int4_storage: str, opset: int) -> int:
     """Bits one weight of ``fmt`` occupies in the file: the size cost model's own function."""
-    from hawqtool.sensitivity import storage_bits  # imports torch: kept out of ``import hawqtool.export``
+    from hawqtool.formats import storage_bits  # imports torch: kept out of ``import hawqtool.export``
 
     return storage_bits(fmt, storage=int4_storage, opset=opset)
 
@@ -231,9 +231,9 @@ class QDQExporter:
 
         Raises:
             UsageError: an unknown layer or format, a format the layer's kind cannot take
-                (:func:`hawqtool.sensitivity.supports`), or packed int4 below opset 21.
+                (:func:`hawqtool.formats.supports`), or packed int4 below opset 21.
         """
-        from hawqtool.sensitivity import supports
+        from hawqtool.formats import supports
 
         unknown = [f for f in allocation if f not in self.sites]
         if unknown:
@@ -266,14 +266,14 @@ class QDQExporter:
     def weight_bytes(self, allocation: Mapping[str, str]) -> int:
         """Bytes of the weight tensors the exported model stores for ``allocation``.
 
-        The size cost model (:func:`hawqtool.sensitivity.layer_cost`: ``ceil(params ·
+        The size cost model (:func:`hawqtool.formats.layer_cost`: ``ceil(params ·
         storage_bits / 8)`` integers + ``4 · scales`` float32 scales per quantized layer,
         ``4 · params`` per float one; every layer's weight stored once, however many nodes read
         it) plus ``out_channels`` bytes of int8 zero point for an activation format on a weight
         that a Gemm reads, which onnxruntime needs to fuse QGemm. Biases, activation scales and
         zero points and the graph itself are the rest of the file.
         """
-        from hawqtool.sensitivity import layer_cost
+        from hawqtool.formats import layer_cost
 
         full = self.full_allocation(allocation)
         total = 0

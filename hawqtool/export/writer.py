@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hawqtool.errors import ExportError
-from hawqtool.types import write_bytes_atomic
+from hawqtool.files import write_bytes_atomic
 
 if TYPE_CHECKING:
     import onnx

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hawqtool.cache import cache_dir
-from hawqtool.types import write_bytes_atomic
+from hawqtool.files import write_bytes_atomic
 from hawqtool.zoo.data import Dataset
 
 log = logging.getLogger(__name__)

@@ -24,158 +24,19 @@ import torch
 from hawqtool import costs
 from hawqtool.costs import CostModel
 from hawqtool.errors import UsageError
-from hawqtool.quantizer import quantize_as
-from hawqtool.types import (
+from hawqtool.formats import (
     DEFAULT_OPSET,
     FLOAT,
     FORMAT_GRAMMAR,
-    INT2_MIN_OPSET,
     STORAGES,
-    LayerInfo,
-    LayerOption,
-    OptionTable,
-    SensitivityTable,
-    format_bits,
-    is_format,
+    check_choice,
     parse_format,
+    supports,
 )
+from hawqtool.quantizer import quantize_as
+from hawqtool.types import LayerInfo, LayerOption, OptionTable, SensitivityTable
 
 log = logging.getLogger(__name__)
-
-COST_MODELS = ("size", "bops")
-#: Bytes of one per-output-channel scale (float32), stored next to quantized weights.
-SCALE_BYTES = 4
-#: Bits of the activations a dynamic format (``intB-d``) quantizes at run time (uint8).
-DYNAMIC_ACTIVATION_BITS = 8
-
-
-def _check_format(fmt: str) -> int:
-    if not is_format(fmt):
-        raise UsageError(f"unknown format {fmt!r}; allowed: {FORMAT_GRAMMAR}")
-    return format_bits(fmt)
-
-
-def _check_choice(value: str, allowed: Sequence[str], what: str) -> None:
-    if value not in allowed:
-        raise UsageError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
-
-
-def storage_bits(fmt: str, *, storage: str = "packed", opset: int = DEFAULT_OPSET) -> int:
-    """Bits one weight occupies in the exported model.
-
-    Args:
-        fmt: a format of :data:`hawqtool.types.KNOWN_FORMATS`.
-        storage: ``packed`` (2-bit integers as ONNX INT2 from opset 25, 3–4-bit as INT4, 5–8-bit
-            as INT8) or ``container`` (every integer format in INT8).
-        opset: the exported model's opset; below 25 there is no INT2, so int2 is packed as INT4.
-
-    Every emitter of :mod:`hawqtool.export` stores exactly these bits: DequantizeLinear
-    initializers (INT2 / INT4 / INT8), and MatMulNBits / GatherBlockQuantized, which pack the same
-    2, 4 or 8 bits per weight into ``uint8`` rows without padding (the exporter uses them only
-    where the rows fill whole bytes and the blocks divide them).
-
-    Raises:
-        UsageError: unknown format or storage.
-
-    Example:
-        >>> storage_bits("int3"), storage_bits("int3", storage="container"), storage_bits("float")
-        (4, 8, 32)
-        >>> storage_bits("int2"), storage_bits("int2", opset=21)
-        (2, 4)
-        >>> storage_bits("int4-d")  # dynamic formats are always stored in int8
-        8
-    """
-    bits = _check_format(fmt)
-    _check_choice(storage, STORAGES, "storage")
-    if fmt == FLOAT:
-        return 32
-    if storage == "container" or parse_format(fmt).dynamic:  # MatMulInteger reads 8-bit integers
-        return 8
-    if bits <= 2 and opset >= INT2_MIN_OPSET:
-        return 2
-    return 4 if bits <= 4 else 8
-
-
-def layer_cost(
-    layer: LayerInfo,
-    fmt: str,
-    *,
-    cost: str = "size",
-    storage: str = "packed",
-    activation_bits: int = 8,
-    opset: int = DEFAULT_OPSET,
-) -> float:
-    """Cost of one layer in one format: bytes (``size``) or bit operations per sample (``bops``).
-
-    ``size`` is what the exported file stores for the layer's weight, once however many nodes read
-    it (a tied embedding / lm_head, a weight the ONNX exporter copied in another layout): the
-    integers at :func:`storage_bits` plus 4 bytes per :func:`scale_count` scale, or 4 bytes per
-    weight for ``float``.
-
-    Args:
-        layer: the layer (``params``, ``out_channels`` and, for ``bops``, ``macs``).
-        fmt: its format.
-        cost: ``size`` or ``bops``.
-        storage: ``packed`` or ``container`` (``size`` only; see :func:`storage_bits`).
-        activation_bits: bits of a quantized layer's input activations (``bops`` only).
-        opset: the exported model's opset (``size`` only; see :func:`storage_bits`).
-
-    Raises:
-        UsageError: unknown format, cost model or storage, or ``activation_bits`` not in 1..32.
-
-    Example:
-        >>> conv = LayerInfo("conv", "conv2d", (32, 16, 3, 3), params=4608, macs=294912)
-        >>> layer_cost(conv, "int4"), layer_cost(conv, "float")  # 4608/2 + 32 scales · 4 bytes
-        (2432.0, 18432.0)
-        >>> layer_cost(conv, "int4", cost="bops") == 294912 * 4 * 8
-        True
-    """
-    bits = _check_format(fmt)
-    _check_choice(cost, COST_MODELS, "cost model")
-    _check_choice(storage, STORAGES, "storage")
-    if not 1 <= activation_bits <= 32:
-        raise UsageError(f"activation_bits must be in 1..32, got {activation_bits}")
-    f = parse_format(fmt)
-    if cost == "bops":
-        act = activation_bits if f.activations else DYNAMIC_ACTIVATION_BITS if f.dynamic else 32
-        return float(layer.macs * bits * act)
-    if fmt == FLOAT:
-        return float(layer.params * 4)
-    # Packed int4/int2 hold two/four weights per byte; a partial last byte is padding.
-    weight_bytes = math.ceil(layer.params * storage_bits(fmt, storage=storage, opset=opset) / 8)
-    return float(weight_bytes + SCALE_BYTES * scale_count(layer, fmt))
-
-
-def scale_count(layer: LayerInfo, fmt: str) -> int:
-    """float32 scales a quantized layer stores: one per output channel, or per channel and block."""
-    f = parse_format(fmt)
-    if f.block is None:
-        return layer.out_channels
-    k = layer.params // max(layer.out_channels, 1)
-    return layer.out_channels * -(-k // f.block)
-
-
-def supports(layer: LayerInfo, fmt: str) -> bool:
-    """Whether a layer's kind can take a format: an embedding has no activations to quantize (its
-    input is ids), block-wise formats are for matrix weights (Linear-like and embeddings), and
-    dynamic formats (``intB-d``) for weights that only MatMul / Gemm read (Linear-like kinds).
-
-    Example:
-        >>> conv = LayerInfo("conv", "conv2d", (32, 16, 3, 3), params=4608)
-        >>> fc = LayerInfo("fc", "linear", (10, 64), params=640)
-        >>> supports(conv, "int8-d"), supports(fc, "int8-d"), supports(conv, "int8")
-        (False, True, True)
-    """
-    from hawqtool.prepare import ACTIVATION_KINDS, MATMUL_KINDS
-
-    f = parse_format(fmt)
-    if not f.quantized:
-        return True
-    if f.activations and layer.kind not in ACTIVATION_KINDS:
-        return False
-    if f.dynamic and layer.kind not in MATMUL_KINDS:
-        return False
-    return not (f.block is not None and len(layer.weight_shape) != 2)
 
 
 def build_options(
@@ -214,7 +75,7 @@ def build_options(
         layers: the quantizable layers (``PreparedModel.layers``), in model order.
         traces: the Hessian stage's table; must cover every layer.
         weights: the (BN-folded) weight of every layer, by FQN.
-        formats: candidate formats for unpinned layers, in :data:`~hawqtool.types.KNOWN_FORMATS`.
+        formats: candidate formats for unpinned layers, in :data:`~hawqtool.formats.KNOWN_FORMATS`.
         cost: a :class:`~hawqtool.costs.CostModel`, or the name of a registered one (``size``,
             ``bops``, or one added with :func:`hawqtool.costs.register`), built for ``storage``,
             ``activation_bits`` and ``opset``. The table records its ``name``.
@@ -246,8 +107,8 @@ def build_options(
     if not formats:
         raise UsageError(f"no candidate formats given; allowed: {FORMAT_GRAMMAR}")
     for fmt in formats:
-        _check_format(fmt)
-    _check_choice(storage, STORAGES, "storage")
+        parse_format(fmt)
+    check_choice(storage, STORAGES, "storage")
     cost_model = (
         costs.get(cost, costs.CostSettings(storage=storage, opset=opset, activation_bits=activation_bits))
         if isinstance(cost, str)
@@ -292,7 +153,7 @@ def build_options(
             if FLOAT not in allowed and all(not supports(layer, f) for f in formats):
                 allowed = (FLOAT,)
         for fmt in allowed:
-            _check_format(fmt)
+            parse_format(fmt)
             sq_error = 0.0 if fmt == FLOAT else quantize_as(w, fmt, clip_search=clip_search).sq_error
             omega = avg_trace * sq_error
             spec = parse_format(fmt)

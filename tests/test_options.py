@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from hawqtool.errors import UsageError
+from hawqtool.formats import layer_cost, storage_bits
 from hawqtool.frontier import pareto_frontier
+from hawqtool.options import build_options
 from hawqtool.prepare import prepare_model
-from hawqtool.sensitivity import build_options, layer_cost, storage_bits
 from hawqtool.types import LayerInfo, LayerTrace, SensitivityTable
 
 CONV = LayerInfo("conv", "conv2d", (32, 16, 3, 3), params=4608, macs=0)
@@ -122,7 +123,7 @@ def test_build_options_on_a_real_model(prepared_cnn, caplog: pytest.LogCaptureFi
     assert [x.fqn for x in layers] == ["conv1", "conv2", "fc1", "fc2"]
     avg = {"conv1": 0.5, "conv2": 2e-3, "fc1": -1e-4, "fc2": 0.3}
     weights = _weights(prepared_cnn)
-    with caplog.at_level(logging.WARNING, logger="hawqtool.sensitivity"):
+    with caplog.at_level(logging.WARNING, logger="hawqtool.options"):
         table = build_options(layers, made_up_traces(layers, avg), weights, formats=("int4", "int8", "float"))
     assert "fc1" in caplog.text and "clamped" in caplog.text
 
