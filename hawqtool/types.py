@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hawqtool.errors import UsageError
-from hawqtool.formats import format_bits
+from hawqtool.formats import DEFAULT_OPSET, STORAGES, check_choice, format_bits
 
 
 def allocation_key(allocation: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
@@ -27,6 +27,25 @@ def allocation_key(allocation: Mapping[str, str]) -> tuple[tuple[str, str], ...]
 # --------------------------------------------------------------------------------------------
 # Layers and sensitivity
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """How quantized weights are stored and activations calibrated: one object, built once from the
+    recipe and passed to every stage that must agree on it (Ω, costs, dependency terms, exporter).
+
+    Example:
+        >>> ExportSettings(int4_storage="container").opset
+        25
+    """
+
+    opset: int = DEFAULT_OPSET
+    int4_storage: str = "packed"
+    clip_search: bool = True
+    calibration: str = "minmax"
+
+    def __post_init__(self) -> None:
+        check_choice(self.int4_storage, STORAGES, "int4 storage")
 
 
 @dataclass(frozen=True)
