@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from hawqtool.errors import UsageError
@@ -68,6 +68,8 @@ class Format:
         dynamic: the layer's input is quantized to uint8 at run time from each batch's own range
             (``intB-d``: DynamicQuantizeLinear → MatMulInteger, which onnxruntime fuses into
             DynamicQuantizeMatMul); nothing is calibrated, so ``activations`` is false.
+        family: the registered format family the name belongs to (``float``, ``intB``, ``intB-w``,
+            ``intB-d``, ``intB-bK``): what quantizer and exporter dispatch on.
     """
 
     name: str
@@ -75,6 +77,7 @@ class Format:
     activations: bool
     block: int | None = None
     dynamic: bool = False
+    family: str = field(default="", kw_only=True)
 
     @property
     def quantized(self) -> bool:
@@ -93,26 +96,28 @@ def parse_format(name: str) -> Format:
 
     Example:
         >>> parse_format("int4-b32")
-        Format(name='int4-b32', bits=4, activations=False, block=32, dynamic=False)
+        Format(name='int4-b32', bits=4, activations=False, block=32, dynamic=False, family='intB-bK')
         >>> parse_format("int8").activations, parse_format("int8-w").activations
         (True, False)
         >>> parse_format("int8-d")
-        Format(name='int8-d', bits=8, activations=False, block=None, dynamic=True)
+        Format(name='int8-d', bits=8, activations=False, block=None, dynamic=True, family='intB-d')
     """
     if name == FLOAT:
-        return Format(FLOAT, 32, False)
+        return Format(FLOAT, 32, False, family="float")
     m = _FORMAT_RE.fullmatch(name) if isinstance(name, str) else None
     if m is None:
         raise UsageError(f"unknown format {name!r}; allowed: {FORMAT_GRAMMAR}")
     bits = int(m.group(1))
     if m.group(3) is not None:
-        return Format(name, bits, False, dynamic=True)
+        return Format(name, bits, False, dynamic=True, family="intB-d")
     if m.group(4) is not None:
         block = int(m.group(4))
         if block < 16 or block & (block - 1):
             raise UsageError(f"format {name!r}: block size {block} must be a power of two >= 16")
-        return Format(name, bits, False, block)
-    return Format(name, bits, m.group(2) is None)
+        return Format(name, bits, False, block, family="intB-bK")
+    if m.group(2) is not None:
+        return Format(name, bits, False, family="intB-w")
+    return Format(name, bits, True, family="intB")
 
 
 def is_format(name: str) -> bool:

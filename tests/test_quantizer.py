@@ -166,7 +166,7 @@ def test_dynamic_formats_parse_round_trip_and_quantize_like_their_static_twin() 
     w = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
     for b in range(2, 9):
         f = parse_format(f"int{b}-d")
-        assert f == Format(f"int{b}-d", b, activations=False, block=None, dynamic=True)
+        assert f == Format(f"int{b}-d", b, activations=False, block=None, dynamic=True, family="intB-d")
         assert parse_format(f.name) == f and f.quantized and not f.weight_only
         d, s = quantize_as(w, f.name), quantize_as(w, f"int{b}")
         assert torch.equal(d.q, s.q) and torch.equal(d.scale, s.scale) and d.sq_error == s.sq_error
