@@ -68,24 +68,40 @@ class TaskSection(_Section):
     def metric_name(self) -> str:
         return self.metric or ("top1_agreement" if self.targets == "model" else "top1")
 
+    @field_validator("metric", "loss")
+    @classmethod
+    def _registered(cls, v: str | None, info: Any) -> str | None:
+        # Lazy: tasks imports torch, which a recipe's schema alone must not pull in.
+        from hawqtool.tasks import loss_names, metric_names
+
+        names = metric_names() if info.field_name == "metric" else loss_names()
+        if v is not None and v not in names and ":" not in v:
+            raise ValueError(
+                f"unknown {info.field_name} {v!r}; allowed: {', '.join(names)} or 'package.module:function'"
+            )
+        return v
+
     @property
     def higher_is_better_resolved(self) -> bool:
         if self.higher_is_better is not None:
             return self.higher_is_better
-        from hawqtool.tasks import HIGHER_IS_BETTER
+        # Lazy: tasks imports torch.
+        from hawqtool.tasks import get_metric, metric_names
 
-        return HIGHER_IS_BETTER.get(self.metric_name, True)
+        return get_metric(self.metric_name).higher_is_better if self.metric_name in metric_names() else True
 
     @property
     def binary_resolved(self) -> bool | None:
-        """Whether the metric is 0/1 per sample: ``binary`` if given, else the built-in metric's
-        (:data:`hawqtool.tasks.BINARY`); ``None`` for a user's metric that does not say (the pipeline
-        then reads it off the float torch model's values on the evaluation split)."""
+        """Whether the metric is 0/1 per sample: ``binary`` if given, else the registered metric's
+        (:attr:`hawqtool.tasks.Metric.binary`, on (N, C) outputs; see ``Metric.binary_for``); ``None``
+        for a user's metric that does not say (the pipeline then reads it off the float torch model's
+        values on the evaluation split)."""
         if self.binary is not None:
             return self.binary
-        from hawqtool.tasks import BINARY
+        # Lazy: tasks imports torch.
+        from hawqtool.tasks import get_metric, metric_names
 
-        return BINARY.get(self.metric_name)
+        return get_metric(self.metric_name).binary if self.metric_name in metric_names() else None
 
 
 class HessianSection(_Section):

@@ -1,4 +1,8 @@
-"""Losses and metrics named in recipes (``task.loss``, ``task.metric``).
+"""Losses and metrics named in recipes (``task.loss``, ``task.metric``): two registries.
+
+A metric is ONE registration (:func:`register_metric`): its function, direction, whether it is
+binary, whether it compares with a teacher, and its chance level; :func:`get_metric` returns it as a
+frozen :class:`Metric`. Losses likewise (:func:`register_loss`, :class:`Loss`).
 
 A loss is ``fn(outputs, targets) -> scalar tensor``: the MEAN over the batch, differentiable twice.
 
@@ -10,13 +14,15 @@ user's metric may return per-sample values or one float for the whole split; :fu
 tells which.
 
 ``top1_agreement``, ``cosine`` and the ``kl`` loss compare with a teacher: their ``targets`` are the
-float model's outputs on the same inputs (:data:`USES_TEACHER`), computed without gradients.
+float model's outputs on the same inputs (``Metric.teacher``, ``Loss.teacher``), computed without
+gradients.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,6 +34,7 @@ from hawqtool.errors import UsageError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MetricFn = Callable[[np.ndarray, np.ndarray], np.ndarray | float]
+ChanceFn = Callable[[np.ndarray], float | None]
 
 
 def top1(outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -117,6 +124,24 @@ def neg_mse(outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return -mse(outputs, targets)
 
 
+def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """:func:`torch.nn.functional.cross_entropy`, also on per-position logits (N, T, C) with class
+    targets (N, T) (a language model's next tokens): the mean over positions whose target is not -100.
+
+    Example:
+        >>> logits = torch.zeros(2, 3, 4)                   # uniform over 4 classes at every position
+        >>> round(float(cross_entropy(logits, torch.zeros(2, 3, dtype=torch.long))), 4)  # ln 4
+        1.3863
+    """
+    if (
+        outputs.ndim > 2
+        and tuple(targets.shape) == tuple(outputs.shape[:-1])
+        and not targets.is_floating_point()
+    ):
+        return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
+    return F.cross_entropy(outputs, targets)
+
+
 def kl(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """KL(softmax(targets) ‖ softmax(outputs)): distillation from a teacher's logits (``targets``).
 
@@ -140,35 +165,229 @@ def kl(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()
 
 
-LOSSES: dict[str, LossFn] = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss, "kl": kl}
-METRICS: dict[str, MetricFn] = {
-    "top1": top1,
-    "top1_agreement": top1_agreement,
-    "cosine": cosine,
-    "mse": mse,
-    "neg_mse": neg_mse,
-}
-HIGHER_IS_BETTER: dict[str, bool] = {
-    "top1": True,
-    "top1_agreement": True,
-    "cosine": True,
-    "mse": False,
-    "neg_mse": True,
-}
-"""Each built-in metric's direction: the default of ``task.higher_is_better`` for that name."""
-BINARY: dict[str, bool] = {
-    "top1": True,
-    "top1_agreement": True,
-    "cosine": False,
-    "mse": False,
-    "neg_mse": False,
-}
-"""Whether each built-in metric is binary per sample (0 or 1: accuracy-like) or continuous: the default
-of ``task.binary`` for that name. It decides how a drop is bounded (:mod:`hawqtool.confidence`) and
-whether a split has a smallest resolvable drop. Declared, not read off the values: a teacher-fidelity
-``cosine`` scores the float model exactly 1 on every sample, which looks binary."""
-USES_TEACHER: frozenset[str] = frozenset({"top1_agreement", "cosine", "kl"})
-"""Built-in metrics and losses whose ``targets`` are the float model's outputs, not labels."""
+@dataclass(frozen=True)
+class Metric:
+    """One metric named in recipes: its function and everything the pipeline needs to know about it.
+
+    Attributes:
+        name: the name recipes use (``task.metric``).
+        fn: ``fn(outputs, targets)`` on numpy arrays: per-sample values (N,) or one float per split.
+        higher_is_better: the direction, the default of ``task.higher_is_better``.
+        binary: whether the per-sample values are 0 or 1 (accuracy-like), the default of
+            ``task.binary``; it decides how a drop is bounded (:mod:`hawqtool.confidence`). Declared,
+            not read off the values: a teacher-fidelity ``cosine`` scores the float model exactly 1 on
+            every sample, which looks binary. ``None``: read off the float model's values.
+        teacher: its ``targets`` are the float model's outputs, not labels.
+        chance: ``chance(targets) -> float | None``, the value a model that ignores its inputs scores
+            (``top1`` on class labels: the most frequent class's share); ``None`` where it does not
+            apply. A float baseline at or below chance means the targets do not match the model.
+        per_position: on outputs with more than 2 axes (per-token logits (N, T, C)) each sample's
+            value is a mean over positions, a fraction, so the metric is continuous there.
+    """
+
+    name: str
+    fn: MetricFn
+    higher_is_better: bool = True
+    binary: bool | None = None
+    teacher: bool = False
+    chance: ChanceFn | None = None
+    per_position: bool = False
+
+    def binary_for(self, output_ndim: int) -> bool | None:
+        """Whether the metric is binary on outputs with ``output_ndim`` axes.
+
+        Example:
+            >>> get_metric("top1_agreement").binary_for(2), get_metric("top1_agreement").binary_for(3)
+            (True, False)
+        """
+        if self.binary and self.per_position and output_ndim > 2:
+            return False
+        return self.binary
+
+
+@dataclass(frozen=True)
+class Loss:
+    """One loss named in recipes (``task.loss``): ``fn(outputs, targets)`` is the MEAN over the
+    batch, differentiable twice; ``teacher``: its targets are the float model's outputs."""
+
+    name: str
+    fn: LossFn
+    teacher: bool = False
+
+
+_METRICS: dict[str, Metric] = {}
+_LOSSES: dict[str, Loss] = {}
+
+
+def register_metric(
+    name: str,
+    fn: MetricFn,
+    *,
+    higher_is_better: bool = True,
+    binary: bool | None = None,
+    teacher: bool = False,
+    chance: ChanceFn | None = None,
+    per_position: bool = False,
+    replace: bool = False,
+) -> Metric:
+    """Make ``fn`` a metric recipes can name: one registration holds everything said about it.
+
+    Raises:
+        UsageError: a name that is empty or holds ``:`` (that is an import path), or one already
+            registered without ``replace=True``.
+
+    Example:
+        >>> m = register_metric("max_abs", lambda o, t: np.abs(o - t).max(axis=-1), higher_is_better=False)
+        >>> "max_abs" in metric_names(), get_metric("max_abs").higher_is_better
+        (True, False)
+        >>> unregister_metric("max_abs").name
+        'max_abs'
+    """
+    _check_name(name, _METRICS, what="metric", replace=replace)
+    metric = Metric(name, fn, higher_is_better, binary, teacher, chance, per_position)
+    _METRICS[name] = metric
+    return metric
+
+
+def unregister_metric(name: str) -> Metric:
+    """Remove a registered metric (for tests and plug-ins); returns it.
+
+    Raises:
+        UsageError: no metric of that name is registered.
+    """
+    if name not in _METRICS:
+        raise UsageError(f"no metric {name!r} is registered; registered: {', '.join(_METRICS)}")
+    return _METRICS.pop(name)
+
+
+def metric_names() -> tuple[str, ...]:
+    """The registered metrics' names, in registration order.
+
+    Example:
+        >>> metric_names()[:5]
+        ('top1', 'top1_agreement', 'cosine', 'mse', 'neg_mse')
+    """
+    return tuple(_METRICS)
+
+
+def get_metric(name: str) -> Metric:
+    """A metric by registered name, or a user's function by import path ``package.module:function``
+    (higher is better, binary read off the values, no teacher, no chance level: the recipe's
+    ``task.higher_is_better`` and ``task.binary`` say otherwise).
+
+    Raises:
+        UsageError: an unknown name or an import path that does not resolve.
+
+    Example:
+        >>> m = get_metric("top1")
+        >>> m.fn is top1, m.higher_is_better, m.binary, m.teacher
+        (True, True, True, False)
+        >>> float(m.chance(np.array([0, 1, 1, 1])))
+        0.75
+    """
+    if name in _METRICS:
+        return _METRICS[name]
+    if ":" in name:
+        return Metric(name, import_object(name, what="task.metric"))
+    raise UsageError(f"unknown metric {name!r}; allowed: {', '.join(_METRICS)} or 'package.module:function'")
+
+
+def resolve_metric(name: str) -> MetricFn:
+    """A metric's function by name or import path (:func:`get_metric`).
+
+    Example:
+        >>> resolve_metric("cosine") is cosine
+        True
+    """
+    return get_metric(name).fn
+
+
+def register_loss(name: str, fn: LossFn, *, teacher: bool = False, replace: bool = False) -> Loss:
+    """Make ``fn`` a loss recipes can name (see :func:`register_metric`).
+
+    Example:
+        >>> _ = register_loss("l1", torch.nn.functional.l1_loss)
+        >>> get_loss("l1").fn is torch.nn.functional.l1_loss, unregister_loss("l1").name
+        (True, 'l1')
+    """
+    _check_name(name, _LOSSES, what="loss", replace=replace)
+    loss = Loss(name, fn, teacher)
+    _LOSSES[name] = loss
+    return loss
+
+
+def unregister_loss(name: str) -> Loss:
+    """Remove a registered loss; returns it.
+
+    Raises:
+        UsageError: no loss of that name is registered.
+    """
+    if name not in _LOSSES:
+        raise UsageError(f"no loss {name!r} is registered; registered: {', '.join(_LOSSES)}")
+    return _LOSSES.pop(name)
+
+
+def loss_names() -> tuple[str, ...]:
+    """The registered losses' names, in registration order.
+
+    Example:
+        >>> loss_names()[:3]
+        ('cross_entropy', 'mse', 'kl')
+    """
+    return tuple(_LOSSES)
+
+
+def get_loss(name: str) -> Loss:
+    """A loss by registered name or import path ``package.module:function``.
+
+    Raises:
+        UsageError: an unknown name or an import path that does not resolve.
+    """
+    if name in _LOSSES:
+        return _LOSSES[name]
+    if ":" in name:
+        return Loss(name, import_object(name, what="task.loss"))
+    raise UsageError(f"unknown loss {name!r}; allowed: {', '.join(_LOSSES)} or 'package.module:function'")
+
+
+def resolve_loss(name: str) -> LossFn:
+    """A loss's function by name (``cross_entropy``, ``mse``, ``kl``) or import path.
+
+    Example:
+        >>> resolve_loss("kl") is kl
+        True
+    """
+    return get_loss(name).fn
+
+
+def label_chance(targets: np.ndarray) -> float | None:
+    """The most frequent class's share of integer class ``targets``; ``None`` for other targets.
+
+    Example:
+        >>> label_chance(np.array([2, 2, 0, 1])), label_chance(np.array([0.5, 1.0]))
+        (0.5, None)
+    """
+    tgt = np.asarray(targets)
+    if not np.issubdtype(tgt.dtype, np.integer) or tgt.size == 0 or int(tgt.min()) < 0:
+        return None
+    return float(np.bincount(tgt.reshape(-1).astype(np.int64)).max() / tgt.size)
+
+
+def _check_name(name: str, registry: dict[str, Any], *, what: str, replace: bool) -> None:
+    if not name or ":" in name or name != name.strip():
+        raise UsageError(f"a {what} name must be a non-empty word without ':' (an import path); got {name!r}")
+    if name in registry and not replace:
+        raise UsageError(f"a {what} named {name!r} is already registered; pass replace=True to replace it")
+
+
+register_loss("cross_entropy", cross_entropy)
+register_loss("mse", F.mse_loss)
+register_loss("kl", kl, teacher=True)
+register_metric("top1", top1, binary=True, chance=label_chance, per_position=True)
+register_metric("top1_agreement", top1_agreement, binary=True, teacher=True, per_position=True)
+register_metric("cosine", cosine, binary=False, teacher=True)
+register_metric("mse", mse, higher_is_better=False, binary=False)
+register_metric("neg_mse", neg_mse, binary=False)
 
 
 def per_sample(values: npt.ArrayLike, n: int, *, name: str = "metric") -> np.ndarray | None:
@@ -261,34 +480,6 @@ def import_object(path: str, *, what: str) -> Any:
     if not callable(obj):
         raise UsageError(f"{what} {path!r} is not callable")
     return obj
-
-
-def resolve_loss(name: str) -> LossFn:
-    """A loss by name (``cross_entropy``, ``mse``, ``kl``) or import path.
-
-    Example:
-        >>> resolve_loss("kl") is kl
-        True
-    """
-    if name in LOSSES:
-        return LOSSES[name]
-    if ":" in name:
-        return import_object(name, what="task.loss")  # type: ignore[no-any-return]
-    raise UsageError(f"unknown loss {name!r}; allowed: {', '.join(LOSSES)} or 'package.module:function'")
-
-
-def resolve_metric(name: str) -> MetricFn:
-    """A metric by name (``top1``, ``top1_agreement``, ``cosine``, ``mse``, ``neg_mse``) or import path.
-
-    Example:
-        >>> resolve_metric("cosine") is cosine
-        True
-    """
-    if name in METRICS:
-        return METRICS[name]
-    if ":" in name:
-        return import_object(name, what="task.metric")  # type: ignore[no-any-return]
-    raise UsageError(f"unknown metric {name!r}; allowed: {', '.join(METRICS)} or 'package.module:function'")
 
 
 def _same_shape(

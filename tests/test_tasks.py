@@ -11,22 +11,26 @@ import pytest
 import torch
 
 from hawqtool.errors import UsageError
+from hawqtool.recipe import load_recipe
 from hawqtool.tasks import (
-    BINARY,
-    HIGHER_IS_BETTER,
-    LOSSES,
-    METRICS,
-    USES_TEACHER,
     cosine,
+    get_loss,
+    get_metric,
     kl,
+    loss_names,
     metric_by_chunks,
+    metric_names,
     mse,
     neg_mse,
     per_sample,
+    register_loss,
+    register_metric,
     resolve_loss,
     resolve_metric,
     top1,
     top1_agreement,
+    unregister_loss,
+    unregister_metric,
 )
 
 
@@ -86,22 +90,64 @@ def test_mse_and_neg_mse_per_sample() -> None:
 
 
 def test_registries_and_directions() -> None:
-    assert (
-        set(METRICS)
-        == set(HIGHER_IS_BETTER)
-        == set(BINARY)
-        == {"top1", "top1_agreement", "cosine", "mse", "neg_mse"}
-    )
-    assert not HIGHER_IS_BETTER["mse"] and all(v for k, v in HIGHER_IS_BETTER.items() if k != "mse")
-    assert set(LOSSES) == {"cross_entropy", "mse", "kl"}
-    assert set(USES_TEACHER) == {"top1_agreement", "cosine", "kl"}
+    builtin = {"top1", "top1_agreement", "cosine", "mse", "neg_mse"}
+    assert builtin <= set(metric_names())
+    assert [m for m in builtin if not get_metric(m).higher_is_better] == ["mse"]
+    assert {m for m in builtin if get_metric(m).binary} == {"top1", "top1_agreement"}
+    assert {"cross_entropy", "mse", "kl"} <= set(loss_names())
+    teacher = {m for m in metric_names() if get_metric(m).teacher} | {
+        n for n in loss_names() if get_loss(n).teacher
+    }
+    assert {"top1_agreement", "cosine", "kl"} <= teacher and not {"top1", "mse", "cross_entropy"} & teacher
     assert resolve_metric("top1") is top1 and resolve_loss("kl") is kl
-    with pytest.raises(
-        UsageError, match="unknown metric 'acc'; allowed: top1, top1_agreement, cosine, mse, neg_mse"
-    ):
+    with pytest.raises(UsageError, match="unknown metric 'acc'; allowed: top1, top1_agreement, cosine, mse"):
         resolve_metric("acc")
     with pytest.raises(UsageError, match="unknown loss 'ce'; allowed: cross_entropy, mse, kl"):
         resolve_loss("ce")
+
+
+def test_chance_level_and_binary_by_output_rank() -> None:
+    # top1 on labels: chance is the most frequent class's share (3 of 4 samples are class 1).
+    top = get_metric("top1")
+    assert top.chance is not None and top.chance(np.array([1, 1, 0, 1])) == 0.75
+    assert top.chance(np.array([0.5, 1.0])) is None  # not class labels: no chance level
+    assert get_metric("cosine").chance is None
+    # Per-token outputs (N, T, C) make top1/top1_agreement a per-sequence fraction: continuous.
+    for name in ("top1", "top1_agreement"):
+        assert get_metric(name).binary_for(2) is True and get_metric(name).binary_for(3) is False
+    assert get_metric("cosine").binary_for(3) is False and get_metric("mse").binary_for(2) is False
+
+
+def test_a_registered_metric_and_loss_are_one_registration_each() -> None:
+    def max_abs(o: np.ndarray, t: np.ndarray) -> np.ndarray:
+        return np.abs(o - t).reshape(len(o), -1).max(axis=1)
+
+    m = register_metric("max_abs", max_abs, higher_is_better=False, binary=False, teacher=True)
+    register_loss("l1", torch.nn.functional.l1_loss)
+    try:
+        assert get_metric("max_abs") is m and resolve_metric("max_abs") is max_abs
+        assert "max_abs" in metric_names() and "l1" in loss_names()
+        # The recipe reads the registry: direction and kind come from the one registration.
+        base = load_recipe("tiny").to_dict()
+        base["task"] = {"targets": "model", "metric": "max_abs", "loss": "l1"}
+        from hawqtool.recipe import parse_recipe
+
+        task = parse_recipe(base).task
+        assert task.higher_is_better_resolved is False and task.binary_resolved is False
+        with pytest.raises(UsageError, match="a metric named 'max_abs' is already registered"):
+            register_metric("max_abs", max_abs)
+        with pytest.raises(UsageError, match="without ':'"):
+            register_metric("pkg.mod:f", max_abs)
+    finally:
+        unregister_metric("max_abs")
+        unregister_loss("l1")
+    assert "max_abs" not in metric_names() and "l1" not in loss_names()
+    with pytest.raises(UsageError, match="unknown metric 'max_abs'"):
+        get_metric("max_abs")
+    with pytest.raises(UsageError, match=r"task\.metric"):
+        parse_recipe(base)
+    with pytest.raises(UsageError, match="no metric 'max_abs' is registered"):
+        unregister_metric("max_abs")
 
 
 def test_import_paths_resolve(monkeypatch: pytest.MonkeyPatch) -> None:
