@@ -1,4 +1,4 @@
-"""frontier.png: a real PNG, written atomically, with and without search trials."""
+"""frontier.png: the figure's panels and points, written atomically as a PNG."""
 
 from __future__ import annotations
 
@@ -69,15 +69,32 @@ def test_the_latency_panel_shows_exactly_the_given_pairs_and_only_when_given() -
     assert _panels(alone)[1:] == [LATENCY_PANEL] and len(alone.axes) == 2
 
 
-def test_plot_frontier_with_latency_writes_one_png(tmp_path: Path) -> None:
+def test_plot_frontier_writes_the_three_panel_figure_with_the_chosen_star(tmp_path: Path) -> None:
+    import numpy as np
+    from matplotlib.colors import to_rgb
+    from matplotlib.image import imread
+
+    from hawqtool.plots import LATENCY_PANEL, frontier_figure
+
+    args = {
+        "trials": [(160.0, 0.0, True), (20.0, 0.1, True)],
+        "chosen": (20.0, 0.1),
+        "latency": [(2.0, 2.1, True), (1.0, 1.0, True)],
+        "chosen_latency": (1.5, 1.6),
+    }
     out = tmp_path / "frontier.png"
-    plot_frontier(
-        Frontier(POINTS, "latency", float_cost=160.0),
-        out,
-        trials=[(160.0, 0.0, True), (20.0, 0.1, True)],
-        chosen=(20.0, 0.1),
-        latency=[(2.0, 2.1, True), (1.0, 1.0, True)],
-        chosen_latency=(1.0, 1.0),
-    )
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plot_frontier(Frontier(POINTS, "latency", float_cost=160.0), out, **args)  # type: ignore[arg-type]
     assert [p.name for p in tmp_path.iterdir()] == ["frontier.png"]
+    image = imread(out)
+    # Frontier, zoom and latency panels: (8 + 5 + 5) x 5.4 inches at 150 dpi, RGBA.
+    assert image.shape == (810, 2700, 4)
+    # The same figure drawn in memory places the chosen allocation's star; the file has its fill
+    # colour at that pixel (display coordinates count from the bottom, image rows from the top).
+    fig = frontier_figure(Frontier(POINTS, "latency", float_cost=160.0), **args)  # type: ignore[arg-type]
+    fig.canvas.draw()
+    ax = fig.axes[[a.get_label() for a in fig.axes].index(LATENCY_PANEL)]
+    x, y = ax.transData.transform((1.5, 1.6))
+    row, col = round(float(image.shape[0] - y)), round(float(x))
+    pixel = image[row, col, :3]
+    np.testing.assert_allclose(pixel, to_rgb("#fdb863"), atol=2 / 255)
+    assert np.abs(image[row, col + 60, :3] - pixel).max() > 0.1  # the star, not a region of its colour
