@@ -124,6 +124,88 @@ def neg_mse(outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return -mse(outputs, targets)
 
 
+def perplexity(outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Per sequence: pseudo-values whose mean is the split's perplexity exp(mean token NLL).
+
+    ``outputs`` are logits (N, T, V) (or (N, V)); ``targets`` are the next tokens (N, T), positions
+    with target -100 left out, or a teacher's logits of the outputs' shape, whose softmax then
+    replaces the one-hot next token (the perplexity on text the teacher would write).
+
+    The split's perplexity is exp(m), m the mean NLL over ALL its tokens, not a mean of per-sequence
+    perplexities, so each sequence's value is its delta-method pseudo-value
+    ``exp(m) · (1 + (n_i / n̄) · (m_i − m))`` (m_i its mean NLL over its n_i tokens, n̄ the mean n_i):
+    their mean is exactly exp(m), the mean of paired differences is exactly the difference of two
+    models' perplexities, and its spread is the delta-method spread, so :mod:`hawqtool.confidence`'s
+    paired bounds (and ``relative`` budgets, e.g. +3 %) apply unchanged. A single value may be
+    negative; only means are meaningful.
+
+    Example:
+        >>> uniform = np.zeros((2, 3, 5))                     # every token equally likely, V = 5
+        >>> np.round(perplexity(uniform, np.array([[0, 1, 2], [3, 4, -100]])), 12).tolist()
+        [5.0, 5.0]
+    """
+    out = np.asarray(outputs)
+    tgt = np.asarray(targets)
+    if out.ndim < 2:
+        raise UsageError(
+            f"metric perplexity: outputs of shape {out.shape} must be logits with a vocabulary axis"
+        )
+    teacher = np.issubdtype(tgt.dtype, np.floating)
+    if (tgt.shape != out.shape) if teacher else (tgt.shape != out.shape[:-1]):
+        raise UsageError(
+            f"metric perplexity: targets of shape {tgt.shape} must be next tokens of shape {out.shape[:-1]} "
+            f"or a teacher's logits of the outputs' shape {out.shape}"
+        )
+    sums = np.zeros(len(out))
+    counts = np.zeros(len(out))
+    for i in range(len(out)):  # one sequence at a time: (T, V) float64 stays small
+        log_q = _log_softmax(out[i].reshape(-1, out.shape[-1]))
+        if teacher:
+            log_p = _log_softmax(tgt[i].reshape(-1, out.shape[-1]))
+            nll = -(np.exp(log_p) * log_q).sum(axis=-1)
+        else:
+            tok = tgt[i].reshape(-1).astype(np.int64)
+            keep = tok != -100
+            if ((tok[keep] < 0) | (tok[keep] >= out.shape[-1])).any():
+                raise UsageError(
+                    f"metric perplexity: sample {i} has tokens outside [0, {out.shape[-1] - 1}] (the vocabulary)"
+                )
+            nll = -log_q[np.flatnonzero(keep), tok[keep]]
+        sums[i], counts[i] = nll.sum(), nll.size
+    if counts.sum() == 0:
+        raise UsageError("metric perplexity: every target is -100; there is no token to score")
+    m = sums.sum() / counts.sum()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m_i = np.where(counts > 0, sums / np.where(counts > 0, counts, 1), m)
+    return np.exp(m) * (1.0 + counts / counts.mean() * (m_i - m))
+
+
+def token_kl(outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Per sample: KL(softmax(teacher) ‖ softmax(outputs)) averaged over positions (float64, nats).
+
+    ``targets`` are the teacher's logits of the outputs' shape, e.g. (N, T, V). The metric ``kl``
+    (lower is better): exactly 0 for identical logits, so budgets in it are ``absolute``.
+
+    Example:
+        >>> t = np.array([[[0.0, np.log(3.0)], [1.0, 1.0]]])
+        >>> token_kl(t, t).tolist(), np.round(token_kl(np.zeros((1, 2, 2)), t), 6).tolist()
+        ([0.0], [0.065406])
+    """
+    out, tgt = _same_shape(outputs, targets, name="kl")
+    values = np.empty(len(out))
+    for i in range(len(out)):
+        log_q = _log_softmax(out[i].reshape(-1, out.shape[-1]))
+        log_p = _log_softmax(tgt[i].reshape(-1, out.shape[-1]))
+        values[i] = (np.exp(log_p) * (log_p - log_q)).sum(axis=-1).mean()
+    return values
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """:func:`torch.nn.functional.cross_entropy`, also on per-position logits (N, T, C) with class
     targets (N, T) (a language model's next tokens): the mean over positions whose target is not -100.
@@ -388,6 +470,8 @@ register_metric("top1_agreement", top1_agreement, binary=True, teacher=True, per
 register_metric("cosine", cosine, binary=False, teacher=True)
 register_metric("mse", mse, higher_is_better=False, binary=False)
 register_metric("neg_mse", neg_mse, binary=False)
+register_metric("perplexity", perplexity, higher_is_better=False, binary=False)
+register_metric("kl", token_kl, higher_is_better=False, binary=False, teacher=True)
 
 
 def per_sample(values: npt.ArrayLike, n: int, *, name: str = "metric") -> np.ndarray | None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from hawqtool.confidence import paired_drop
 from hawqtool.errors import UsageError
 from hawqtool.recipe import load_recipe
 from hawqtool.tasks import (
@@ -23,10 +24,12 @@ from hawqtool.tasks import (
     mse,
     neg_mse,
     per_sample,
+    perplexity,
     register_loss,
     register_metric,
     resolve_loss,
     resolve_metric,
+    token_kl,
     top1,
     top1_agreement,
     unregister_loss,
@@ -226,3 +229,68 @@ def test_metric_by_chunks_pairs_the_same_samples() -> None:
     assert values.tolist() == [1.0] * 7 and sizes.tolist() == [1] * 7
     with pytest.raises(UsageError, match="chunks must be at least 1; got 0"):
         metric_by_chunks(top1, outputs, targets, chunks=0)
+
+
+def test_perplexity_of_uniform_logits_is_the_vocabulary_size() -> None:
+    for vocab in (2, 7, 1000):
+        values = perplexity(np.zeros((3, 4, vocab), dtype=np.float32), np.zeros((3, 4), dtype=np.int64))
+        np.testing.assert_allclose(values, vocab, rtol=1e-12)
+    assert not get_metric("perplexity").higher_is_better and get_metric("perplexity").binary is False
+
+
+def test_perplexity_split_value_is_exp_of_the_mean_token_nll() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(5, 6, 11)) * 2
+    tokens = rng.integers(0, 11, size=(5, 6))
+    tokens[1, 3:] = -100  # sequence 1 scores 3 tokens, sequence 4 none
+    tokens[4, :] = -100
+    nll = torch.nn.functional.cross_entropy(
+        torch.tensor(logits).reshape(-1, 11), torch.tensor(tokens).reshape(-1), reduction="mean"
+    ).item()  # the mean over every scored token of the split
+    values = perplexity(logits, tokens)
+    assert values.mean() == pytest.approx(math.exp(nll), rel=1e-12)
+    assert values[4] == pytest.approx(math.exp(nll), rel=1e-12)  # no tokens: no say in the difference
+    # Paired differences average to the difference of the two perplexities exactly.
+    other = logits + rng.normal(size=logits.shape)
+    nll_other = torch.nn.functional.cross_entropy(
+        torch.tensor(other).reshape(-1, 11), torch.tensor(tokens).reshape(-1)
+    ).item()
+    diff = perplexity(other, tokens) - values
+    assert diff.mean() == pytest.approx(math.exp(nll_other) - math.exp(nll), rel=1e-10)
+    # A relative budget bounds (ppl_c − ppl_b) / ppl_b through the paired bounds.
+    est = paired_drop(values, perplexity(other, tokens), mode="relative", higher_is_better=False)
+    assert est.drop == pytest.approx(math.exp(nll_other - nll) - 1, rel=1e-10)
+    assert est.method == "bootstrap-paired" and est.lower <= est.drop <= est.upper
+    with pytest.raises(UsageError, match=r"tokens outside \[0, 10\]"):
+        perplexity(logits, np.full((5, 6), 11))
+    with pytest.raises(UsageError, match=r"next tokens of shape \(5, 6\)"):
+        perplexity(logits, tokens[:, :2])
+
+
+def test_perplexity_on_teacher_logits_is_exp_of_the_cross_entropy() -> None:
+    # Teacher p = (1/4, 3/4) at one position; the model's own logits: exp(H(p)).
+    teacher = np.array([[[0.0, math.log(3.0)]]])
+    entropy = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert perplexity(teacher, teacher)[0] == pytest.approx(math.exp(entropy), rel=1e-12)
+    # Uniform model against it: exp(ln 2) = 2 whatever the teacher.
+    assert perplexity(np.zeros((1, 1, 2)), teacher)[0] == pytest.approx(2.0, rel=1e-12)
+
+
+def test_kl_metric_is_zero_on_identical_logits_and_matches_the_loss() -> None:
+    rng = np.random.default_rng(1)
+    teacher = rng.normal(size=(4, 3, 9)).astype(np.float32)
+    assert token_kl(teacher, teacher).tolist() == [0.0] * 4
+    student = teacher + rng.normal(size=teacher.shape).astype(np.float32)
+    values = token_kl(student, teacher)
+    assert (values > 0).all()
+    assert values.mean() == pytest.approx(kl(torch.tensor(student), torch.tensor(teacher)).item(), rel=1e-5)
+    m = get_metric("kl")
+    assert m.fn is token_kl and m.teacher and not m.higher_is_better and m.binary is False
+    assert get_loss("kl").fn is kl  # the loss of the same name is the torch one
+
+
+def test_cross_entropy_on_per_token_logits() -> None:
+    logits = torch.randn(2, 3, 5)
+    tokens = torch.tensor([[1, 2, -100], [0, 4, 3]])
+    flat = torch.nn.functional.cross_entropy(logits.reshape(-1, 5), tokens.reshape(-1))
+    assert resolve_loss("cross_entropy")(logits, tokens).item() == pytest.approx(flat.item())
