@@ -87,6 +87,7 @@ from hawqtool import distributed, modelio
 from hawqtool.cache import load_cached, qualified_name
 from hawqtool.errors import UsageError
 from hawqtool.files import write_json_atomic
+from hawqtool.gauss_newton import OutputCurvature, loss_kind, resolve_estimator
 from hawqtool.hvp import (
     NO_DOUBLE_BACKWARD,
     SplitHessian,
@@ -110,9 +111,7 @@ TINY_TRACE = 1e-3
 STOP_CONFIDENCE = 0.9
 #: ... computed from at least this many samples (epochs, or parts with random sub-batches).
 MIN_SAMPLES = 4
-#: Checkpoint rule: aim at SAFETY × the epochs the current variance says are needed ...
-SAFETY = 1.0
-#: ... but grow a layer's epoch count by at most this factor per checkpoint ...
+#: Checkpoint rule: aim at the epochs the current variance says are needed, but grow a layer's epoch count by at most this factor per checkpoint ...
 GROWTH = 2.0
 #: ... and by at least this fraction of its current count (fewer looks at the data).
 MIN_STEP = 0.1
@@ -131,6 +130,8 @@ def estimate_traces(
     dtype: str = "float32",
     sub_batch: int | None = 128,
     probes_per_part: int = 1,
+    estimator: str = "auto",
+    targets: str = "labels",
     progress: bool = True,
     cache_dir: Path | None = None,
 ) -> SensitivityTable:
@@ -158,6 +159,10 @@ def estimate_traces(
         probes_per_part: probes per part and layer, all from one vmapped second backward
             (``is_grads_batched``); each part's sample is their mean. See ``scripts/bench_scale.py``
             for when it pays.
+        estimator: ``hutchinson`` (second backward per layer), ``gauss_newton`` (one first-order
+            backward per probe serves every layer: :mod:`hawqtool.gauss_newton`; exact for teacher
+            targets with ``mse`` / ``kl``) or ``auto`` (:func:`hawqtool.gauss_newton.resolve_estimator`).
+        targets: ``labels`` or ``model`` (teacher targets), for ``auto``.
         progress: show a tqdm bar (also hidden when stderr is not a terminal).
         cache_dir: when given, the table is stored there under a fingerprint of the weights, the
             data, the loss and every setting, and a later call with the same inputs loads it.
@@ -166,7 +171,8 @@ def estimate_traces(
     Returns:
         A :class:`SensitivityTable` in model order, with per-layer trace, average trace, standard
         error, probes and converged flag; ``hvps`` counts single-layer Hessian-vector products
-        (each on one sub-batch).
+        (each on one sub-batch; 0 for ``gauss_newton``); ``estimator`` the estimator that ran and
+        ``costs`` the passes over the split (forward and backward), seconds and peak memory.
 
     Raises:
         UsageError: empty calibration split, a bad setting, a non-finite loss or HVP, or a model or
@@ -190,6 +196,7 @@ def estimate_traces(
         raise UsageError(f"probes_per_part must be a positive integer, got {probes_per_part!r}")
     dev = resolve_device(device)
     resolve_dtype(dtype, dev)
+    which = resolve_estimator(estimator, loss_fn, targets=targets)
     settings: dict[str, Any] = {
         "seed": seed,
         "rel_tol": rel_tol,
@@ -202,6 +209,8 @@ def estimate_traces(
         "loss": qualified_name(loss_fn),
         "schedule": SCHEDULE,
     }
+    if which != "hutchinson":  # the key of tables cached before the setting stays the same
+        settings["estimator"] = which
     fp = fingerprint(prepared, batches, settings)
     path = Path(cache_dir) / f"traces-{fp}.json" if cache_dir is not None else None
     cached = load_cached(path, fp, SensitivityTable.from_dict, what="Hessian traces")
@@ -211,7 +220,8 @@ def estimate_traces(
 
     start = time.perf_counter()
     H = SplitHessian(prepared, batches, loss_fn, device=dev.type, dtype=dtype)
-    sampler = EpochSampler(H, sub_batch=sub_batch, seed=seed, probes_per_part=probes_per_part)
+    sampler_type = GaussNewtonSampler if which == "gauss_newton" else EpochSampler
+    sampler = sampler_type(H, sub_batch=sub_batch, seed=seed, probes_per_part=probes_per_part)
     parts = sampler.parts
     per_epoch = parts * probes_per_part
     random_parts = sampler.sub_batch is not None
@@ -227,16 +237,19 @@ def estimate_traces(
     ]
     _run(sampler, states, rel_tol=rel_tol, max_epochs=max_epochs, progress=progress)
     layers = tuple(s.result() for s in states)
-    hvps = sum(r.probes for r in layers)
+    hvps = sum(r.probes for r in layers) if which == "hutchinson" else 0
+    seconds = time.perf_counter() - start
     table = SensitivityTable(
         layers=layers,
         seed=seed,
         device=H.device.type,
         rel_tol=rel_tol,
         hvps=hvps,
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
         fingerprint=fp,
         settings=settings,
+        estimator=which,
+        costs=stage_costs(sampler.forward_passes, sampler.backward_passes, seconds, device=H.device),
     )
     lagging = [r for r in layers if not r.converged]
     if lagging and distributed.is_main():
@@ -286,6 +299,10 @@ class EpochSampler:
         self.seed = seed
         self.probes_per_part = probes_per_part
         self.epoch = 0
+        # Passes over the split (an epoch's parts cover it once), forward and backward counted apart;
+        # a single-layer second backward counts as one (it stops at its layer).
+        self.forward_passes = 0
+        self.backward_passes = 0
         self.layer_index = {f: i for i, f in enumerate(hessian.fqns)}
         self.gen = torch.Generator(device=hessian.device)  # re-seeded for every probe
         self.sub_batch = sub_batch if sub_batch is not None and sub_batch < hessian.n else None
@@ -313,6 +330,27 @@ class EpochSampler:
         if len(pieces) == 1:
             return pieces[0]
         return modelio.concat([x for x, _ in pieces]), modelio.concat([y for _, y in pieces])
+
+    def _next_epoch(self) -> tuple[int, list[torch.Tensor] | None, list[float]]:
+        """The next epoch's number, its parts (``None``: the split's own batches) and their weights."""
+        epoch = self.epoch
+        self.epoch += 1
+        self.forward_passes += 1
+        if self.sub_batch is None:
+            return epoch, None, [size / self.H.n for size in self.H.sizes]
+        parts = self.partition(epoch)
+        return epoch, parts, [len(idx) / self.H.n for idx in parts]
+
+    def _finish(self, acc: torch.Tensor, fqns: Sequence[str]) -> list[list[float]]:
+        """All-reduce an epoch's (part, layer) samples and check them."""
+        distributed.all_reduce_sum([acc], what="the Hessian stage")
+        values = acc.T.tolist()
+        for f, v in zip(fqns, values, strict=True):
+            if not all(math.isfinite(x) for x in v):
+                raise UsageError(
+                    f"a Hessian trace sample of layer {f!r} is not finite: check the model and loss"
+                )
+        return values
 
     def probe(self, p: torch.Tensor, *, epoch: int, part: int, fqn: str, index: int = 0) -> torch.Tensor:
         """The Rademacher probe of (epoch, part, layer[, index]), on ``p``'s device and in its dtype."""
@@ -343,14 +381,8 @@ class EpochSampler:
             UsageError: the loss or a sample is not finite, or there is no double backward.
             DistributedError: another rank failed (under a process group).
         """
-        epoch = self.epoch
-        self.epoch += 1
-        if self.sub_batch is None:
-            parts: list[torch.Tensor] | None = None
-            weights = [size / self.H.n for size in self.H.sizes]
-        else:
-            parts = self.partition(epoch)
-            weights = [len(idx) / self.H.n for idx in parts]
+        epoch, parts, weights = self._next_epoch()
+        self.backward_passes += 1 + len(fqns)
         params = [self.H.params[f] for f in fqns]
         acc = torch.zeros(len(weights), len(fqns), dtype=torch.float64, device=self.H.device)
         with distributed.shared_failure("the Hessian stage"):
@@ -379,14 +411,59 @@ class EpochSampler:
                     elif severed_double_backward(g):
                         raise UsageError(NO_DOUBLE_BACKWARD.format(fqn=f))
                 del loss, grads
-        distributed.all_reduce_sum([acc], what="the Hessian stage")
-        values = acc.T.tolist()
-        for f, v in zip(fqns, values, strict=True):
-            if not all(math.isfinite(x) for x in v):
-                raise UsageError(
-                    f"a Hessian-vector product of layer {f!r} is not finite: check the model and loss"
-                )
-        return values, weights
+        return self._finish(acc, fqns), weights
+
+
+class GaussNewtonSampler(EpochSampler):
+    """The same epochs, parts and stopping as :class:`EpochSampler`, but each part's sample of every
+    layer's trace comes from ONE first-order backward: with a Rademacher v over the part's outputs,
+    g = ∂⟨v, B f⟩/∂W and c‖g_i‖² samples Tr(G_ii) of the Gauss–Newton matrix G = E[Jᵀ c BᵀB J]
+    (:mod:`hawqtool.gauss_newton`), which equals the Hessian for teacher targets with mse or kl.
+
+    Each sample is ≥ 0; no ``create_graph``, so fused attention kernels need not be swapped out.
+    The probe of part k in epoch e is seeded by (seed, e, k), shared by all layers.
+    """
+
+    def __init__(
+        self, hessian: SplitHessian, *, sub_batch: int | None, seed: int, probes_per_part: int = 1
+    ) -> None:
+        super().__init__(hessian, sub_batch=sub_batch, seed=seed, probes_per_part=probes_per_part)
+        kind = loss_kind(hessian.loss_fn)
+        if kind is None:
+            raise UsageError("the gauss_newton estimator needs the mse, kl or cross_entropy loss")
+        self.kind = kind
+
+    def output_probe(self, out: torch.Tensor, *, epoch: int, part: int, index: int) -> torch.Tensor:
+        """The Rademacher probe over every output element of (epoch, part, index)."""
+        self.gen.manual_seed(seed_of(self.seed, "output-probe", epoch, part, index))
+        v = torch.randint(0, 2, out.shape, generator=self.gen, device=out.device, dtype=out.dtype)
+        return v.mul_(2).sub_(1)
+
+    def sample(self, fqns: Sequence[str]) -> tuple[list[list[float]], list[float]]:
+        """One epoch: per layer in ``fqns`` one sample c‖g_i‖² per part; and the parts' weights."""
+        epoch, parts, weights = self._next_epoch()
+        self.backward_passes += self.probes_per_part
+        params = [self.H.params[f] for f in fqns]
+        acc = torch.zeros(len(weights), len(fqns), dtype=torch.float64, device=self.H.device)
+        with distributed.shared_failure("the Hessian stage"):
+            for k in distributed.shard(len(weights)):
+                x, _ = self.H.batches[k] if parts is None else self.gather(parts[k])
+                out = self.H.outputs(x)
+                if not torch.isfinite(out).all():
+                    raise UsageError("the model's output is not finite on a calibration batch")
+                curv = OutputCurvature.of(self.kind, out)
+                bf = curv.apply(out)
+                for i in range(self.probes_per_part):
+                    v = self.output_probe(out, epoch=epoch, part=k, index=i)
+                    last = i == self.probes_per_part - 1
+                    grads = torch.autograd.grad(
+                        (bf * v).sum(), params, retain_graph=not last, allow_unused=True
+                    )
+                    for j, g in enumerate(grads):
+                        if g is not None:
+                            acc[k, j] += g.double().square().sum() * (curv.scale / self.probes_per_part)
+                del out, bf
+        return self._finish(acc, fqns), weights
 
 
 def seed_of(*key: int | str) -> int:
@@ -538,7 +615,7 @@ class TraceState(SampleMean):
             self.done = True
             return
         variance = best.upper if best is not None else math.inf
-        needed = SAFETY * variance / tol**2 if tol > 0 and math.isfinite(variance) else math.inf
+        needed = variance / tol**2 if tol > 0 and math.isfinite(variance) else math.inf
         step = max(1, math.ceil(MIN_STEP * self.n))
         target = max(self.n + step, min(needed, GROWTH * self.n))
         self.target = min(max_epochs, math.ceil(target))
@@ -583,7 +660,6 @@ def _run(
 ) -> None:
     from tqdm.auto import tqdm
 
-    hvps = 0
     bar = tqdm(
         total=len(states),
         desc="Hessian traces",
@@ -596,11 +672,10 @@ def _run(
             if not active:
                 break
             values, weights = sampler.sample([s.fqn for s in active])
-            hvps += len(active) * len(weights) * sampler.probes_per_part
             for s, v in zip(active, values, strict=True):
                 s.add(v, weights)
             bar.update(checkpoint(states, active, rel_tol=rel_tol, max_epochs=max_epochs))
-            bar.set_postfix(hvps=hvps, active=sum(not s.done for s in states))
+            bar.set_postfix(backward=sampler.backward_passes, active=sum(not s.done for s in states))
     finally:
         bar.close()
 
@@ -608,6 +683,34 @@ def _run(
 # --------------------------------------------------------------------------------------------
 # Validation, fingerprint, cache
 # --------------------------------------------------------------------------------------------
+
+
+def peak_memory_mib(device: torch.device | None = None) -> float:
+    """The process's peak resident memory in MiB (on CUDA: the device's peak allocation)."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource  # POSIX only; ru_maxrss is KiB on Linux, bytes on macOS
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def stage_costs(
+    forward: float, backward: float, seconds: float, *, device: torch.device | None = None
+) -> dict[str, float]:
+    """A stage's costs as recorded in its artifact: passes over the calibration split (forward and
+    backward counted apart), wall seconds and the peak memory so far (MiB).
+
+    Example:
+        >>> sorted(stage_costs(2, 3, 1.5))
+        ['backward_passes', 'forward_passes', 'peak_memory_mib', 'seconds']
+    """
+    return {
+        "forward_passes": float(forward),
+        "backward_passes": float(backward),
+        "seconds": float(seconds),
+        "peak_memory_mib": round(peak_memory_mib(device), 1),
+    }
 
 
 def validate_settings(

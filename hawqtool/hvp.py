@@ -174,6 +174,14 @@ class SplitHessian:
             raise UsageError(f"the loss is {loss.item()} on a calibration batch: check the model and data")
         return loss
 
+    def outputs(self, x: Any) -> torch.Tensor:
+        """The selected output (float32) of one batch of inputs (moved to :attr:`device` here),
+        differentiable once: fused attention kernels are fine (no double backward is taken)."""
+        x = modelio.to_device(x, self.device)
+        if self.dtype != torch.float32:
+            x = _cast_floats(x, self.dtype)
+        return self.io.forward(self.model, x).float()
+
     def batch_loss(self, x: Any, y: Any) -> torch.Tensor:
         """Mean loss of one batch (moved to :attr:`device` here), differentiable twice.
 

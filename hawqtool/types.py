@@ -114,6 +114,8 @@ class SensitivityTable:
     seconds: float
     fingerprint: str = ""
     settings: Mapping[str, Any] = field(default_factory=dict)
+    estimator: str = "hutchinson"  # hutchinson | gauss_newton (hawqtool.hessian); older tables: hutchinson
+    costs: Mapping[str, float] = field(default_factory=dict)  # passes, seconds, peak memory (hessian.py)
 
     def __iter__(self) -> Iterator[LayerTrace]:
         return iter(self.layers)
