@@ -60,10 +60,11 @@ from hawqtool import modelio
 from hawqtool.cache import load_cached, qualified_name
 from hawqtool.errors import UsageError
 from hawqtool.files import write_json_atomic
+from hawqtool.formats import ACTIVATION_KINDS
 from hawqtool.hessian import MIN_SAMPLES, TraceState, checkpoint, fingerprint, validate_settings
 from hawqtool.hvp import resolve_device
 from hawqtool.modelio import Batch
-from hawqtool.prepare import ACTIVATION_KINDS, PreparedModel, double_backward_attention
+from hawqtool.prepare import PreparedModel, double_backward_attention
 from hawqtool.tasks import LossFn
 
 log = logging.getLogger(__name__)

@@ -1,17 +1,23 @@
-"""Quantization formats as data, and the arithmetic every stage shares about them.
+"""Quantization formats and layer kinds as data, and the arithmetic every stage shares about them.
 
 A format is named by a short string in recipes (``int4``, ``int8-w``, ``int8-d``, ``int4-b32``,
-``float``); :func:`parse_format` turns it into a :class:`Format`. This module also says how many bits a
-format stores, how many scales it keeps, what a layer costs in it (bytes, bit operations), and which
-layer kinds can take it. It imports nothing but the standard library and :mod:`hawqtool.errors`, so
-every other module may import it.
+``float``); :func:`parse_format` turns it into a :class:`Format` through the registered
+:class:`FormatFamily` whose pattern matches it. A family carries its facts (activations quantized,
+dynamic, block-wise, packed storage, scale rule), so a new family is one :func:`register_family` here,
+plus its quantizer (:func:`hawqtool.quantizer.register`) and its ONNX emitter. Layer kinds
+(:class:`LayerKind`, one :func:`register_kind` each) say what a layer can take; :func:`supports` reads
+both tables. This module also says how many bits a format stores, how many scales it keeps and what
+a layer costs in it (bytes, bit operations). It imports nothing but the standard library and
+:mod:`hawqtool.errors`, so every other module may import it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -20,31 +26,7 @@ from hawqtool.errors import UsageError
 if TYPE_CHECKING:
     from hawqtool.types import LayerInfo
 
-# --------------------------------------------------------------------------------------------
-# Formats
-# --------------------------------------------------------------------------------------------
-
 FLOAT = "float"
-#: The base integer formats: symmetric, per output channel, full signed range [-2^(b-1), 2^(b-1)-1],
-#: with uint8 activations around the layer (onnxruntime's integer kernels).
-INT_FORMATS = tuple(f"int{b}" for b in range(2, 9))
-#: Examples of every format family, for error messages and docs; :func:`parse_format` is the rule.
-KNOWN_FORMATS = (
-    *INT_FORMATS,
-    *(f"{f}-w" for f in INT_FORMATS),
-    *(f"{f}-d" for f in INT_FORMATS),
-    "int4-b32",
-    "int8-b32",
-    FLOAT,
-)
-FORMAT_GRAMMAR = (
-    "float, intB (B = 2..8: weights per output channel + uint8 activations), intB-w (weight-only), "
-    "intB-d (weights per output channel in int8 + uint8 activations quantized at run time, "
-    "MatMul/Gemm layers only), "
-    "intB-bK (weight-only, blocks of K input channels, K a power of two >= 16)"
-)
-_FORMAT_RE = re.compile(r"int([2-8])(?:-(w)|-(d)|-b(\d+))?")
-
 #: How sub-8-bit integers are stored: ``packed`` (ONNX INT2/INT4) or ``container`` (INT8).
 STORAGES = ("packed", "container")
 #: First opsets with INT4 / INT2 ``DequantizeLinear`` inputs (packed sub-byte storage).
@@ -52,6 +34,11 @@ INT4_MIN_OPSET = 21
 INT2_MIN_OPSET = 25
 #: The exporter's default opset: the lowest that stores int2 packed (onnxruntime 1.32 runs it).
 DEFAULT_OPSET = 25
+COST_MODELS = ("size", "bops")
+#: Bytes of one scale (float32), stored next to quantized weights.
+SCALE_BYTES = 4
+#: Bits of the activations a dynamic format (``intB-d``) quantizes at run time (uint8).
+DYNAMIC_ACTIVATION_BITS = 8
 
 
 @dataclass(frozen=True)
@@ -88,6 +75,274 @@ class Format:
         return self.quantized and not self.activations and not self.dynamic
 
 
+# --------------------------------------------------------------------------------------------
+# Layer kinds: what a layer can take
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """What a kind of layer can take; :attr:`hawqtool.types.LayerInfo.kind` names one.
+
+    Attributes:
+        name: the kind's name (``linear``, ``conv2d``, ...).
+        activations: its input is an activation that integer kernels can quantize (an embedding's
+            input is ids: it takes weight-only formats only).
+        matmul_only: only MatMul / Gemm read its weight (Linear-like), so dynamic formats fit.
+        matrix: its weight view is a matrix ``(out, in)``, so block-wise formats fit.
+    """
+
+    name: str
+    activations: bool
+    matmul_only: bool
+    matrix: bool
+
+
+_KINDS: dict[str, LayerKind] = {}
+
+
+def register_kind(kind: LayerKind, *, replace: bool = False) -> None:
+    """Add a layer kind to the table (registering an equal record again does nothing).
+
+    Raises:
+        UsageError: an empty name, or a different record under a registered name without ``replace``.
+    """
+    if not kind.name:
+        raise UsageError("a layer kind needs a non-empty name")
+    old = _KINDS.get(kind.name)
+    if old is not None and old != kind and not replace:
+        raise UsageError(f"layer kind {kind.name!r} is already registered as {old}; pass replace=True")
+    _KINDS[kind.name] = kind
+
+
+def unregister_kind(name: str) -> None:
+    """Remove a layer kind (tests; a kind still used by a handler leaves its layers unusable)."""
+    _KINDS.pop(name, None)
+
+
+def layer_kind(name: str) -> LayerKind:
+    """The registered kind ``name``.
+
+    Raises:
+        UsageError: an unknown kind, naming the registered ones.
+    """
+    if name not in _KINDS:
+        raise UsageError(f"unknown layer kind {name!r}; registered: {', '.join(_KINDS)}")
+    return _KINDS[name]
+
+
+def kinds() -> tuple[LayerKind, ...]:
+    """The registered layer kinds, in registration order."""
+    return tuple(_KINDS.values())
+
+
+class KindNames(AbstractSet[str]):
+    """The names of the registered kinds with one capability, read from the table when asked (so a
+    kind registered later is in it).
+
+    Example:
+        >>> "linear" in ACTIVATION_KINDS, "embedding" in ACTIVATION_KINDS, "conv2d" in MATMUL_KINDS
+        (True, False, False)
+    """
+
+    def __init__(self, test: Callable[[LayerKind], bool]) -> None:
+        self._test = test
+
+    def __contains__(self, name: object) -> bool:
+        kind = _KINDS.get(name) if isinstance(name, str) else None
+        return kind is not None and self._test(kind)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([k.name for k in _KINDS.values() if self._test(k)])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __repr__(self) -> str:
+        return f"KindNames({sorted(self)})"
+
+
+#: Kinds whose input activations can be quantized (integer kernels); the others are weight-only.
+ACTIVATION_KINDS = KindNames(lambda k: k.activations)
+#: Kinds whose weight only a MatMul / Gemm reads: the ones a dynamic format can take.
+MATMUL_KINDS = KindNames(lambda k: k.activations and k.matmul_only)
+
+for _kind in (
+    LayerKind("linear", activations=True, matmul_only=True, matrix=True),
+    LayerKind("conv1d", activations=True, matmul_only=False, matrix=False),
+    LayerKind("conv2d", activations=True, matmul_only=False, matrix=False),
+    LayerKind("mha_in_proj", activations=True, matmul_only=True, matrix=True),
+    LayerKind("embedding", activations=False, matmul_only=False, matrix=True),
+    LayerKind("hf_conv1d", activations=True, matmul_only=True, matrix=True),
+):
+    register_kind(_kind)
+
+
+# --------------------------------------------------------------------------------------------
+# Format families
+# --------------------------------------------------------------------------------------------
+
+
+def channel_scales(layer: LayerInfo, fmt: Format) -> int:
+    """float32 scales a layer keeps: one per output channel, or per output channel and block."""
+    if fmt.block is None:
+        return layer.out_channels
+    k = layer.params // max(layer.out_channels, 1)
+    return layer.out_channels * -(-k // fmt.block)
+
+
+@dataclass(frozen=True)
+class FormatFamily:
+    """One family of formats: how its names read and what its formats are.
+
+    Attributes:
+        name: the family's name, recorded in :attr:`Format.family` (``intB-bK``).
+        pattern: a regular expression its names match in full, with a group ``bits`` (weight bits,
+            2 to 8) and, for a block-wise family, a group ``block`` (a power of two >= 16).
+        grammar: the family's entry in :data:`FORMAT_GRAMMAR`, for error messages.
+        examples: names for :data:`KNOWN_FORMATS`; each must parse to this family alone.
+        bits: the weight bits when ``pattern`` has no ``bits`` group (32 for ``float``).
+        activations: its formats quantize the layer's input and output to uint8 (calibrated).
+        dynamic: its formats quantize the layer's input to uint8 at run time (MatMul / Gemm only).
+        packed: sub-byte integers may be stored packed (ONNX INT2 / INT4); otherwise always INT8.
+        scales: the number of float32 scales a layer stores in one of its formats.
+        layer_kinds: the only kinds it suits, or ``None`` for every kind whose capabilities fit.
+    """
+
+    name: str
+    pattern: str
+    grammar: str
+    examples: tuple[str, ...] = ()
+    bits: int | None = None
+    activations: bool = False
+    dynamic: bool = False
+    packed: bool = True
+    scales: Callable[[LayerInfo, Format], int] = channel_scales
+    layer_kinds: frozenset[str] | None = None
+
+    @property
+    def block_wise(self) -> bool:
+        return "block" in re.compile(self.pattern).groupindex
+
+    def parse(self, name: str) -> Format | None:
+        """The format ``name`` names in this family, or ``None`` when it is not one of its names.
+
+        Raises:
+            UsageError: a block size that is not a power of two >= 16.
+        """
+        m = re.fullmatch(self.pattern, name)
+        if m is None:
+            return None
+        groups = m.groupdict()
+        bits = int(groups["bits"]) if groups.get("bits") is not None else self.bits
+        assert bits is not None  # checked by register_family
+        block = int(groups["block"]) if groups.get("block") is not None else None
+        if block is not None and (block < 16 or block & (block - 1)):
+            raise UsageError(f"format {name!r}: block size {block} must be a power of two >= 16")
+        return Format(name, bits, self.activations, block, self.dynamic, family=self.name)
+
+
+_FAMILIES: dict[str, FormatFamily] = {}
+#: The grammar of every registered family, for error messages (kept in step with the registry).
+FORMAT_GRAMMAR = ""
+#: Examples of every registered family, quantized ones first (kept in step with the registry).
+KNOWN_FORMATS: tuple[str, ...] = ()
+
+
+def _refresh() -> None:
+    global FORMAT_GRAMMAR, KNOWN_FORMATS
+    FORMAT_GRAMMAR = ", ".join(f.grammar for f in _FAMILIES.values())
+    fams = list(_FAMILIES.values())
+    quantized = [f for f in fams if f.bits is None or f.bits < 32]
+    KNOWN_FORMATS = tuple(
+        e for f in (*quantized, *(f for f in fams if f not in quantized)) for e in f.examples
+    )
+    _parse.cache_clear()
+
+
+def register_family(family: FormatFamily, *, replace: bool = False) -> None:
+    """Make a format family's names valid everywhere (recipes, options, costs, pins).
+
+    Raises:
+        UsageError: an empty or taken name (without ``replace``), a pattern that does not compile or
+            has no ``bits`` group and no ``bits``, or an example that does not parse to this family
+            alone, or whose bits are not 2..8 (32 for an unquantized family).
+
+    Example:
+        >>> register_family(FormatFamily("uintB", r"uint(?P<bits>[2-8])", "uintB (demo)", ("uint4",)))
+        >>> parse_format("uint4").family, "uint4" in known_formats()
+        ('uintB', True)
+        >>> unregister_family("uintB")
+    """
+    if not family.name:
+        raise UsageError("a format family needs a non-empty name")
+    if family.name in _FAMILIES and not replace:
+        raise UsageError(f"format family {family.name!r} is already registered; pass replace=True")
+    try:
+        groups = re.compile(family.pattern).groupindex
+    except re.error as e:
+        raise UsageError(f"format family {family.name!r}: bad pattern {family.pattern!r}: {e}") from e
+    if "bits" not in groups and family.bits is None:
+        raise UsageError(f"format family {family.name!r}: its pattern needs a 'bits' group, or give bits")
+    for example in family.examples:
+        fmt = family.parse(example)
+        others = [f.name for f in _FAMILIES.values() if f.name != family.name and f.parse(example)]
+        if fmt is None or others:
+            raise UsageError(
+                f"format family {family.name!r}: example {example!r} must parse to it alone "
+                f"(its pattern: {'matches' if fmt else 'does not match'}; other families: {others or 'none'})"
+            )
+        if not (2 <= fmt.bits <= 8 or fmt.bits == 32):
+            raise UsageError(
+                f"format family {family.name!r}: {example!r} has {fmt.bits} bits; allowed: 2..8, 32"
+            )
+    _FAMILIES[family.name] = family
+    _refresh()
+
+
+def unregister_family(name: str) -> None:
+    """Remove a format family (tests); its names no longer parse."""
+    _FAMILIES.pop(name, None)
+    _refresh()
+
+
+def known_formats() -> tuple[str, ...]:
+    """:data:`KNOWN_FORMATS` as the registry has it now (a name imported earlier is a snapshot)."""
+    return KNOWN_FORMATS
+
+
+def format_grammar() -> str:
+    """:data:`FORMAT_GRAMMAR` as the registry has it now."""
+    return FORMAT_GRAMMAR
+
+
+def families() -> tuple[FormatFamily, ...]:
+    """The registered format families, in registration order."""
+    return tuple(_FAMILIES.values())
+
+
+def format_family(fmt: str | Format) -> FormatFamily:
+    """The registered family of a format (a name or a parsed :class:`Format`).
+
+    Example:
+        >>> format_family("int4-b32").block_wise, format_family("int8-d").packed
+        (True, False)
+    """
+    name = (fmt if isinstance(fmt, Format) else parse_format(fmt)).family
+    if name not in _FAMILIES:
+        raise UsageError(f"format family {name!r} is not registered; registered: {', '.join(_FAMILIES)}")
+    return _FAMILIES[name]
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse(name: str) -> Format:
+    for family in _FAMILIES.values():
+        fmt = family.parse(name)
+        if fmt is not None:
+            return fmt
+    raise UsageError(f"unknown format {name!r}; allowed: {FORMAT_GRAMMAR}")
+
+
 def parse_format(name: str) -> Format:
     """The :class:`Format` a short name stands for.
 
@@ -102,22 +357,39 @@ def parse_format(name: str) -> Format:
         >>> parse_format("int8-d")
         Format(name='int8-d', bits=8, activations=False, block=None, dynamic=True, family='intB-d')
     """
-    if name == FLOAT:
-        return Format(FLOAT, 32, False, family="float")
-    m = _FORMAT_RE.fullmatch(name) if isinstance(name, str) else None
-    if m is None:
+    if not isinstance(name, str):
         raise UsageError(f"unknown format {name!r}; allowed: {FORMAT_GRAMMAR}")
-    bits = int(m.group(1))
-    if m.group(3) is not None:
-        return Format(name, bits, False, dynamic=True, family="intB-d")
-    if m.group(4) is not None:
-        block = int(m.group(4))
-        if block < 16 or block & (block - 1):
-            raise UsageError(f"format {name!r}: block size {block} must be a power of two >= 16")
-        return Format(name, bits, False, block, family="intB-bK")
-    if m.group(2) is not None:
-        return Format(name, bits, False, family="intB-w")
-    return Format(name, bits, True, family="intB")
+    return _parse(name)
+
+
+_INT = r"int(?P<bits>[2-8])"
+for _family in (
+    FormatFamily(FLOAT, "float", "float", (FLOAT,), bits=32),
+    FormatFamily(
+        "intB",
+        _INT,
+        "intB (B = 2..8: weights per output channel + uint8 activations)",
+        tuple(f"int{b}" for b in range(2, 9)),
+        activations=True,
+    ),
+    FormatFamily("intB-w", _INT + "-w", "intB-w (weight-only)", tuple(f"int{b}-w" for b in range(2, 9))),
+    FormatFamily(
+        "intB-d",
+        _INT + "-d",
+        "intB-d (weights per output channel in int8 + uint8 activations quantized at run time, "
+        "MatMul/Gemm layers only)",
+        tuple(f"int{b}-d" for b in range(2, 9)),
+        dynamic=True,
+        packed=False,  # MatMulInteger reads 8-bit integers
+    ),
+    FormatFamily(
+        "intB-bK",
+        _INT + r"-b(?P<block>\d+)",
+        "intB-bK (weight-only, blocks of K input channels, K a power of two >= 16)",
+        ("int4-b32", "int8-b32"),
+    ),
+):
+    register_family(_family)
 
 
 def is_format(name: str) -> bool:
@@ -153,11 +425,30 @@ def quantizes_nothing(allocation: Mapping[str, str]) -> bool:
     return not any(map(is_quantized, allocation.values()))
 
 
-COST_MODELS = ("size", "bops")
-#: Bytes of one per-output-channel scale (float32), stored next to quantized weights.
-SCALE_BYTES = 4
-#: Bits of the activations a dynamic format (``intB-d``) quantizes at run time (uint8).
-DYNAMIC_ACTIVATION_BITS = 8
+def allocation_key(allocation: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """A hashable key of an allocation (``fqn -> format``), the same whatever its order.
+
+    Example:
+        >>> allocation_key({"b": "int4", "a": "float"})
+        (('a', 'float'), ('b', 'int4'))
+    """
+    return tuple(sorted(allocation.items()))
+
+
+def average_bits(allocation: Mapping[str, str], params: Mapping[str, int]) -> float:
+    """Parameter-weighted average weight bits of an allocation (``float`` counts as 32).
+
+    Example:
+        >>> average_bits({"a": "int4", "b": "float"}, {"a": 3, "b": 1})
+        11.0
+    """
+    total = sum(params[f] for f in allocation)
+    return sum(format_bits(fmt) * params[f] for f, fmt in allocation.items()) / max(total, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Arithmetic: storage, scales, costs, capability
+# --------------------------------------------------------------------------------------------
 
 
 def check_choice(value: str, allowed: Sequence[str], what: str) -> None:
@@ -170,15 +461,15 @@ def storage_bits(fmt: str, *, storage: str = "packed", opset: int = DEFAULT_OPSE
     """Bits one weight occupies in the exported model.
 
     Args:
-        fmt: a format of :data:`KNOWN_FORMATS`.
+        fmt: a format (:data:`FORMAT_GRAMMAR`).
         storage: ``packed`` (2-bit integers as ONNX INT2 from opset 25, 3–4-bit as INT4, 5–8-bit
-            as INT8) or ``container`` (every integer format in INT8).
+            as INT8) or ``container`` (every integer format in INT8). A family that is not
+            ``packed`` (``intB-d``) is always stored in INT8.
         opset: the exported model's opset; below 25 there is no INT2, so int2 is packed as INT4.
 
     Every emitter of :mod:`hawqtool.export` stores exactly these bits: DequantizeLinear
     initializers (INT2 / INT4 / INT8), and MatMulNBits / GatherBlockQuantized, which pack the same
-    2, 4 or 8 bits per weight into ``uint8`` rows without padding (the exporter uses them only
-    where the rows fill whole bytes and the blocks divide them).
+    2, 4 or 8 bits per weight into ``uint8`` rows without padding.
 
     Raises:
         UsageError: unknown format or storage.
@@ -186,20 +477,24 @@ def storage_bits(fmt: str, *, storage: str = "packed", opset: int = DEFAULT_OPSE
     Example:
         >>> storage_bits("int3"), storage_bits("int3", storage="container"), storage_bits("float")
         (4, 8, 32)
-        >>> storage_bits("int2"), storage_bits("int2", opset=21)
-        (2, 4)
-        >>> storage_bits("int4-d")  # dynamic formats are always stored in int8
-        8
+        >>> storage_bits("int2"), storage_bits("int2", opset=21), storage_bits("int4-d")
+        (2, 4, 8)
     """
-    bits = format_bits(fmt)
+    f = parse_format(fmt)
     check_choice(storage, STORAGES, "storage")
-    if fmt == FLOAT:
+    if not f.quantized:
         return 32
-    if storage == "container" or parse_format(fmt).dynamic:  # MatMulInteger reads 8-bit integers
+    if storage == "container" or not format_family(f).packed:
         return 8
-    if bits <= 2 and opset >= INT2_MIN_OPSET:
+    if f.bits <= 2 and opset >= INT2_MIN_OPSET:
         return 2
-    return 4 if bits <= 4 else 8
+    return 4 if f.bits <= 4 else 8
+
+
+def scale_count(layer: LayerInfo, fmt: str) -> int:
+    """float32 scales a quantized layer stores, by its family's rule (:attr:`FormatFamily.scales`)."""
+    f = parse_format(fmt)
+    return format_family(f).scales(layer, f)
 
 
 def layer_cost(
@@ -214,17 +509,9 @@ def layer_cost(
     """Cost of one layer in one format: bytes (``size``) or bit operations per sample (``bops``).
 
     ``size`` is what the exported file stores for the layer's weight, once however many nodes read
-    it (a tied embedding / lm_head, a weight the ONNX exporter copied in another layout): the
-    integers at :func:`storage_bits` plus 4 bytes per :func:`scale_count` scale, or 4 bytes per
-    weight for ``float``.
-
-    Args:
-        layer: the layer (``params``, ``out_channels`` and, for ``bops``, ``macs``).
-        fmt: its format.
-        cost: ``size`` or ``bops``.
-        storage: ``packed`` or ``container`` (``size`` only; see :func:`storage_bits`).
-        activation_bits: bits of a quantized layer's input activations (``bops`` only).
-        opset: the exported model's opset (``size`` only; see :func:`storage_bits`).
+    it: the integers at :func:`storage_bits` (a partial last byte counts whole) plus 4 bytes per
+    :func:`scale_count` scale, or 4 bytes per weight for ``float``. ``bops`` is MACs × weight bits ×
+    activation bits (``activation_bits`` for activation formats, 8 for dynamic ones, else 32).
 
     Raises:
         UsageError: unknown format, cost model or storage, or ``activation_bits`` not in 1..32.
@@ -237,35 +524,44 @@ def layer_cost(
         >>> layer_cost(conv, "int4", cost="bops") == 294912 * 4 * 8
         True
     """
-    bits = format_bits(fmt)
+    f = parse_format(fmt)
     check_choice(cost, COST_MODELS, "cost model")
     check_choice(storage, STORAGES, "storage")
     if not 1 <= activation_bits <= 32:
         raise UsageError(f"activation_bits must be in 1..32, got {activation_bits}")
-    f = parse_format(fmt)
     if cost == "bops":
         act = activation_bits if f.activations else DYNAMIC_ACTIVATION_BITS if f.dynamic else 32
-        return float(layer.macs * bits * act)
-    if fmt == FLOAT:
+        return float(layer.macs * f.bits * act)
+    if not f.quantized:
         return float(layer.params * 4)
-    # Packed int4/int2 hold two/four weights per byte; a partial last byte is padding.
     weight_bytes = math.ceil(layer.params * storage_bits(fmt, storage=storage, opset=opset) / 8)
     return float(weight_bytes + SCALE_BYTES * scale_count(layer, fmt))
 
 
-def scale_count(layer: LayerInfo, fmt: str) -> int:
-    """float32 scales a quantized layer stores: one per output channel, or per channel and block."""
-    f = parse_format(fmt)
-    if f.block is None:
-        return layer.out_channels
-    k = layer.params // max(layer.out_channels, 1)
-    return layer.out_channels * -(-k // f.block)
+def _misfit(layer: LayerInfo, f: Format) -> str | None:
+    """Why a layer cannot take a format, or ``None`` when it can."""
+    if not f.quantized:
+        return None
+    kind = layer_kind(layer.kind)
+    family = format_family(f)
+    if family.layer_kinds is not None and kind.name not in family.layer_kinds:
+        return f"{family.name} formats are for {', '.join(sorted(family.layer_kinds))} layers"
+    if f.activations and not kind.activations:
+        return "its input is not an activation"
+    if f.dynamic and not (kind.activations and kind.matmul_only):
+        return "dynamic formats are for MatMul/Gemm (Linear-like) layers"
+    if f.block is not None and not (kind.matrix and len(layer.weight_shape) == 2):
+        return f"block formats need a 2-D weight, it has {tuple(layer.weight_shape)}"
+    return None
 
 
 def supports(layer: LayerInfo, fmt: str) -> bool:
-    """Whether a layer's kind can take a format: an embedding has no activations to quantize (its
-    input is ids), block-wise formats are for matrix weights (Linear-like and embeddings), and
-    dynamic formats (``intB-d``) for weights that only MatMul / Gemm read (Linear-like kinds).
+    """Whether a layer can take a format, by its kind's capabilities (:class:`LayerKind`) and the
+    format's family: activation formats need an activation input, dynamic formats a weight only
+    MatMul / Gemm read, block-wise formats a matrix weight.
+
+    Raises:
+        UsageError: an unknown format or layer kind.
 
     Example:
         >>> from hawqtool.types import LayerInfo
@@ -274,13 +570,22 @@ def supports(layer: LayerInfo, fmt: str) -> bool:
         >>> supports(conv, "int8-d"), supports(fc, "int8-d"), supports(conv, "int8")
         (False, True, True)
     """
-    from hawqtool.prepare import ACTIVATION_KINDS, MATMUL_KINDS
+    return _misfit(layer, parse_format(fmt)) is None
 
-    f = parse_format(fmt)
-    if not f.quantized:
-        return True
-    if f.activations and layer.kind not in ACTIVATION_KINDS:
-        return False
-    if f.dynamic and layer.kind not in MATMUL_KINDS:
-        return False
-    return not (f.block is not None and len(layer.weight_shape) != 2)
+
+def unsupported_reason(layer: LayerInfo, fmt: str) -> str | None:
+    """Why a layer cannot take a format, with the known formats it can take; ``None`` when it can.
+
+    Example:
+        >>> from hawqtool.types import LayerInfo
+        >>> emb = LayerInfo("emb", "embedding", (100, 8), params=800)
+        >>> unsupported_reason(emb, "int8-w") is None
+        True
+        >>> unsupported_reason(emb, "int8")[:30]
+        'its input is not an activation'
+    """
+    why = _misfit(layer, parse_format(fmt))
+    if why is None:
+        return None
+    allowed = ", ".join(k for k in KNOWN_FORMATS if _misfit(layer, parse_format(k)) is None)
+    return f"{why}; allowed: {allowed}"

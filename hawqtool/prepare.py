@@ -18,37 +18,69 @@ from torch import nn
 
 from hawqtool import modelio
 from hawqtool.errors import UsageError
-from hawqtool.formats import format_bits
-from hawqtool.modelio import Batch, ModelIO
+from hawqtool.formats import LayerKind, format_bits, layer_kind, register_kind, unregister_kind
+from hawqtool.modelio import ModelIO
 from hawqtool.types import LayerInfo
 
 log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------
-# Layer handlers: which weights are quantizable, and how to see them
+# Layer handlers: which weights are quantizable, how to see them, what they cost in MACs
 # --------------------------------------------------------------------------------------------
+
+#: Multiply-accumulates of one call of a module for ONE sample: ``(module, inputs, output, batch
+#: size) -> {submodule path relative to the module ("" for itself): MACs}``.
+MacCounter = Callable[[Any, tuple[Any, ...], Any, int], Mapping[str, int]]
+
+
+def filter_macs(module: Any, inputs: tuple[Any, ...], output: Any, batch: int) -> dict[str, int]:
+    """Every output element is one dot product with one output channel's filter (Linear, Conv)."""
+    return {"": output.numel() // batch * int(module.weight[0].numel())}
+
+
+def _no_macs(module: Any, inputs: tuple[Any, ...], output: Any, batch: int) -> dict[str, int]:
+    return {"": 0}  # a lookup: present (the module runs) but free
+
+
+def _mha_macs(module: Any, inputs: tuple[Any, ...], output: Any, batch: int) -> dict[str, int]:
+    # q, k and v projections: each query/key/value element passes 3E x E weights once.
+    # MultiheadAttention applies its out_proj functionally: that module's hook never fires, so
+    # its MACs are counted here.
+    q = inputs[0] if inputs else None
+    per = (
+        q.numel() // (q.shape[1] if not module.batch_first and q.ndim == 3 else batch) if q is not None else 0
+    )
+    return {
+        "": per * int(module.in_proj_weight.shape[0]),
+        "out_proj": per * int(module.out_proj.out_features),
+    }
+
+
+def _hf_conv1d_macs(module: Any, inputs: tuple[Any, ...], output: Any, batch: int) -> dict[str, int]:
+    return {"": output.numel() // batch * int(module.weight.shape[0])}  # weight stored (in, out)
 
 
 @dataclass(frozen=True)
 class LayerHandler:
-    """How hawqtool treats one kind of weighted module. A new kind is one handler in :data:`HANDLERS`.
+    """How hawqtool treats one kind of weighted module; a new kind is one :func:`register_handler`.
 
     Attributes:
-        kind: the layer kind recorded in :class:`~hawqtool.types.LayerInfo` (``linear``, ...).
+        kind: what layers of this kind can take (:class:`hawqtool.formats.LayerKind`), registered
+            in the kind table with the handler; :attr:`LayerInfo.kind` records its name.
         matches: ``isinstance``-style test on a module.
+        macs: the module's multiply-accumulates per sample (:data:`MacCounter`).
         params: the module's quantizable parameters: ``(layer suffix, parameter name)`` pairs; the
             layer is named ``module_fqn + suffix`` (``""`` for the module itself).
         transposed: the parameter is stored ``(in, out)`` (Hugging Face ``Conv1D``); the weight view
             every stage quantizes is its transpose, output channels first.
-        activations: whether the layer's input can be quantized (an embedding's input is ids).
         onnx_ops: ONNX ops that consume the weight as their weight input.
     """
 
-    kind: str
+    kind: LayerKind
     matches: Callable[[nn.Module], bool]
+    macs: MacCounter = filter_macs
     params: tuple[tuple[str, str], ...] = (("", "weight"),)
     transposed: bool = False
-    activations: bool = True
     onnx_ops: tuple[str, ...] = ("Conv", "Gemm", "MatMul")
 
 
@@ -58,41 +90,59 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
 
-#: Checked in order; the first handler that matches a module owns it.
-HANDLERS: tuple[LayerHandler, ...] = (
-    LayerHandler("linear", lambda m: isinstance(m, nn.Linear), onnx_ops=("Gemm", "MatMul")),
-    LayerHandler("conv1d", lambda m: isinstance(m, nn.Conv1d), onnx_ops=("Conv",)),
-    LayerHandler("conv2d", lambda m: isinstance(m, nn.Conv2d), onnx_ops=("Conv",)),
+_BUILTIN: tuple[LayerHandler, ...] = (
+    LayerHandler(layer_kind("linear"), lambda m: isinstance(m, nn.Linear), onnx_ops=("Gemm", "MatMul")),
+    LayerHandler(layer_kind("conv1d"), lambda m: isinstance(m, nn.Conv1d), onnx_ops=("Conv",)),
+    LayerHandler(layer_kind("conv2d"), lambda m: isinstance(m, nn.Conv2d), onnx_ops=("Conv",)),
     LayerHandler(
-        "mha_in_proj",
+        layer_kind("mha_in_proj"),
         lambda m: isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None,
+        macs=_mha_macs,
         params=((".in_proj", "in_proj_weight"),),
         onnx_ops=("Gemm", "MatMul"),
     ),
-    LayerHandler("embedding", lambda m: isinstance(m, nn.Embedding), activations=False, onnx_ops=("Gather",)),
-    LayerHandler("hf_conv1d", _is_hf_conv1d, transposed=True, onnx_ops=("Gemm", "MatMul")),
+    LayerHandler(
+        layer_kind("embedding"), lambda m: isinstance(m, nn.Embedding), macs=_no_macs, onnx_ops=("Gather",)
+    ),
+    LayerHandler(
+        layer_kind("hf_conv1d"),
+        _is_hf_conv1d,
+        macs=_hf_conv1d_macs,
+        transposed=True,
+        onnx_ops=("Gemm", "MatMul"),
+    ),
 )
-#: Kinds whose input activations can be quantized (integer kernels); the others are weight-only.
-ACTIVATION_KINDS = frozenset(h.kind for h in HANDLERS if h.activations)
-#: Kinds whose weight only a MatMul / Gemm reads (Linear-like): the ones a dynamic format
-#: (``intB-d``: DynamicQuantizeLinear → MatMulInteger) can take.
-MATMUL_KINDS = frozenset(h.kind for h in HANDLERS if h.activations and set(h.onnx_ops) <= {"Gemm", "MatMul"})
+_REGISTERED: list[LayerHandler] = []
 
 
-def handler_for(kind: str) -> LayerHandler:
-    """The handler of a layer kind.
+def register_handler(handler: LayerHandler) -> None:
+    """Add a layer handler, checked before the built-in ones (so it may claim a subclass of
+    ``nn.Linear``), and its kind to :mod:`hawqtool.formats`' kind table.
 
     Raises:
-        UsageError: an unknown kind, naming the known ones.
+        UsageError: a handler for that kind is already registered, or its kind conflicts with a
+            registered kind of the same name.
     """
-    for h in HANDLERS:
-        if h.kind == kind:
-            return h
-    raise UsageError(f"unknown layer kind {kind!r}; known: {', '.join(h.kind for h in HANDLERS)}")
+    if any(h.kind.name == handler.kind.name for h in handlers()):
+        raise UsageError(f"a layer handler for kind {handler.kind.name!r} is already registered")
+    register_kind(handler.kind)
+    _REGISTERED.append(handler)
+
+
+def unregister_handler(kind: str) -> None:
+    """Remove a registered handler and its kind (tests); the built-in handlers stay."""
+    if any(h.kind.name == kind for h in _REGISTERED):
+        _REGISTERED[:] = [h for h in _REGISTERED if h.kind.name != kind]
+        unregister_kind(kind)
+
+
+def handlers() -> tuple[LayerHandler, ...]:
+    """The layer handlers in the order they are tried: registered ones, then the built-in ones."""
+    return (*_REGISTERED, *_BUILTIN)
 
 
 def _match(module: nn.Module) -> LayerHandler | None:
-    return next((h for h in HANDLERS if h.matches(module)), None)
+    return next((h for h in handlers() if h.matches(module)), None)
 
 
 @dataclass(frozen=True)
@@ -318,46 +368,28 @@ def _tensor_users(model: nn.Module) -> dict[int, list[str]]:
 
 
 def count_macs(model: nn.Module, example_input: Any, io: ModelIO | None = None) -> dict[str, int]:
-    """Multiply-accumulates per quantizable module for ONE sample, counted from a real forward pass.
+    """Multiply-accumulates per quantizable module for ONE sample, counted from a real forward pass
+    by each module's handler (:attr:`LayerHandler.macs`).
 
     Keys are module FQNs; a module that never runs is absent (that is how unused layers are found).
-    An embedding is a lookup: 0 MACs, but present when it runs.
+    A module called twice (shared weights) counts twice.
     """
     macs: dict[str, int] = {}
     hooks = []
     n = modelio.batch_size(example_input)
 
-    def hook(name: str, kind: str):  # type: ignore[no-untyped-def]
-        def fn(mod: Any, inp: tuple[Any, ...], out: Any) -> None:
-            # Every output element is one dot product with one output channel's filter (a module
-            # called twice, e.g. shared weights, counts twice).
-            count: int
-            if kind == "embedding":
-                count = 0
-            elif kind == "mha_in_proj":
-                # q, k and v projections: each query/key/value element passes 3E x E weights once.
-                q = inp[0] if inp else None
-                per = (
-                    q.numel() // (q.shape[1] if not mod.batch_first and q.ndim == 3 else n)
-                    if q is not None
-                    else 0
-                )
-                count = per * int(mod.in_proj_weight.shape[0])
-                # MultiheadAttention applies its out_proj functionally: the hook never fires there.
-                out_name = f"{name}.out_proj" if name else "out_proj"
-                macs[out_name] = macs.get(out_name, 0) + per * int(mod.out_proj.out_features)
-            elif kind == "hf_conv1d":
-                count = out.numel() // n * int(mod.weight.shape[0])
-            else:
-                count = out.numel() // n * int(mod.weight[0].numel())
-            macs[name] = macs.get(name, 0) + int(count)
+    def hook(name: str, counter: MacCounter):  # type: ignore[no-untyped-def]
+        def fn(mod: nn.Module, inp: tuple[Any, ...], out: Any) -> None:
+            for rel, count in counter(mod, inp, out, n).items():
+                key = ".".join(p for p in (name, rel) if p)
+                macs[key] = macs.get(key, 0) + int(count)
 
         return fn
 
     for name, mod in model.named_modules():
         handler = _match(mod)
         if handler is not None:
-            hooks.append(mod.register_forward_hook(hook(name, handler.kind)))
+            hooks.append(mod.register_forward_hook(hook(name, handler.macs)))
     try:
         _forward(model, example_input, io)
     finally:
@@ -409,12 +441,6 @@ def resolve_pins(pins: Mapping[str, str], fqns: Sequence[str]) -> dict[str, str]
     return out
 
 
-def first_batch(batches: object, split: str = "calibration") -> Batch:
-    for batch in batches:  # type: ignore[attr-defined]
-        return batch  # type: ignore[no-any-return]
-    raise UsageError(f"the {split} split is empty: give at least one (inputs, targets) batch")
-
-
 def prepare_model(
     model: nn.Module,
     example_input: Any,
@@ -454,7 +480,7 @@ def prepare_model(
     if not found:
         raise UsageError(
             f"{type(model).__name__} has no quantizable layers; known kinds: "
-            f"{', '.join(h.kind for h in HANDLERS)}"
+            f"{', '.join(h.kind.name for h in handlers())}"
         )
     macs = count_macs(folded, example_input, io)
     users = _tensor_users(folded)
@@ -477,7 +503,7 @@ def prepare_model(
         infos.append(
             LayerInfo(
                 fqn=fqn,
-                kind=handler.kind,
+                kind=handler.kind.name,
                 weight_shape=shape,
                 params=p.numel(),
                 macs=macs.get(mname, 0) + sum(macs.get(u, 0) for u in sharers),
