@@ -106,6 +106,7 @@ def pretrained(
     task: str = "feature-extraction",
     attn_implementation: str = "eager",
     dtype: str = "float32",
+    gguf_file: str | None = None,
 ) -> nn.Module:
     """Load a local pretrained Hugging Face directory offline, in eval mode.
 
@@ -117,6 +118,8 @@ def pretrained(
         attn_implementation: ``eager`` (default: it has a double backward on CPU, which the
             Hessian needs) or ``sdpa``.
         dtype: ``float32`` (default), ``float16`` or ``bfloat16``.
+        gguf_file: the name of a GGUF file inside ``path`` to load instead (transformers dequantizes
+            it; needs the ``gguf`` package); the folder then needs no ``config.json``.
 
     Returns:
         The model, in eval mode.
@@ -137,7 +140,10 @@ def pretrained(
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
+    if gguf_file is not None:
+        if not (folder / gguf_file).is_file():
+            raise UsageError(f"no GGUF file {gguf_file!r} in {str(folder)!r}")
+    elif not (folder / "config.json").is_file():
         raise UsageError(
             f"{str(folder)!r} is not a local pretrained model folder (no config.json); hawqtool "
             "loads models offline: save one with save_pretrained() and give its folder"
@@ -149,6 +155,7 @@ def pretrained(
             local_files_only=True,
             attn_implementation=attn_implementation,
             dtype=DTYPES[dtype],
+            **({"gguf_file": gguf_file} if gguf_file is not None else {}),
         )
     # transformers reports a bad folder as OSError, a config/architecture mismatch as ValueError
     # or KeyError: all three are a problem with the user's model folder.
@@ -255,13 +262,12 @@ def split_sentences(text: str) -> list[str]:
     return out
 
 
-def news_sentences(*, min_words: int = 5, max_words: int = 40) -> list[str]:
-    """Real English sentences: the Lee Background Corpus (300 Australian Broadcasting Corporation
-    news articles, Lee, Pincombe & Welsh 2005), split into sentences, in corpus order.
+def news_articles() -> list[str]:
+    """Real English prose: the Lee Background Corpus (300 Australian Broadcasting Corporation news
+    articles, Lee, Pincombe & Welsh 2005), one article per item, in corpus order.
 
     The corpus ships inside the ``gensim`` wheel as ``gensim/test/test_data/lee_background.cor``;
-    it is read from there without importing gensim, so nothing is downloaded. About 2,400
-    sentences of ``min_words``..``max_words`` words remain (duplicates removed).
+    it is read from there without importing gensim, so nothing is downloaded.
 
     Raises:
         UsageError: gensim is not installed, or the file is missing from it.
@@ -270,9 +276,20 @@ def news_sentences(*, min_words: int = 5, max_words: int = 40) -> list[str]:
     path = path / "lee_background.cor"
     if not path.is_file():
         raise UsageError(f"the gensim package has no {path.name} at {path}; reinstall gensim")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def news_sentences(*, min_words: int = 5, max_words: int = 40) -> list[str]:
+    """Real English sentences: the articles of :func:`news_articles` split into sentences, in
+    corpus order. About 2,400 sentences of ``min_words``..``max_words`` words remain (duplicates
+    removed).
+
+    Raises:
+        UsageError: gensim is not installed, or the file is missing from it.
+    """
     seen: set[str] = set()
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in news_articles():
         for s in split_sentences(line):
             if min_words <= len(s.split()) <= max_words and s not in seen:
                 seen.add(s)
