@@ -167,6 +167,7 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(a), abs(b), 1e-30)
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_traces_of_one(
     worker: list[str], tmp_path: Path, mlp_digits, digits_splits
 ) -> None:  # type: ignore[no-untyped-def]
@@ -196,6 +197,7 @@ def test_two_processes_give_the_traces_of_one(
 
 
 @pytest.mark.parametrize("mode", ["raise", "die"])
+@pytest.mark.slow
 def test_a_failing_rank_takes_every_rank_down(worker: list[str], tmp_path: Path, mode: str) -> None:
     # Every rank is gone well before the process group's timeout (3600 s): the healthy one was told.
     codes, errs, _ = _spawn([*worker, mode, _data_arg(worker), str(tmp_path / "x.json")], world=2)
@@ -237,6 +239,7 @@ sys.addaudithook(_hook)
 """
 
 
+@pytest.mark.slow
 def test_cli_under_torchrun_writes_each_output_once(tmp_path: Path, hawqtool_cache: Path, mlp_digits) -> None:  # type: ignore[no-untyped-def]
     # An audit hook in every process logs each file opened for writing (or renamed into place)
     # under the output folder and the stage caches, with the rank that did it.
