@@ -16,9 +16,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hawqtool import costs
 from hawqtool.errors import RecipeError
 from hawqtool.formats import DEFAULT_OPSET, FORMAT_GRAMMAR, format_bits, is_format
-from hawqtool.types import Budget
+from hawqtool.types import Budget, ExportSettings
+
+#: The cost measured on the execution provider (a latency table per run) rather than computed.
+MEASURED_COST = "latency"
 
 
 class _Section(BaseModel):
@@ -136,8 +140,9 @@ class AllocationSection(_Section):
     """Candidate formats per layer, the cost model and pins (FQN or ``re:`` regex → format)."""
 
     formats: tuple[str, ...] = ("int4", "int8", "float")
-    # size (bytes) | bops | latency (ms, measured per layer and format on evaluate.provider)
-    cost: Literal["size", "bops", "latency"] = "size"
+    # A registered cost model (hawqtool.costs.register: size in bytes, bops, ...) or latency (ms,
+    # measured per layer and format on evaluate.provider).
+    cost: str = "size"
     pins: dict[str, str] = Field(default_factory=dict)
     # Bounds on the frontier's size for models with hundreds of layers; null = automatic (exact until
     # the frontier outgrows its bucket budget, then within 0.5 % of ΣΩ). cost_grid is a
@@ -158,6 +163,14 @@ class AllocationSection(_Section):
         if len(set(v)) != len(v):
             raise ValueError(f"formats repeat: {list(v)}")
         return tuple(sorted(v, key=format_bits))
+
+    @field_validator("cost")
+    @classmethod
+    def _cost(cls, v: str) -> str:
+        allowed = (*costs.names(), *(() if MEASURED_COST in costs.names() else (MEASURED_COST,)))
+        if v not in allowed:
+            raise ValueError(f"unknown cost model {v!r}; allowed: {', '.join(allowed)}")
+        return v
 
     @field_validator("pins")
     @classmethod
@@ -241,6 +254,23 @@ class Recipe(_Section):
             higher_is_better=self.task.higher_is_better_resolved,
             confidence=b.confidence,
             binary=self.task.binary_resolved,
+        )
+
+    @property
+    def export_settings(self) -> ExportSettings:
+        """The export settings every stage that must agree on them is built with (Ω, costs, the
+        dependency terms, the exporter): one frozen object from the recipe.
+
+        Example:
+            >>> load_recipe("tiny", ["export.int4_storage=container"]).export_settings.int4_storage
+            'container'
+        """
+        e = self.export
+        return ExportSettings(
+            opset=e.opset,
+            int4_storage=e.int4_storage,
+            clip_search=self.allocation.clip_search,
+            calibration=e.calibration,
         )
 
     def to_dict(self) -> dict[str, Any]:
