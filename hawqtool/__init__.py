@@ -22,9 +22,12 @@ _LAZY = {
     "quantize": "hawqtool.pipeline",
     "analyze": "hawqtool.pipeline",
     "frontier": "hawqtool.pipeline",
+    "dependencies": "hawqtool.pipeline",
+    "search": "hawqtool.pipeline",
     "export": "hawqtool.pipeline",
     "evaluate": "hawqtool.pipeline",
-    "Workspace": "hawqtool.pipeline",
+    "load": "hawqtool.workspace",
+    "Workspace": "hawqtool.workspace",
     "QuantizeResult": "hawqtool.pipeline",
     "Recipe": "hawqtool.recipe",
     "load_recipe": "hawqtool.recipe",
@@ -59,7 +62,7 @@ def __dir__() -> list[str]:
 class _Package(ModuleType):
     """The ``hawqtool`` package object: API names win over same-named submodules.
 
-    ``frontier``, ``export`` and ``evaluate`` are both API functions and stage modules. Importing a
+    ``frontier``, ``search``, ``export`` and ``evaluate`` are both API functions and stage modules. Importing a
     submodule makes the import system ``setattr`` it on the package, which would turn
     ``hawqtool.frontier(...)`` into a call of a module (TypeError) from then on. That one
     assignment is dropped here: the submodule stays in ``sys.modules`` and ``from hawqtool.frontier

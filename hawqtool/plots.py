@@ -13,7 +13,9 @@ from types import MappingProxyType
 
 from hawqtool.errors import UsageError
 from hawqtool.files import write_bytes_atomic
-from hawqtool.types import Frontier
+from hawqtool.frontier import uniform_points
+from hawqtool.search import SearchResult
+from hawqtool.types import Frontier, OptionTable
 
 _NO_UNIFORM: Mapping[str, tuple[float, float]] = MappingProxyType({})
 # Cost units: (divisor, axis label) per cost model.
@@ -90,6 +92,45 @@ def plot_frontier(
 
 #: ``Axes.get_label()`` of the predicted-vs-measured latency panel.
 LATENCY_PANEL = "latency: predicted vs measured"
+
+
+def plot_search(
+    frontier: Frontier,
+    path: str | os.PathLike[str],
+    *,
+    options: OptionTable,
+    result: SearchResult,
+    latency: Sequence[Mapping[str, object]] = (),
+    formats: tuple[str, ...] = ("int4", "int8", "float"),
+    title: str = "",
+) -> None:
+    """:func:`plot_frontier` of a search: the uniform models of ``formats``, every trial of ``result``
+    and its choice; with ``latency`` (one row per trial, as in report.json's ``search.latency``),
+    each timed probe's predicted against its measured latency."""
+    chosen = result.chosen
+    rows = zip(latency, result.trials, strict=True) if latency else ()
+    timed = [(row, t) for row, t in rows if row["measured_ms"]]
+    chosen_latency = next(
+        (
+            (float(row["predicted_ms"]), float(row["measured_ms"]))  # type: ignore[arg-type]
+            for row, t in timed
+            if chosen is not None and dict(t.allocation) == dict(chosen.allocation)
+        ),
+        None,
+    )
+    plot_frontier(
+        frontier,
+        path,
+        uniform=uniform_points(options, formats),
+        trials=[(t.cost, options.omega(t.allocation), t.met) for t in result.trials],
+        chosen=(chosen.cost, chosen.omega) if chosen is not None else None,
+        title=title,
+        latency=[
+            (float(row["predicted_ms"]), float(row["measured_ms"]), bool(row["met"]))  # type: ignore[arg-type]
+            for row, _ in timed
+        ],
+        chosen_latency=chosen_latency,
+    )
 
 
 def frontier_figure(  # type: ignore[no-untyped-def]

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hawqtool.distributed import is_main
+from hawqtool.errors import ExportError
 from hawqtool.files import write_bytes_atomic, write_json_atomic
 from hawqtool.formats import parse_format
 from hawqtool.types import Budget, Frontier, FrontierPoint, SensitivityTable
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from hawqtool.evaluate import Evaluation
     from hawqtool.prepare import PreparedModel
     from hawqtool.recipe import Recipe
+    from hawqtool.refine import Refined
     from hawqtool.search import SearchResult
 
 
@@ -127,6 +130,7 @@ def build_report(
     versions: Mapping[str, str],
     model_path: Path | None,
     budget: Budget | None = None,
+    latency: Refined | None = None,
 ) -> dict[str, Any]:
     """``report.json``: the output contract of docs/design.md, plus what each stage assumed.
 
@@ -134,7 +138,9 @@ def build_report(
     allocation}, ``budget``, ``budget_met``, ``search``, ``sensitivity``, ``frontier``, ``seed``,
     ``versions``); 0.2 adds the drop intervals on evaluation and test, the smallest drop the split
     resolves, the model-I/O contract and the layers kept float (unused or unsupported). ``budget``
-    is the one the search judged by (:func:`hawqtool.pipeline.budget_for`; default: the recipe's).
+    is the one the search judged by (:func:`hawqtool.workspace.budget_for`; default: the recipe's).
+    Under ``cost: latency``, ``latency`` (the refinement's result) adds ``search.latency`` (each
+    probe's predicted vs measured latency) and ``search.latency_vs_float``.
     """
     from hawqtool.confidence import is_binary, resolvable_drop
 
@@ -216,6 +222,11 @@ def build_report(
             "evaluations": len(result.trials),
             "candidates": candidates,
             "dependency": dependency,
+            **(
+                {"latency": list(latency.latency), "latency_vs_float": latency.versus_float}
+                if latency is not None
+                else {}
+            ),
         },
         "sensitivity": sensitivity_rows(table),
         "hessian": {
@@ -242,6 +253,22 @@ def build_report(
         "recipe": r.to_dict(),
         "versions": dict(versions),
     }
+
+
+def output_folder(out: Path) -> Path:
+    """``out``, created, with any model of an earlier run removed (on rank 0 only): a stale model
+    must never pass for this run's result.
+
+    Raises:
+        ExportError: the folder cannot be created (exit 4).
+    """
+    if is_main():
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ExportError(f"cannot create output folder {str(out)!r}: {e}") from e
+        (out / "model.onnx").unlink(missing_ok=True)
+    return out
 
 
 def budget_not_met_message(report: Mapping[str, Any], md: Path) -> str:
@@ -375,7 +402,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 "; the metric is continuous, so the bound narrows as the candidate's per-sample values "
                 "approach the float model's (no smallest resolvable drop)."
             )
-        elif budget.get("resolvable_drop") is not None:  # binary, or a report from before 0.3.4
+        elif budget.get("binary") and budget.get("resolvable_drop") is not None:
             resolution = (
                 f"; the evaluation split ({b.get('samples', '?')} samples) resolves drops down to "
                 f"{budget['resolvable_drop']:.4g}."
