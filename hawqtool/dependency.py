@@ -1,62 +1,39 @@
 """Inter-layer dependency terms: score whole allocations, re-order and repair search candidates.
 
-HAWQ-V2's ΣΩ scores each layer alone. The loss change of an allocation ``a`` with quantization
-error Δ = Q_a(W) − W is, to second order, ΔL ≈ gᵀΔ + ½ΔᵀHΔ, and the cross-layer blocks H_ij carry
-how layers' errors interact. Every layer's error under every candidate format is known up front, so
-one Hessian-vector product per quantized (layer, format) pair k with v = Δ_k gives the row
-M[k, ·] = Δ_kᵀ H Δ_· over every other pair; by symmetry only the layers at or after k's layer are
-needed, which lets backward stop at k's layer. After that, any allocation's second-order prediction
-(:meth:`DependencyModel.predict`) is a sum of entries of M and of gᵀΔ_k: no further HVPs.
+HAWQ-V2's ΣΩ scores each layer alone. To second order the loss change of an allocation with weight
+error Δ is gᵀΔ + ½ΔᵀHΔ, and the cross-layer blocks H_ij carry how layers' errors interact. Every
+candidate (layer, format) key k has a known error Δ_k, so the matrix M[k, k'] = Δ_kᵀHΔ_k' is built once
+(:func:`build_dependency_model`) and then any allocation is scored from its entries. Two ways:
 
-Why the search ranks by :meth:`DependencyModel.score` rather than by ``predict`` alone: at 2 to 4
-bits the errors are far outside the region where a Taylor expansion around W holds. On ResNet-20
-(digits, 512 images, calibration loss 0.001) the measured loss change of random {2,4,8}-bit
-allocations was 14× to 50× the second-order prediction, a single layer's 1.5× to 20× (early layers
-worst), and the prediction's Spearman correlation with the top-1 drop was 0.77 (ΣΩ: 0.41). So the
-score keeps the Hessian's *inter-layer* structure but takes each layer's own term from measurement:
-m_k, the calibration-loss change of quantizing layer l to format f while the other layers sit at
-their middle candidate format (the search's typical operating point), one forward pass each. Each
-layer's error is treated as acting with the strength its measurement shows,
-s_k = √(m_k / ½Δ_kᵀH_kkΔ_k), so the cross terms become s_k s_j Δ_kᵀH_kjΔ_j:
+- ``output`` (default): M[k, k'] = E[c⟨Bδ_k, Bδ_k'⟩] from each key's measured output change δ_k, one
+  forward pass per key and no Hessian-vector products (:mod:`hawqtool.interactions`);
+- ``hvp``: one Hessian-vector product per key, v = Δ_k (the 0.3 method).
 
-    score(a) = Σ_l m_(l,a_l) + ½ Σ_(l≠j) s_(l,a_l) s_(j,a_j) Δ_(l,a_l)ᵀ H_lj Δ_(j,a_j)
+Why the search ranks by :meth:`DependencyModel.score` rather than ``predict``: at 2 to 4 bits the
+errors are far outside the region where the expansion holds, so each key's own term is measured
+(m_k: the calibration-loss change of quantizing the layer while the others sit at their middle
+candidate format, one pass each; in onnxruntime under ``exported`` numerics) and its cross terms are
+scaled by how strongly its error acts, s_k = √(m_k / ½M_kk) (from a torch weight-only measurement,
+``scale_measured``, when the own terms are exported: activation or kernel error the weight terms never
+saw must not inflate them):
 
-On ResNet-20 that raised the correlation with the top-1 drop to 0.88 (0.92 with the measured
-calibration ΔL). It is no cure-all: on the small CNN on MNIST-5k, where the calibration loss itself
-ranks the top-1 drop poorly (0.77), the score ranked it at 0.73 against 0.81 for ``predict`` and 0.87
-for ΣΩ (``scripts/bench_dependency.py``). Without the measurements (``measure_singles=False``) the
-score is the plain second-order prediction.
+    score(a) = Σ_l m_(l,a_l) + ½ Σ_(l≠j) s_(l,a_l) s_(j,a_j) M[(l,a_l), (j,a_j)]
 
-Where m_k comes from (:attr:`DependencyModel.numerics`): by default (``weights``) from the torch
-model with the layers' weights fake-quantized, activations float. A format such as ``int8`` also
-quantizes the layer's activations to uint8 in the exported model, and onnxruntime's integer
-kernels have their own numerics (without VNNI they saturate on full-range int8 weights), so the
-pipeline passes ``single_loss``: the calibration loss of the exported QDQ model of an allocation,
-run in onnxruntime (:func:`exported_single_loss`, ``exported``). The Hessian terms stay those of
-the weights: activation errors have no Δ in weight space. So with exported numerics the own terms
-m_k are the exported ones, but the strengths s_k of the cross terms come from the weight-only
-measurement (:attr:`DependencyModel.scale_measured`, one more torch pass per pair): a layer whose
-exported error is dominated by something the Hessian never saw (int8 saturation: small CNN on
-MNIST-5k, conv1's m_k 0.097 exported against 0.0004 weight-only) would otherwise scale up every one
-of its cross terms by √240.
-
-How the score corrects the frontier (docs/design.md §5), in :func:`candidates_for_search`: re-score every
-frontier point; optionally add each point's local improvement under the score at no extra cost; keep
-only the points not dominated in (cost, score), so the sequence bisection walks is monotone in the
-score. The most precise frontier point is always kept: bisection's first probe decides whether the
-budget is possible at all, and that verdict must not depend on a model. :func:`repair` promotes the
-layers whose promotion lowers the score most per unit of added cost.
+:func:`candidates_for_search` re-scores the frontier and keeps the points not dominated in (cost,
+score), always with the most precise point (bisection's first probe decides whether the budget is
+possible at all, and that must not depend on a model); :func:`repair` promotes the layers whose
+promotion lowers the score most per unit of added cost. ``scripts/bench_sensitivity.py`` and
+``scripts/bench_dependency.py`` measure how well the scores rank allocations.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,25 +42,30 @@ from tqdm.auto import tqdm
 from hawqtool import distributed
 from hawqtool.errors import UsageError
 from hawqtool.formats import format_bits, is_quantized
+from hawqtool.hessian import stage_costs
 from hawqtool.hvp import SplitHessian
+from hawqtool.interactions import SKETCH_DIM, output_terms, stack_keys
 from hawqtool.prepare import PreparedModel
-from hawqtool.quantizer import dequantize_as, quant_error
+from hawqtool.quantizer import quant_error
+from hawqtool.singles import (
+    Allocation,
+    SingleLoss,
+    measure_jobs,
+    middle_format,
+    single_jobs,
+    weights_single_loss,
+)
+from hawqtool.singles import exported_single_loss as exported_single_loss  # re-exported: the stage's API
+from hawqtool.singles import measured_change as measured_change
+from hawqtool.singles import onnx_loss as onnx_loss
 from hawqtool.types import Frontier, FrontierPoint, OptionTable, allocation_key, average_bits
-
-if TYPE_CHECKING:
-    import onnx
-
-    from hawqtool.export import QDQExporter
-    from hawqtool.modelio import ModelIO
-    from hawqtool.tasks import LossFn
 
 log = logging.getLogger(__name__)
 
-Allocation = Mapping[str, str]
-#: The calibration loss of the model with some layers quantized (``fqn -> format``), the rest float.
-SingleLoss = Callable[[Allocation], float]
 #: Where :attr:`DependencyModel.measured` came from (module doc).
 NUMERICS = ("weights", "exported")
+#: How the second-order terms are computed (module doc).
+METHODS = ("output", "hvp")
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,6 +93,8 @@ class DependencyModel:
         clip_search: whether Δ used the quantizer's clipping search (must match export).
         numerics: what ``measured`` was measured on: ``weights`` (torch, weights fake-quantized),
             ``exported`` (the exported QDQ model in onnxruntime), or another caller's label.
+        method: how ``linear`` and ``matrix`` were computed: ``output`` or ``hvp`` (module doc).
+        costs: passes over the split (forward and backward apart), seconds, peak memory (MiB).
 
     Example:
         >>> # dep = build_dependency_model(SplitHessian(prep, calib, F.cross_entropy), prep, options)
@@ -130,6 +114,8 @@ class DependencyModel:
     seconds: float = 0.0
     clip_search: bool = True
     numerics: str = "weights"
+    method: str = "hvp"
+    costs: Mapping[str, float] = field(default_factory=dict)
     _index: dict[tuple[str, str], int] = field(init=False, repr=False, compare=False)
     _score_linear: np.ndarray = field(init=False, repr=False, compare=False)
     _score_matrix: np.ndarray = field(init=False, repr=False, compare=False)
@@ -256,6 +242,8 @@ class DependencyModel:
             "seconds": self.seconds,
             "clip_search": self.clip_search,
             "numerics": self.numerics,
+            "method": self.method,
+            "costs": dict(self.costs),
         }
 
     @classmethod
@@ -276,6 +264,8 @@ class DependencyModel:
             seconds=float(d.get("seconds", 0.0)),
             clip_search=bool(d.get("clip_search", True)),
             numerics=str(d.get("numerics", "weights")),  # caches from before the setting: torch
+            method=str(d.get("method", "hvp")),  # caches from before 0.4: HVPs
+            costs={str(k): float(v) for k, v in (d.get("costs") or {}).items()},
         )
 
 
@@ -293,16 +283,20 @@ def build_dependency_model(
     measure_singles: bool = True,
     single_loss: SingleLoss | None = None,
     numerics: str | None = None,
+    method: str = "output",
+    sketch_dim: int = SKETCH_DIM,
+    seed: int = 0,
     progress: bool = True,
 ) -> DependencyModel:
     """Measure gᵀΔ_k and Δ_kᵀHΔ_k' for every candidate (layer, format) pair of ``options``.
 
-    Costs one gradient and one HVP per quantized (layer, format) pair (``float`` has Δ = 0). The
-    HVP for a pair on layer i differentiates only w.r.t. layers i, i+1, … (model order), so
-    backward stops early; the entries with earlier layers come from their own rows (H is
-    symmetric). Entries computed twice (two formats of one layer) are averaged. With
-    ``measure_singles``, also one pass over the calibration split per layer and per quantized
-    (layer, format) pair, for :meth:`DependencyModel.score` (cheaper than the HVPs).
+    ``output``: one forward pass per quantized (layer, format) pair (``float`` has Δ = 0), the
+    terms from the output changes (:func:`hawqtool.interactions.output_terms`). ``hvp``: one
+    gradient and one HVP per pair; the HVP for a pair on layer i differentiates only w.r.t. layers
+    i, i+1, … (model order), so backward stops early, and the entries with earlier layers come from
+    their own rows (H is symmetric; entries computed twice are averaged). With ``measure_singles``,
+    also one pass over the calibration split per layer and per quantized pair, for
+    :meth:`DependencyModel.score`.
 
     Args:
         hessian: the Hessian of the calibration loss.
@@ -316,11 +310,17 @@ def build_dependency_model(
             the ranks). Default: ``hessian.loss`` with the weights fake-quantized.
         numerics: the label recorded in :attr:`DependencyModel.numerics`; default ``weights``
             without ``single_loss``, else ``custom``.
+        method: ``output`` or ``hvp`` (module doc).
+        sketch_dim: ``output``: sketch size per batch (:mod:`hawqtool.interactions`).
+        seed: ``output``: seeds the sketches.
         progress: show a tqdm bar over the HVPs and passes.
 
     Raises:
-        UsageError: ``options`` names a layer the prepared model lacks.
+        UsageError: ``options`` names a layer the prepared model lacks, an unknown ``method``, or
+            ``output`` with a loss of no known output curvature.
     """
+    if method not in METHODS:
+        raise UsageError(f"unknown dependency method {method!r}; allowed: {', '.join(METHODS)}")
     t0 = time.perf_counter()
     layers = tuple(options.layers)
     unknown = [f for f in layers if f not in prepared.fqns]
@@ -334,45 +334,32 @@ def build_dependency_model(
             w = prepared.weight(f)
             deltas[(f, fmt)] = quant_error(w, fmt, clip_search=clip_search).to(hessian.device)
 
-    grad = hessian.grad()
-    linear = np.zeros(len(keys))
-    for k, d in deltas.items():
-        linear[index[k]] = float((grad[k[0]].double() * d.double()).sum())
-
-    total = np.zeros((len(keys), len(keys)))
-    count = np.zeros((len(keys), len(keys)))
-    position = {f: i for i, f in enumerate(layers)}
-    rows = sorted(deltas, key=lambda k: position[k[0]])
-    context = {f: _middle_format(options, f) for f in layers}
-    jobs, slots = _single_jobs(options, context, deltas, index) if measure_singles else ([], [])
+    context = {f: middle_format(options, f) for f in layers}
+    jobs, slots = single_jobs(options, context, deltas, index) if measure_singles else ([], [])
     # A rank-local single_loss runs this rank's share of the jobs; hessian.loss runs on every rank.
     mine = distributed.shard(len(jobs)) if single_loss is not None else list(range(len(jobs)))
+    hvps = term_passes = 0
+    if method == "output":
+        terms = output_terms(hessian, deltas, sketch_dim=sketch_dim, seed=seed, progress=progress)
+        linear, matrix = stack_keys(keys, terms)
+        term_passes = terms.forward_passes
     bar = tqdm(
-        total=len(rows) + len(mine),
+        total=(len(deltas) if method == "hvp" else 0) + len(mine),
         desc="dependency terms",
         disable=not progress or not distributed.is_main(),
         leave=False,
     )
-    for key in rows:
-        bar.update(1)
-        later = layers[position[key[0]] :]
-        hv = hessian.hvp({key[0]: deltas[key]}, wrt=later)
-        i = index[key]
-        for other, d in deltas.items():
-            if other[0] in hv:
-                j = index[other]
-                total[i, j] += float((hv[other[0]].double() * d.double()).sum())
-                count[i, j] += 1
-    both = count + count.T
-    matrix = np.divide(total + total.T, both, out=np.zeros_like(total), where=both > 0)
+    if method == "hvp":
+        linear, matrix = _hvp_terms(hessian, layers, keys, deltas, bar)
+        hvps = len(deltas)
 
     measured = scale_measured = None
     if measure_singles:
-        weights_loss = _weights_loss(hessian, prepared, deltas)
-        measured = _measure_singles(
+        torch_loss = weights_single_loss(hessian, prepared, deltas)
+        measured = measure_jobs(
             jobs,
             slots,
-            single_loss or weights_loss,
+            single_loss or torch_loss,
             len(keys),
             local=single_loss is not None,
             device=hessian.device,
@@ -383,8 +370,8 @@ def build_dependency_model(
             # on how the weight error alone acts (torch, activations float), not on activation or
             # kernel error the Hessian never saw (e.g. int8 saturation on a CPU without VNNI, which
             # would blow up every cross term of that layer). The own terms stay exported.
-            scale_measured = _measure_singles(
-                jobs, slots, weights_loss, len(keys), local=False, device=hessian.device
+            scale_measured = measure_jobs(
+                jobs, slots, torch_loss, len(keys), local=False, device=hessian.device
             )
     bar.close()
     dep = DependencyModel(
@@ -396,182 +383,65 @@ def build_dependency_model(
         scale_measured=scale_measured,
         context=context if measure_singles else {},
         base_loss=hessian.loss(),
-        hvps=len(rows),
+        hvps=hvps,
         forward_passes=len(jobs) * (2 if scale_measured is not None else 1),
         seconds=time.perf_counter() - t0,
         clip_search=clip_search,
         numerics=numerics or ("weights" if single_loss is None else "custom"),
+        method=method,
+        costs={
+            # The terms' passes (a gradient, and per HVP one first and one second backward that stop
+            # early; or the output changes), the singles' passes, and the base loss.
+            **stage_costs(
+                len(jobs) * (2 if scale_measured is not None else 1)
+                + 1
+                + (hvps + 1 if hvps else term_passes),
+                1 + 2 * hvps if hvps else 0,
+                time.perf_counter() - t0,
+                device=hessian.device,
+            ),
+            "term_forward_passes": float(hvps + 1 if hvps else term_passes),
+        },
     )
     log.info(
-        "dependency model: %d (layer, format) pairs, %d HVPs, %d passes, %.1f s",
+        "dependency model (%s): %d (layer, format) pairs, %d HVPs, %d + %d passes, %.1f s",
+        method,
         len(keys),
         dep.hvps,
+        dep.costs["term_forward_passes"],
         dep.forward_passes,
         dep.seconds,
     )
     return dep
 
 
-def _measure_singles(
-    jobs: Sequence[dict[str, str]],
-    slots: Sequence[tuple[int, int, int]],
-    measure: SingleLoss,
-    n_keys: int,
-    *,
-    local: bool,
-    device: torch.device,
-    bar: Any = None,
-) -> np.ndarray:
-    """Each quantized key's measured loss change in context (its job's loss minus its reference
-    job's). A rank-local ``measure`` (onnxruntime) runs this rank's share of the jobs and the losses
-    are summed over the ranks; the torch default is itself a collective step and runs them all."""
-    what = "the dependency stage's loss passes"
-    mine = distributed.shard(len(jobs)) if local else range(len(jobs))
-    losses = torch.zeros(len(jobs), dtype=torch.float64, device=device)
-    with distributed.shared_failure(what) if local else contextlib.nullcontext():
-        for j in mine:
-            losses[j] = measure(jobs[j])
-            if bar is not None:
-                bar.update(1)
-    if local:
-        distributed.all_reduce_sum([losses], what=what)
-    values = losses.cpu().numpy()
-    measured = np.zeros(n_keys)
-    for row, ref, job in slots:
-        measured[row] = values[job] - values[ref]
-    return measured
-
-
-def _weights_loss(
-    hessian: SplitHessian, prepared: PreparedModel, deltas: Mapping[tuple[str, str], torch.Tensor]
-) -> SingleLoss:
-    """The default ``single_loss``: ``hessian.loss`` with the allocation's weights fake-quantized
-    (W + Δ), activations float. A collective step under a process group (it shards the batches)."""
-    weights = {f: prepared.weight(f).to(hessian.device) for f, _ in deltas}
-
-    def loss(allocation: Allocation) -> float:
-        return hessian.loss(
-            weights={f: weights[f] + deltas[(f, fmt)] for f, fmt in allocation.items() if is_quantized(fmt)}
-        )
-
-    return loss
-
-
-def _single_jobs(
-    options: OptionTable,
-    context: Mapping[str, str],
-    deltas: Mapping[tuple[str, str], torch.Tensor],
-    index: Mapping[tuple[str, str], int],
-) -> tuple[list[dict[str, str]], list[tuple[int, int, int]]]:
-    """The allocations whose losses give the measured single-layer changes, and per quantized key
-    ``(row of the key, job of its reference, job of the key)``: for each layer, the other layers in
-    ``context`` (the reference), then the layer in each of its quantized formats on top."""
-    background = {f: fmt for f, fmt in context.items() if is_quantized(fmt)}
-    jobs: list[dict[str, str]] = []
-    slots: list[tuple[int, int, int]] = []
-    for f in options.layers:
-        others = {g: fmt for g, fmt in background.items() if g != f}
-        ref = len(jobs)
-        jobs.append(others)
-        for fmt in (o.format for o in options.options[f]):
-            if (f, fmt) in deltas:
-                slots.append((index[(f, fmt)], ref, len(jobs)))
-                jobs.append({**others, f: fmt})
-    return jobs, slots
-
-
-def onnx_loss(
-    model: onnx.ModelProto,
-    batches: Sequence[tuple[Any, Any]],
-    loss_fn: LossFn,
-    *,
-    io: ModelIO | None = None,
-    threads: int = 2,
-    provider: str = "cpu",
-) -> float:
-    """Mean of ``loss_fn`` (a batch-mean loss) over ``batches``, weighted by batch size, of an ONNX
-    model run in onnxruntime: one session, dropped after.
-
-    Args:
-        model: an ``onnx.ModelProto``.
-        batches: ``(inputs, targets)`` pairs, e.g. the calibration split.
-        loss_fn: ``fn(outputs, targets)`` on torch tensors (the first model output).
-        io: the model-I/O contract for the feeds (:func:`hawqtool.evaluate.session_feeds`).
-        threads: onnxruntime intra-op threads.
-        provider: the execution provider (:func:`hawqtool.evaluate.make_session`).
-
-    Raises:
-        UsageError: the loss is NaN or infinite on a batch, or there are no batches.
-        ExportError: onnxruntime fails to load or run the model.
-    """
-    from hawqtool.evaluate import make_session, run_session, session_feeds
-    from hawqtool.modelio import batch_size
-
-    session = make_session(model.SerializeToString(), threads=threads, provider=provider)
-    total, n = 0.0, 0
-    for i, (x, y) in enumerate(batches):
-        out = torch.from_numpy(run_session(session, session_feeds(session, x, io)))
-        loss = float(loss_fn(out, y))
-        if not math.isfinite(loss):
-            raise UsageError(f"the onnxruntime model's loss is {loss} on calibration batch {i}")
-        size = batch_size(x)
-        total += loss * size
-        n += size
-    if n == 0:
-        raise UsageError("cannot measure a loss on an empty split")
-    return total / n
-
-
-def exported_single_loss(
-    exporter: Callable[[], QDQExporter],
-    batches: Sequence[tuple[Any, Any]],
-    loss_fn: LossFn,
-    *,
-    io: ModelIO | None = None,
-    threads: int = 2,
-    provider: str = "cpu",
-) -> SingleLoss:
-    """A ``single_loss`` for :func:`build_dependency_model` with the exported numerics: each
-    allocation's QDQ model (``exporter().quantized_model``; activations quantized as the ONNX model
-    will quantize them) run in onnxruntime over ``batches`` (:func:`onnx_loss`).
-
-    ``exporter`` returns a :class:`hawqtool.export.QDQExporter`; it is called on the first
-    measurement, so a process with no measurements to take never builds one.
-    """
-
-    def loss(allocation: Allocation) -> float:
-        model = exporter().quantized_model(allocation)
-        return onnx_loss(model, batches, loss_fn, io=io, threads=threads, provider=provider)
-
-    return loss
-
-
-def _middle_format(options: OptionTable, fqn: str) -> str:
-    """The median-bits candidate of a layer ({2,4,8} → int4, {4,8,float} → int8)."""
-    fmts = sorted((o.format for o in options.options[fqn]), key=format_bits)
-    return fmts[len(fmts) // 2]
-
-
-def measured_change(
+def _hvp_terms(
     hessian: SplitHessian,
-    prepared: PreparedModel,
-    allocation: Allocation,
-    *,
-    clip_search: bool = True,
-    base_loss: float | None = None,
-) -> float:
-    """The real change of the calibration loss when every layer is fake-quantized per ``allocation``.
-
-    The ground truth :meth:`DependencyModel.predict` approximates. ``base_loss`` (e.g.
-    :attr:`DependencyModel.base_loss`) saves one pass over the split.
-    """
-    weights = {
-        f: dequantize_as(prepared.weight(f), fmt, clip_search=clip_search)
-        for f, fmt in allocation.items()
-        if is_quantized(fmt)
-    }
-    base = hessian.loss() if base_loss is None else base_loss
-    return hessian.loss(weights=weights) - base
+    layers: Sequence[str],
+    keys: Sequence[tuple[str, str]],
+    deltas: Mapping[tuple[str, str], torch.Tensor],
+    bar: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """gᵀΔ_k and Δ_kᵀHΔ_k' by one gradient and one HVP per key (:func:`build_dependency_model`)."""
+    index = {k: i for i, k in enumerate(keys)}
+    grad = hessian.grad()
+    linear = np.zeros(len(keys))
+    for k, d in deltas.items():
+        linear[index[k]] = float((grad[k[0]].double() * d.double()).sum())
+    total = np.zeros((len(keys), len(keys)))
+    count = np.zeros((len(keys), len(keys)))
+    position = {f: i for i, f in enumerate(layers)}
+    for key in sorted(deltas, key=lambda k: position[k[0]]):
+        bar.update(1)
+        hv = hessian.hvp({key[0]: deltas[key]}, wrt=layers[position[key[0]] :])
+        i = index[key]
+        for other, d in deltas.items():
+            if other[0] in hv:
+                j = index[other]
+                total[i, j] += float((hv[other[0]].double() * d.double()).sum())
+                count[i, j] += 1
+    both = count + count.T
+    return linear, np.divide(total + total.T, both, out=np.zeros_like(total), where=both > 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -585,7 +455,7 @@ def rescore(frontier: Frontier, dep: DependencyModel) -> Frontier:
 
 
 class _Search:
-    """Vectorised move evaluation under the score's pairwise form (shared by improve and repair)."""
+    """Vectorised move evaluation under the score's pairwise form (for :func:`repair`)."""
 
     def __init__(self, dep: DependencyModel, options: OptionTable) -> None:
         self.dep = dep
@@ -622,59 +492,6 @@ class _Search:
 
     def allocation(self, sel: np.ndarray) -> dict[str, str]:
         return {f: self.dep.keys[k][1] for f, k in zip(self.dep.layers, sel, strict=True)}
-
-
-def improve(
-    allocation: Allocation,
-    dep: DependencyModel,
-    options: OptionTable,
-    *,
-    max_cost: float | None = None,
-    max_moves: int = 200,
-) -> dict[str, str]:
-    """Lower the score of ``allocation`` without raising its cost above ``max_cost``.
-
-    Best-improvement local search over moves of one layer's format or of two layers' formats at once
-    (promote one, demote another), all evaluated exactly under the score's pairwise form from cached
-    row sums: no HVPs, O(K²) per move for K (layer, format) pairs.
-
-    Args:
-        allocation: the starting point (e.g. a frontier point's).
-        dep: the dependency model.
-        options: the option table (for costs).
-        max_cost: cost ceiling; default the starting allocation's cost.
-        max_moves: safety bound on the number of moves.
-    """
-    s = _Search(dep, options)
-    sel, r = s.start(allocation)
-    cost = float(s.cost[sel].sum())
-    ceiling = cost if max_cost is None else max_cost
-    tol = 1e-12 * (1.0 + abs(dep.score(allocation)))
-    n = len(dep.keys)
-    same_layer = s.layer_of[:, None] == s.layer_of[None, :]
-    for _ in range(max_moves):
-        d1, c1 = s.single(sel, r)
-        cur = sel[s.layer_of]
-        A = s.M[:, cur]  # A[i, j] = M[i, S(layer j)]
-        D = d1[:, None] + d1[None, :] + s.M - A - A.T + s.M[np.ix_(cur, cur)]
-        C = c1[:, None] + c1[None, :]
-        feasible = (cost + C <= ceiling + 1e-9 * (1.0 + abs(ceiling))) & ~same_layer
-        D = np.where(feasible, D, np.inf)
-        single_ok = cost + c1 <= ceiling + 1e-9 * (1.0 + abs(ceiling))
-        d1m = np.where(single_ok, d1, np.inf)
-        best_pair = int(np.argmin(D))
-        best_single = int(np.argmin(d1m))
-        if min(D.flat[best_pair], d1m[best_single]) >= -tol:
-            break
-        if d1m[best_single] <= D.flat[best_pair]:
-            cost += float(c1[best_single])
-            s.apply(sel, r, best_single)
-        else:
-            i, j = divmod(best_pair, n)
-            cost += float(C[i, j])
-            s.apply(sel, r, i)
-            s.apply(sel, r, j)
-    return s.allocation(sel)
 
 
 def _point(alloc: dict[str, str], options: OptionTable, dep: DependencyModel) -> FrontierPoint:
@@ -718,33 +535,19 @@ def candidates_for_search(
     frontier: Frontier,
     dep: DependencyModel,
     options: OptionTable,
-    *,
-    improve_points: bool = False,
-    progress: bool = False,
 ) -> tuple[FrontierPoint, ...]:
-    """The search's candidates: the frontier re-scored, improved and filtered (see module doc).
+    """The search's candidates: the frontier re-scored and filtered (see module doc).
 
     Args:
         frontier: the ΣΩ Pareto frontier, sorted by cost.
         dep: the dependency model.
-        options: the option table the frontier was built from.
-        improve_points: add each point's local improvement under the score. Off by default: on
-            ResNet-20 the improved points exploited the score's errors (bisection ended at 3.9
-            average bits instead of 2.6 for a 1 % budget; ``scripts/bench_dependency.py``).
-        progress: show a tqdm bar over the points.
+        options: the option table the frontier was built from (kept for callers; unused).
 
     Returns:
         Points sorted by cost whose scores strictly decrease, except possibly for the
         most precise frontier point, which is always kept last.
     """
-    scored = list(rescore(frontier, dep).points)
-    pool = list(scored)
-    if improve_points:
-        for p in tqdm(scored, desc="improve candidates", disable=not progress, leave=False):
-            alloc = improve(p.allocation, dep, options, max_cost=p.cost)
-            if alloc != dict(p.allocation):
-                pool.append(_point(alloc, options, dep))
-    kept = nondominated(pool)
+    kept = nondominated(list(rescore(frontier, dep).points))
     log.info(
         "candidates: %d frontier points -> %d after (cost, score) filtering",
         len(frontier),

@@ -7,8 +7,10 @@ selected output f. For the built-in losses M = c·BᵀB with
 
 - ``mse`` (:func:`torch.nn.functional.mse_loss`, the mean over all elements): B = I, c = 2 / numel;
 - ``kl`` (:func:`hawqtool.tasks.kl`) and ``cross_entropy``: per output row (the class axis: last for
-  ``kl``, 1 for ``cross_entropy``) Bu = √p ⊙ (u − pᵀu), p = the model's softmax, so BᵀB = diag(p) − ppᵀ,
-  and c = 1 / rows (both losses average over rows).
+  ``kl`` and for per-position logits with (N, T) class targets, else 1 as in
+  :func:`torch.nn.functional.cross_entropy`) Bu = √p ⊙ (u − pᵀu), p = the model's softmax, so
+  BᵀB = diag(p) − ppᵀ, and c = 1 / rows (both losses average over rows; rows whose class target is
+  -100 are left out, as the loss leaves them out).
 
 So for a Rademacher v over every output element, g = ∂⟨v, B f⟩/∂W (v, B detached: one ordinary backward)
 has c·E‖g_i‖² = Tr(H_ii) of every layer at once, and a weight change whose output change is δ changes
@@ -34,6 +36,7 @@ KINDS: dict[Callable[..., torch.Tensor], str] = {
     F.mse_loss: "mse",
     tasks.kl: "kl",
     F.cross_entropy: "cross_entropy",
+    tasks.cross_entropy: "cross_entropy",
 }
 #: Where the Gauss–Newton matrix equals the Hessian at the float weights: teacher targets and these.
 EXACT_WITH_TEACHER = ("mse", "kl")
@@ -96,16 +99,24 @@ class OutputCurvature:
     dim: int = -1  # the class axis
 
     @classmethod
-    def of(cls, kind: str, outputs: torch.Tensor) -> OutputCurvature:
-        """The curvature at ``outputs`` (the float model's, detached here) of the loss ``kind``."""
+    def of(cls, kind: str, outputs: torch.Tensor, targets: object = None) -> OutputCurvature:
+        """The curvature at ``outputs`` (the float model's, detached here) of the loss ``kind``;
+        ``targets`` (class labels, for ``cross_entropy``) decide its class axis and ignored rows."""
         out = outputs.detach().float()
         if kind == "mse":
             return cls(kind, 2.0 / max(out.numel(), 1))
         if kind not in ("kl", "cross_entropy"):
             raise UsageError(f"no output curvature for loss {kind!r}; allowed: {', '.join(KINDS.values())}")
-        dim = -1 if kind == "kl" or out.dim() < 2 else 1
+        labels = targets if isinstance(targets, torch.Tensor) and not targets.is_floating_point() else None
+        per_position = labels is not None and out.dim() > 2 and tuple(labels.shape) == tuple(out.shape[:-1])
+        dim = -1 if kind == "kl" or out.dim() < 2 or per_position else 1
+        p = torch.softmax(out, dim=dim)
         rows = out.numel() // max(out.shape[dim], 1)
-        return cls(kind, 1.0 / max(rows, 1), torch.softmax(out, dim=dim), dim)
+        if kind == "cross_entropy" and labels is not None:
+            keep = (labels != -100).to(device=p.device, dtype=p.dtype).unsqueeze(dim)
+            p = p * keep  # an ignored row has no curvature
+            rows = int(keep.sum())
+        return cls(kind, 1.0 / max(rows, 1), p, dim)
 
     def apply(self, u: torch.Tensor) -> torch.Tensor:
         """B u (differentiable in ``u``); the identity for ``mse``."""

@@ -447,11 +447,11 @@ class GaussNewtonSampler(EpochSampler):
         acc = torch.zeros(len(weights), len(fqns), dtype=torch.float64, device=self.H.device)
         with distributed.shared_failure("the Hessian stage"):
             for k in distributed.shard(len(weights)):
-                x, _ = self.H.batches[k] if parts is None else self.gather(parts[k])
+                x, y = self.H.batches[k] if parts is None else self.gather(parts[k])
                 out = self.H.outputs(x)
                 if not torch.isfinite(out).all():
                     raise UsageError("the model's output is not finite on a calibration batch")
-                curv = OutputCurvature.of(self.kind, out)
+                curv = OutputCurvature.of(self.kind, out, y)
                 bf = curv.apply(out)
                 for i in range(self.probes_per_part):
                     v = self.output_probe(out, epoch=epoch, part=k, index=i)

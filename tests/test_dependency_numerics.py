@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from hawqtool import distributed, pipeline
 from hawqtool.cache import settings_key
 from hawqtool.dependency import DependencyModel, build_dependency_model, exported_single_loss
+from hawqtool.environment import dependency_key
 from hawqtool.errors import RecipeError
 from hawqtool.export import QDQExporter
 from hawqtool.formats import format_bits, is_quantized, parse_format
@@ -48,7 +49,7 @@ def dependency(tiny, numerics: str, formats: str):
     ws, table = tiny
     w = workspace(ws, numerics, formats)
     options, _ = pipeline.frontier(w, table=table, progress=False)
-    return w, options, pipeline._dependency_model(w, options, table, False)
+    return w, options, pipeline.dependencies(w, options, table, progress=False)
 
 
 def quantized_keys(dep: DependencyModel) -> list[int]:
@@ -96,10 +97,12 @@ def test_activation_formats_measure_the_exported_model(tiny) -> None:
         got = exported.measured[exported.index(fqn, fmt)]
         assert got == pytest.approx(expected, rel=1e-5, abs=1e-7)
         missed[(fqn, fmt)] = abs(got - weights.measured[weights.index(fqn, fmt)])
-    # The uint8 activations show up; the weight-only torch numbers miss them. Packed int4 runs float
-    # kernels on quantized activations on every CPU; int8 runs integer kernels, which on CPUs
-    # without VNNI also saturate on this first layer (7.9e-3 on an AMD EPYC without VNNI).
-    assert missed[("head", "int4")] > 2e-4, missed
+    # The uint8 activations show up; the weight-only torch numbers miss them. How much depends on the
+    # CPU's kernels (int8 saturates without VNNI), so the bound is the noise floor at which torch and
+    # onnxruntime agree on weight-only formats (the test above: rtol 1e-5, atol 1e-7), with margin.
+    for key, gap in missed.items():
+        m = abs(weights.measured[weights.index(*key)])
+        assert gap > 10 * (1e-5 * m + 1e-7), (key, gap, m)
 
 
 def test_exported_own_terms_with_cross_terms_scaled_by_the_weight_only_measurement(tiny) -> None:
@@ -133,14 +136,14 @@ def test_the_cache_key_names_the_numerics_and_the_model_round_trips(tiny, caplog
     formats = "[int4, int8, float]"
     w_exp, options, dep = dependency(tiny, "exported", formats)
     w_wts = workspace(ws, "weights", formats)
-    key_exp = pipeline.dependency_key(w_exp, options, table)
-    key_wts = pipeline.dependency_key(w_wts, options, table)
+    key_exp = dependency_key(w_exp.recipe, options, table, settings=w_exp.export_settings)
+    key_wts = dependency_key(w_wts.recipe, options, table, settings=w_wts.export_settings)
     assert key_exp != key_wts
     # Weight numerics keep the key of the caches written before the setting existed.
     assert key_wts == settings_key(table.fingerprint, options.to_dict(), "dep-v3")
     # A second call loads the cached model: same numbers, same numerics.
     with caplog.at_level(logging.INFO, logger="hawqtool"):
-        again = pipeline._dependency_model(w_exp, options, table, False)
+        again = pipeline.dependencies(w_exp, options, table, progress=False)
     assert "dependency terms: cached" in caplog.text
     assert again.numerics == "exported" and again.keys == dep.keys
     np.testing.assert_array_equal(again.measured, dep.measured)

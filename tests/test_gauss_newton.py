@@ -175,3 +175,18 @@ def test_old_tables_load_as_hutchinson():
     d.pop("costs")
     old = SensitivityTable.from_dict(d)
     assert old.estimator == "hutchinson" and dict(old.costs) == {}
+
+
+def test_per_position_cross_entropy_uses_the_last_axis_and_skips_ignored_rows():
+    out = torch.randn(2, 3, 4)
+    labels = torch.tensor([[0, 1, -100], [2, -100, 3]])
+    m = OutputCurvature.of("cross_entropy", out, labels)
+    assert m.dim == -1 and m.scale == pytest.approx(1 / 4)
+    u = torch.randn(2, 3, 4)
+    bu = m.apply(u)
+    assert float(bu[0, 2].abs().sum()) == 0.0 and float(bu[1, 1].abs().sum()) == 0.0
+    # The quadratic form is the loss's own second derivative along u.
+    f = out.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(tasks.cross_entropy(f, labels), f, create_graph=True)
+    (hu,) = torch.autograd.grad((g * u).sum(), f)
+    assert float((hu * u).sum()) == pytest.approx(m.scale * float(bu.square().sum()), rel=1e-5)
