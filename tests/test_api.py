@@ -1,11 +1,10 @@
-"""The public API: names stay callables after their same-named submodules load, and the README's
-Python examples run as written."""
+"""The public API: every name is its pipeline stage, and the README's Python examples run as written."""
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import re
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,42 +13,17 @@ from typing import Any
 import pytest
 
 import hawqtool
-from hawqtool.errors import RecipeError
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-API = ("quantize", "analyze", "frontier", "export", "evaluate")
-CLASHING = ("frontier", "export", "evaluate")  # both API functions and stage modules
+API = ("quantize", "analyze", "frontier", "dependencies", "search", "export", "evaluate")
 
 
-def test_api_names_stay_functions_after_their_submodules_load(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    for name in CLASHING:
-        importlib.import_module(f"hawqtool.{name}")
-    pipeline = importlib.import_module("hawqtool.pipeline")
-    for name in API:
-        assert getattr(hawqtool, name) is getattr(pipeline, name), name
-    # The stage modules are still there for `from hawqtool.frontier import ...`.
-    assert hasattr(sys.modules["hawqtool.frontier"], "pareto_frontier")
-    from hawqtool.export import QDQExporter  # noqa: F401
-
-    # A call reaches the function: a recipe error, not "TypeError: 'module' object is not callable".
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(RecipeError, match="'no-such-recipe' not found"):
-        hawqtool.frontier("no-such-recipe")  # type: ignore[operator]  # mypy sees the submodule
-
-
-def test_clash_is_resolved_in_a_fresh_interpreter() -> None:
-    # In this order the submodule loads *after* the package attribute was first resolved, and again
-    # with the attribute never resolved before: both orders must give the function.
-    code = (
-        "import hawqtool, hawqtool.export; f = hawqtool.export; import hawqtool.frontier; "
-        "import hawqtool.evaluate, hawqtool.pipeline as p; "
-        "print(f is p.export, hawqtool.frontier is p.frontier, hawqtool.evaluate is p.evaluate, "
-        "callable(hawqtool.frontier))"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert proc.stdout.split() == ["True"] * 4
+def test_every_api_name_is_the_pipeline_stage_with_every_module_loaded() -> None:
+    for module in pkgutil.iter_modules(hawqtool.__path__):
+        importlib.import_module(f"hawqtool.{module.name}")
+    pipeline = sys.modules["hawqtool.pipeline"]
+    assert all(getattr(hawqtool, name) is getattr(pipeline, name) for name in API)
+    assert hawqtool.Workspace is sys.modules["hawqtool.workspace"].Workspace
 
 
 def readme_python_blocks(text: str) -> list[str]:

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hawqtool.errors import HawqError, UsageError
-from hawqtool.pipeline import check_budget_resolvable, check_task, load
 from hawqtool.recipe import apply_overrides, load_recipe, parse_recipe
+from hawqtool.workspace import check_budget_resolvable, check_task, load
 from hawqtool.zoo import MLP
 
 KEYS = [
