@@ -152,6 +152,7 @@ def _mixed(exporter: QDQExporter) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("name", ["cnn", "resnet", "tokens"])
+@pytest.mark.slow
 def test_float_export_matches_torch_at_any_batch(name, request, digits_splits) -> None:  # type: ignore[no-untyped-def]
     exporter: QDQExporter = request.getfixturevalue(name)
     x = _test_inputs(digits_splits)

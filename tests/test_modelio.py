@@ -194,6 +194,7 @@ def test_tied_weights_are_one_layer() -> None:
     assert prepared.info("emb").macs == 3 * 4 * 10  # the lm_head's matmul, charged to the tensor
 
 
+@pytest.mark.slow
 def test_attention_hessian_takes_the_math_path_and_matches_the_exact_trace() -> None:
     # nn.MultiheadAttention runs scaled_dot_product_attention, whose fused CPU kernel has no double
     # backward; the Hessian stage routes it to the math kernel. Known answer: the exact trace of the

@@ -238,6 +238,7 @@ def _exact_traces(ws: pipeline.Workspace) -> dict[str, float]:
     return out
 
 
+@pytest.mark.slow
 def test_bert_traces_match_exact_hessian() -> None:
     # Small enough for exact Hessian blocks: the largest weight (the 20 x 8 word table) is 160 values.
     model = _tiny_bert(hidden=8, layers=1, heads=2, ffn=16, vocab=20)
