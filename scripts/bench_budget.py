@@ -158,7 +158,7 @@ def bench_model(name: str, redeals: int, seed: int) -> list[Cell]:
     ws = pipeline.load(recipe, overrides=overrides)
     table = pipeline.analyze(ws, progress=False)
     options, front = pipeline.frontier(ws, table=table, progress=False)
-    dep = pipeline._dependency_model(ws, options, table, False)
+    dep = pipeline.dependencies(ws, options, table, progress=False)
     front = rescore(front, dep)
     candidates = candidates_for_search(front, dep, options)
     repair_memo: dict[tuple[tuple[str, str], ...], FrontierPoint | None] = {}

@@ -20,8 +20,9 @@ recipe (``--override`` edits it) and scored with the recipe's metric, loss and m
 - ``hawqtool size``: frontier of (bytes, ΣΩ + Ω_act) → dependency re-scoring → bisection;
 - ``hawqtool latency@B``: what ``allocation.cost: latency`` does, at batch B: the same on (measured
   latency, ΣΩ + Ω_act), every probe timed, the uniform integer models
-  (:func:`hawqtool.pipeline.uniform_quantized_points`) probed too, the probes within budget
-  re-timed together and the fastest chosen (:func:`hawqtool.pipeline._fastest_within_budget`);
+  (:func:`hawqtool.refine.uniform_quantized_points`) probed too, the probes within budget
+  re-timed together and the fastest chosen (:func:`hawqtool.pipeline.search`, which calls
+  :func:`hawqtool.refine.refine_latency`);
 - ``HAWQ-V3 ILP@B``: min ΣΩ (weights only) s.t. Σ measured latency ≤ the predicted latency of
   hawqtool latency@B's choice, solved exactly with PuLP; no dependency terms, no bisection: one
   evaluation, whatever it scores.
@@ -66,7 +67,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any
@@ -77,15 +78,16 @@ from scipy.stats import spearmanr
 
 from hawqtool import modelio, pipeline
 from hawqtool.cache import cache_dir
-from hawqtool.costs import LatencyTable, Timing, measure_latency, time_interleaved
-from hawqtool.dependency import candidates_for_search, make_repair, rescore
+from hawqtool.dependency import candidates_for_search, rescore
 from hawqtool.errors import UsageError
 from hawqtool.evaluate import evaluate_onnx
 from hawqtool.formats import parse_format
 from hawqtool.frontier import pareto_frontier
+from hawqtool.latency import LatencySettings, LatencyTable, Timing, measure_latency, time_interleaved
 from hawqtool.options import build_options
-from hawqtool.search import Measurement, bisect, measure_trial
+from hawqtool.search import Measurement
 from hawqtool.types import Budget, FrontierPoint, OptionTable, allocation_key, average_bits
+from hawqtool.workspace import onnx_teacher, uniform_allocation
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_export import ort_quantize_static
@@ -323,14 +325,15 @@ def run(key: str, args: argparse.Namespace) -> None:
     exp = pipeline.exporter(ws)
     if r.task.targets == "model":
         # Teacher fidelity against the float ONNX model, as quantize() measures it.
-        ws = pipeline.onnx_teacher(ws, exp.float_model)
+        ws = onnx_teacher(ws, exp.float_model)
     runner = Runner(ws)
     weights = dict(zip(fqns, prepared.weights(), strict=True))
     params = {x.fqn: x.params for x in prepared.layers}
 
     def options(formats: Sequence[str], cost: Any, *, activations: bool) -> OptionTable:
-        # The settings the pipeline records for the exporter and dependency stages to check.
-        settings = {**pipeline.stage_settings(r), "cost": getattr(cost, "name", cost)}
+        # Built with the recipe's export settings, which the exporter and dependency stage share,
+        # and recorded in the table as pipeline.frontier records them.
+        s = r.export_settings
         return replace(
             build_options(
                 prepared.layers,
@@ -338,13 +341,11 @@ def run(key: str, args: argparse.Namespace) -> None:
                 weights,
                 formats=formats,
                 cost=cost,
-                storage=r.export.int4_storage,
-                clip_search=r.allocation.clip_search,
-                opset=r.export.opset,
+                settings=s,
                 activation_omega=act.omegas() if activations else None,
                 dynamic_activation_omega=act.dynamic_omegas() if activations else None,
             ),
-            settings=settings,
+            settings={**asdict(s), "cost": getattr(cost, "name", cost)},
         )
 
     feeds = {b: batch_feeds(ws, b) for b in batches}
@@ -354,9 +355,7 @@ def run(key: str, args: argparse.Namespace) -> None:
             exp,
             feeds[b],
             formats=formats,
-            threads=THREADS,
-            clock="cpu",
-            runs=args.runs,
+            settings=LatencySettings(threads=THREADS, clock="cpu", runs=args.runs),
             cache_dir=None if args.fresh else cache_dir() / "latency",
             progress=False,
         )
@@ -406,21 +405,6 @@ def run(key: str, args: argparse.Namespace) -> None:
 
         return evaluate
 
-    def shortlist_check(cands: Sequence[FrontierPoint], b: int, budget: Budget) -> Any:
-        """Evaluate a shortlisted candidate as quantize() does (timed at batch b)."""
-
-        def check(p: FrontierPoint) -> Any:
-            return measure_trial(
-                p,
-                timed(b),
-                baseline=base_eval,
-                budget=budget,
-                index=list(cands).index(p) if p in cands else -1,
-                note="shortlist",
-            )
-
-        return check
-
     def retime(b: int) -> Any:
         def again(allocations: Sequence[Mapping[str, str]]) -> list[Timing]:
             blobs = {str(i): exp.quantized_model(a).SerializeToString() for i, a in enumerate(allocations)}
@@ -432,7 +416,7 @@ def run(key: str, args: argparse.Namespace) -> None:
     opts_size = options(formats, "size", activations=True)
     dep = None
     if r.search.dependency:
-        dep = pipeline._dependency_model(ws, opts_size, table, progress=False)
+        dep = pipeline.dependencies(ws, opts_size, table, progress=False)
     else:
         print(
             "dependency terms: off (the recipe's search.dependency: false): plain bisection on the frontier"
@@ -455,24 +439,18 @@ def run(key: str, args: argparse.Namespace) -> None:
             else:
                 cands = front.points
             b = int(name.partition("@")[2] or 0)
-            res = bisect(
+            # The search quantize() runs: bisection, then (latency@B) the latency refinement.
+            res = pipeline.search(
                 cands,
                 timed(b) if b else measure,
-                baseline=base_eval,
+                options=opts,
                 budget=budget,
-                repair=make_repair(cands, dep, opts) if dep is not None else None,
+                baseline=base_eval,
+                dependency=dep,
+                latency=lat[b] if b else None,
+                retime=retime(b),
                 progress=False,
-                extra=pipeline.uniform_quantized_points(opts) if b else {},
-            )
-            if b:
-                res, _, _ = pipeline._fastest_within_budget(
-                    res,
-                    lat[b],
-                    opts,
-                    retime(b),
-                    shortlist=pipeline.latency_shortlist(cands, res, options=opts),
-                    check=shortlist_check(cands, b, budget),
-                )
+            ).result
             probes += [dict(t.allocation) for t in res.trials]
             label = f"hawqtool {name} {budget_value:.1%}"
             if res.chosen is None:
@@ -503,7 +481,7 @@ def run(key: str, args: argparse.Namespace) -> None:
         for b in batches:
             ref = rows.get(f"hawqtool latency@{b} {budget_value:.1%}")
             # Σ layer costs = float latency + Σ deltas = the predicted latency.
-            target = lat[b].predict(ref or pipeline.uniform_allocation(ws, ref_fmt))
+            target = lat[b].predict(ref or uniform_allocation(ws, ref_fmt))
             alloc = ilp(opts_w[b], target)
             label = f"HAWQ-V3 ILP@{b} {budget_value:.1%}"
             if alloc is None:

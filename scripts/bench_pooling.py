@@ -34,7 +34,7 @@ from scipy.stats import spearmanr
 
 from hawqtool import pipeline
 from hawqtool.cache import cache_dir
-from hawqtool.costs import LatencyTable, measure_latency, time_interleaved
+from hawqtool.latency import LatencySettings, LatencyTable, measure_latency, time_interleaved
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_latency import MODELS, THREADS, batch_feeds, setup
@@ -59,9 +59,7 @@ def run(key: str, batch: int, args: argparse.Namespace) -> None:
         exp,
         feeds,
         formats=formats,
-        threads=THREADS,
-        clock="cpu",
-        runs=args.runs,
+        settings=LatencySettings(threads=THREADS, clock="cpu", runs=args.runs),
         cache_dir=None if args.fresh else cache_dir() / "latency",
     )
     raw = pooled.unpooled()

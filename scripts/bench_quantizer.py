@@ -25,7 +25,7 @@ import torch
 
 from hawqtool import zoo
 from hawqtool.prepare import prepare_model, swapped_weights
-from hawqtool.quantizer import CLIP_RATIOS, _fake_quant, int_range, quantize_weight
+from hawqtool.quantizer import CLIP_RATIOS, int_range, quantize_weight
 
 Quant = Callable[[torch.Tensor, int], torch.Tensor | None]
 
@@ -44,6 +44,11 @@ def ort_grid(w: torch.Tensor, bits: int) -> torch.Tensor | None:
     return torch.from_numpy(np.stack(rows)).reshape(w.shape)
 
 
+def _integers(w2d: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Round-to-nearest integers of each row at its scale, clamped to [qmin, qmax]."""
+    return torch.clamp(torch.round(w2d / scale[:, None]), qmin, qmax)
+
+
 def clip_only(w: torch.Tensor, bits: int) -> torch.Tensor:
     """The search over CLIP_RATIOS × the max-abs scale, without the no-clip candidate."""
     qmin, qmax = int_range(bits)
@@ -53,10 +58,10 @@ def clip_only(w: torch.Tensor, bits: int) -> torch.Tensor:
     best, best_err = base.clone(), torch.full_like(base, float("inf"), dtype=torch.float64)
     for r in CLIP_RATIOS:
         s = base * r
-        err = ((_fake_quant(w2d, s, qmin, qmax) * s[:, None] - w2d).double() ** 2).sum(dim=1)
+        err = ((_integers(w2d, s, qmin, qmax) * s[:, None] - w2d).double() ** 2).sum(dim=1)
         better = err < best_err
         best_err, best = torch.where(better, err, best_err), torch.where(better, s, best)
-    return (_fake_quant(w2d, best, qmin, qmax) * best[:, None]).reshape(w.shape)
+    return (_integers(w2d, best, qmin, qmax) * best[:, None]).reshape(w.shape)
 
 
 METHODS: dict[str, Quant] = {
