@@ -19,9 +19,11 @@ from onnx import TensorProto, helper, numpy_helper
 from hawqtool.errors import ExportError, UsageError
 from hawqtool.evaluate import evaluate_onnx, make_session
 from hawqtool.export import (
+    EMITTERS,
     INT4_STORAGES,
     METADATA_ALLOCATION,
     METADATA_VERSION,
+    DequantizeLinearEmitter,
     QDQExporter,
     external_data_path,
     offset_unsigned,
@@ -29,13 +31,15 @@ from hawqtool.export import (
     pack_int4,
     pack_rows,
     quantization_plan,
+    register_emitters,
     uint8_qparams,
     write_model,
 )
-from hawqtool.formats import format_bits, is_quantized, layer_cost
+from hawqtool.formats import format_bits, is_quantized, layer_cost, parse_format
 from hawqtool.prepare import prepare_model, swapped_weights
 from hawqtool.quantizer import int_range, quantize_weight
 from hawqtool.tasks import top1
+from hawqtool.types import ExportSettings
 
 INTEGER_KERNELS = {
     "QLinearConv",
@@ -53,9 +57,11 @@ INTEGER_KERNELS = {
 # ------------------------------------------------------------------------------------------------
 
 
-def _build(model: torch.nn.Module, splits, **kwargs) -> QDQExporter:  # type: ignore[no-untyped-def]
+def _build(model: torch.nn.Module, splits, **settings) -> QDQExporter:  # type: ignore[no-untyped-def]
     prepared = prepare_model(model, splits.calibration[0][0][:1])
-    return QDQExporter.build(prepared, splits.calibration, max_calibration_batches=2, **kwargs)
+    return QDQExporter.build(
+        prepared, splits.calibration, settings=ExportSettings(**settings), max_calibration_batches=2
+    )
 
 
 @pytest.fixture(scope="module")
@@ -714,17 +720,47 @@ def test_unknown_layer_or_format_is_a_usage_error(cnn, tmp_path) -> None:  # typ
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_format_family_is_one_registration_of_its_emitters(tokens, monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    block = {"mix": "int4-b16"}  # a MatMul on Wᵀ with K = 16: MatMulNBits applies
+    assert set(tokens.emitters(block)["mix"].values()) == {"MatMulNBits"}
+    family = parse_format("int4-b16").family
+    monkeypatch.setitem(EMITTERS, family, EMITTERS[family])  # restored after the test
+    # Registered with DequantizeLinear alone, the family's layers take it (a fresh emission cache).
+    register_emitters(family, (DequantizeLinearEmitter(),), replace=True)
+    fresh = tokens.with_int4_storage(tokens.int4_storage)
+    assert set(fresh.emitters(block)["mix"].values()) == {"DequantizeLinear"}
+    assert fresh.export(block, tmp_path / "dq.onnx").exists()
+    with pytest.raises(UsageError, match=rf"format family '{family}' has emitters already"):
+        register_emitters(family, (DequantizeLinearEmitter(),))
+    # A family with no emitter is refused by name, with the families that have one.
+    monkeypatch.delitem(EMITTERS, family)
+    with pytest.raises(
+        UsageError,
+        match=rf"'mix': format 'int4-b16' \(family '{family}'\) has no ONNX emitter; families with one: ",
+    ):
+        fresh.quantized_model(block)
+
+
 def test_bad_build_options_are_usage_errors(cnn, digits_splits) -> None:  # type: ignore[no-untyped-def]
-    for kwargs, match in [
-        ({"calibration_method": "kl"}, "minmax, percentile, entropy"),
-        ({"int4_storage": "nibbles"}, "packed, container"),
-        ({"opset": 13}, ">= 18"),
-        ({"max_calibration_batches": 0}, ">= 1"),
+    calibration = digits_splits.calibration
+    for settings, match in [
+        (
+            ExportSettings(calibration="kl"),
+            "unknown calibration method 'kl'; allowed: minmax, percentile, entropy",
+        ),
+        (ExportSettings(opset=13), ">= 18"),
     ]:
         with pytest.raises(UsageError, match=match):
-            QDQExporter.build(cnn.prepared, digits_splits.calibration, **kwargs)
+            QDQExporter.build(cnn.prepared, calibration, settings=settings)
+    with pytest.raises(UsageError, match="unknown int4 storage 'nibbles'; allowed: packed, container"):
+        cnn.with_int4_storage("nibbles")
+    with pytest.raises(UsageError, match=">= 1"):
+        QDQExporter.build(cnn.prepared, calibration, max_calibration_batches=0)
     with pytest.raises(UsageError, match="empty"):
         QDQExporter.build(cnn.prepared, [])
+    assert cnn.settings == ExportSettings() and cnn.with_int4_storage("container").settings == ExportSettings(
+        int4_storage="container"
+    )
 
 
 def test_packed_int4_below_opset_21_is_a_usage_error(mlp_digits, digits_splits, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -759,7 +795,7 @@ def test_calibration_methods_give_usable_ranges(mlp, digits_splits) -> None:  # 
         assert lo <= 0.0 < hi <= minmax[1] * 1.001, (method, lo, hi)
 
 
-def test_import_is_cheap() -> None:
+def test_import_loads_neither_onnx_nor_onnxruntime() -> None:
     code = (
         "import sys, hawqtool.export, hawqtool.evaluate; "
         "print('onnxruntime' in sys.modules, 'onnx' in sys.modules)"

@@ -9,8 +9,7 @@ calibrators (:mod:`~hawqtool.export.calibrate`). Each :meth:`QDQExporter.quantiz
 then graph surgery on protobufs (milliseconds once a layer's weights are quantized).
 
 What a quantized layer becomes (the placement onnxruntime 1.32's CPU QDQ fusion turns into
-integer kernels; measured, see ``tests/test_export.py``, ``tests/test_export_kinds.py`` and
-``scripts/bench_export.py``)::
+integer kernels; see ``tests/test_export.py`` and ``tests/test_export_kinds.py``)::
 
     activation formats (intB):
     x ─► Q(u8) ─► DQ ─┐
@@ -23,8 +22,9 @@ integer kernels; measured, see ``tests/test_export.py``, ``tests/test_export_kin
     other weight-only cases:                                W_int ─► DQ ─► op
 
 - weights: the integers and float32 scales of :func:`hawqtool.quantizer.quantize_as` (the function
-  sensitivity scores), written by one emitter per kind (:mod:`~hawqtool.export.emitters`), stored
-  once per layer in the bits :func:`hawqtool.formats.storage_bits` counts.
+  sensitivity scores), written by the emitters registered for the format's family
+  (:func:`~hawqtool.export.emitters.register_emitters`), stored once per layer in the bits
+  :func:`hawqtool.formats.storage_bits` counts.
 - activations: for ``intB`` formats, the tensor entering each node that computes with the weight
   and the tensor leaving it (after a Relu/Clip that is its only consumer, which onnxruntime folds
   into the Q) get Q→DQ with a uint8 scale and zero point from the calibrated range (onnxruntime's
@@ -41,18 +41,26 @@ integer kernels; measured, see ``tests/test_export.py``, ``tests/test_export_kin
 For uniform int8 the optimized onnxruntime graph is the same, node for node, as that of
 onnxruntime's own ``quantize_static`` (QDQ, uint8/int8 per-channel) on the zoo CNNs.
 
-Nothing here imports onnx, onnxruntime or torch at module level: ``import hawqtool.export`` is cheap.
+onnx and onnxruntime are imported inside the functions that use them (the only function-level
+imports here): the analysis stages import this package for its arithmetic (``uint8_qparams``) and
+must not load onnxruntime.
 """
 
 from __future__ import annotations
 
 from hawqtool.export.calibrate import CALIBRATION_METHODS, ActivationQuant, calibrate, uint8_qparams
 from hawqtool.export.emitters import (
+    EMITTERS,
     DequantizeLinearEmitter,
+    DynamicMatMulEmitter,
     Emission,
+    Emitter,
     GatherBlockQuantizedEmitter,
     LayerContext,
     MatMulNBitsEmitter,
+    PackedEmitter,
+    PackedOp,
+    register_emitters,
 )
 from hawqtool.export.exporter import INT4_STORAGES, METADATA_ALLOCATION, METADATA_VERSION, QDQExporter
 from hawqtool.export.locate import LayerSite, WeightUse, locate_layers
@@ -69,6 +77,7 @@ from hawqtool.export.writer import PROTOBUF_LIMIT, external_data_path, write_mod
 
 __all__ = [
     "CALIBRATION_METHODS",
+    "EMITTERS",
     "INPUT_NAME",
     "INT4_STORAGES",
     "METADATA_ALLOCATION",
@@ -81,11 +90,15 @@ __all__ = [
     "TORCH_MAX_OPSET",
     "ActivationQuant",
     "DequantizeLinearEmitter",
+    "DynamicMatMulEmitter",
     "Emission",
+    "Emitter",
     "GatherBlockQuantizedEmitter",
     "LayerContext",
     "LayerSite",
     "MatMulNBitsEmitter",
+    "PackedEmitter",
+    "PackedOp",
     "QDQExporter",
     "WeightUse",
     "calibrate",
@@ -97,6 +110,7 @@ __all__ = [
     "pack_int4",
     "pack_rows",
     "quantization_plan",
+    "register_emitters",
     "uint8_qparams",
     "write_model",
 ]

@@ -15,6 +15,7 @@ import numpy as np
 
 from hawqtool.errors import ExportError, UsageError
 from hawqtool.export.torch_export import INPUT_NAME
+from hawqtool.export.writer import needs_external_data
 
 if TYPE_CHECKING:
     import onnx
@@ -94,10 +95,8 @@ def calibrate(
         UsageError: an unknown method.
         ExportError: onnxruntime fails, or gives no range for a tensor.
     """
-    import onnx
+    import onnx  # lazy: see hawqtool.export's docstring
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
-
-    from hawqtool.export.writer import needs_external_data
 
     methods = {
         "minmax": (CalibrationMethod.MinMax, {}),

@@ -1,50 +1,26 @@
-"""Emitters: what one quantized layer's weight becomes in the ONNX graph, one emitter per kind.
+"""Emitters: what one quantized layer's weight becomes in the ONNX graph, registered per format family.
 
 Every emitter writes the integers and scales of :func:`hawqtool.quantizer.quantize_as` (the one
 quantizer, which sensitivity scores), so that the weight each node computes with is exactly
 ``quantize_as(...).dequantized``, and stores them once per layer, whatever the number of nodes that
-read the weight (tied embeddings, copies in another layout):
+read the weight (tied embeddings, copies in another layout). Each format family registers the
+emitters it may use, most specific first (:func:`register_emitters`); the first that applies to
+the layer emits it:
 
-- :class:`MatMulNBitsEmitter` — a block format (``intB-bK``) on a ``MatMul`` that reads ``Wᵀ`` or a
-  ``Gemm`` (``transA = 0``, ``alpha = beta = 1``, 1-D or no bias), when the block divides K: the
-  node becomes ``com.microsoft.MatMulNBits``. Measured on a 768 → 3072 layer, 2 threads (a loaded
-  2-core VM: trust the ratios): onnxruntime 1.32 already fuses a blocked ``DequantizeLinear →
-  MatMul`` (and ``→ Gemm`` with ``transB = 0``) into MatMulNBits when it loads the model, so there
-  the file (1.47 MB at int4-b32, 2.65 MB at int8-b32, vs 9.4 MB float) and the speed are the same;
-  it does not fuse ``Gemm`` with ``transB = 1`` (a Linear on a 2-D input), which as DQ + Gemm
-  took 200 ms instead of 0.4 ms for one row and 1.3× longer for 1216 rows. Emitting the op makes
-  the fast kernel independent of that fusion. ``accuracy_level = 4`` is what onnxruntime's own
-  fusion writes (the session option ``session.qdq_matmulnbits_accuracy_level`` defaults to 4);
-  level 0 was 5–500× slower (500× for 8-bit weights at one row). At level 4 the kernel quantizes
-  its *input* to int8 per block on the fly; the weight is still exactly the quantizer's.
-- :class:`GatherBlockQuantizedEmitter` — a weight-only format on an embedding ``Gather``: the node
-  becomes ``com.microsoft.GatherBlockQuantized`` with ``uint8`` data. Measured on a 30 000 × 384
-  table: the same bytes as ``DequantizeLinear → Gather`` (11.6 MB at int8 per row, 7.2 MB at
-  int4-b32, vs 46 MB float), and 80–700× faster, because onnxruntime does not constant-fold that
-  DequantizeLinear and dequantizes the whole table on every run (64 × 19 ids: 1.1 ms vs 94 ms at
-  int8 per row, 1.7 ms vs 425 ms at int4-b32; float Gather 0.9 ms); ``int4`` data was 20× slower
-  than ``uint8`` data, so the integers are stored as ``uint8``. A per-row format uses one block
-  of the smallest power of two ≥ the row length (onnxruntime accepts a block longer than the
-  row, and the padding is not stored).
-- :class:`DynamicMatMulEmitter` — a dynamic format (``intB-d``) on a ``MatMul`` that reads ``Wᵀ``
-  or a plain ``Gemm``: the node becomes ``DynamicQuantizeLinear(x) → MatMulInteger(x_q, W_q, x_zp)
-  → Cast(float) → Mul(x_scale · w_scales)`` (``→ Add(bias)`` for a Gemm), what onnxruntime's
-  ``quantize_dynamic`` writes; onnxruntime fuses it into ``com.microsoft.DynamicQuantizeMatMul``
-  when it loads the model. The input is quantized per tensor to uint8 from each run's own range
-  (including 0); the weight is stored once as int8 ``(K, N)`` (MatMulInteger's B layout) with no
-  zero point and float32 scales ``(N,)``: the bytes the size cost counts for an int8 weight.
-- :class:`DequantizeLinearEmitter` — everything else (Conv, per-channel formats on MatMul / Gemm,
-  activation formats, a block size that does not divide K, a weight that some other op reads):
-  ``DequantizeLinear`` on the weight, which onnxruntime fuses with the activation Q/DQ into integer
-  kernels (``QLinearConv``, ``QGemm``, ``QLinearMatMul``).
+- :class:`PackedEmitter` with :class:`MatMulNBitsEmitter` / :class:`GatherBlockQuantizedEmitter` —
+  weight-only formats whose every use is a ``MatMul`` on ``Wᵀ`` / plain ``Gemm`` with a block format
+  (``com.microsoft.MatMulNBits``) or an embedding ``Gather`` (``com.microsoft.GatherBlockQuantized``):
+  onnxruntime's fast kernels for them, which it does not always reach by fusing
+  ``DequantizeLinear`` itself. Both store the same bytes: the integers as unsigned ``q + 2^(b-1)``
+  packed along the input axis, row by row, no ``zero_points`` (the ops' default is the midpoint),
+  float32 scales ``(out, blocks)``; so a tied table stores its integers once.
+- :class:`DynamicMatMulEmitter` — a dynamic format (``intB-d``) on MatMul / plain Gemm uses:
+  ``DynamicQuantizeLinear → MatMulInteger → Cast → Mul (→ Add bias)``, what onnxruntime's
+  ``quantize_dynamic`` writes and fuses into ``DynamicQuantizeMatMul``.
+- :class:`DequantizeLinearEmitter` — everything else: ``DequantizeLinear`` on the weight, which
+  onnxruntime fuses with the activation Q/DQ into integer kernels (``QLinearConv``, ``QGemm``).
 
-MatMulNBits and GatherBlockQuantized store the same bytes: the integers as unsigned
-``q + 2^(b-1)`` packed along the input axis, row by row, one row per output channel, with no
-``zero_points`` (both ops then use the midpoint ``2^(b-1)``), and float32 scales ``(out, blocks)``.
-So a tied table (GPT-2's ``wte`` / ``lm_head``) stores its integers once, read by the
-GatherBlockQuantized directly and by the MatMulNBits through a ``Reshape`` to
-``(N, blocks, block · b / 8)`` that onnxruntime folds. A layer takes these packed emitters only when
-one applies to every use; otherwise all its uses go through DequantizeLinear.
+A new format family is one :func:`register_emitters` call (and its quantizer and format rule).
 """
 
 from __future__ import annotations
@@ -56,17 +32,19 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from hawqtool.errors import UsageError
 from hawqtool.export.locate import LayerSite, WeightUse, attribute
 from hawqtool.export.pack import PACKED_OP_BITS, offset_unsigned, pack_int2, pack_int4, pack_rows
-from hawqtool.formats import Format
+from hawqtool.formats import Format, parse_format
 
 if TYPE_CHECKING:
     import onnx
 
 log = logging.getLogger(__name__)
 
-#: ``MatMulNBits.accuracy_level``: what onnxruntime's own DQ → MatMulNBits fusion writes (see the
-#: module docstring for the measurements).
+#: ``MatMulNBits.accuracy_level``: what onnxruntime's own DQ → MatMulNBits fusion writes (the session
+#: option ``session.qdq_matmulnbits_accuracy_level`` defaults to it); the kernel then quantizes its
+#: input to int8 per block on the fly, while the weight stays exactly the quantizer's.
 MATMUL_NBITS_ACCURACY_LEVEL = 4
 CONTRIB_DOMAIN = "com.microsoft"
 
@@ -123,8 +101,17 @@ class Emission:
     kinds: Mapping[str, str] = field(default_factory=dict)
 
 
-class PackedEmitter(Protocol):
-    """An emitter that replaces a use by a contrib op reading the packed unsigned integers."""
+class Emitter(Protocol):
+    """What one registered emitter does: the layer's emission, or ``None`` when it does not apply
+    to this layer (the next emitter registered for the format's family is tried)."""
+
+    kind: str
+
+    def emit(self, ctx: LayerContext) -> Emission | None: ...
+
+
+class PackedOp(Protocol):
+    """A contrib op that replaces one use of the weight and reads the packed unsigned integers."""
 
     kind: str
 
@@ -157,7 +144,7 @@ class MatMulNBitsEmitter:
         return ctx.fmt.block
 
     def node(self, use: WeightUse, ctx: LayerContext, data: str, blocks: str, scales: str) -> onnx.NodeProto:
-        from onnx import helper
+        from onnx import helper  # lazy: see hawqtool.export's docstring
 
         old = ctx.nodes[use.node]
         inputs = [use.input, blocks, scales]
@@ -199,7 +186,7 @@ class GatherBlockQuantizedEmitter:
         return max(16, 1 << (ctx.in_features - 1).bit_length())
 
     def node(self, use: WeightUse, ctx: LayerContext, data: str, blocks: str, scales: str) -> onnx.NodeProto:
-        from onnx import helper
+        from onnx import helper  # lazy: see hawqtool.export's docstring
 
         old = ctx.nodes[use.node]
         return helper.make_node(
@@ -228,9 +215,17 @@ class DynamicMatMulEmitter:
             return use.transposed
         return use.op_type == "Gemm" and _plain_gemm(use, ctx)
 
-    def emit(self, ctx: LayerContext) -> Emission:
-        from onnx import TensorProto, helper, numpy_helper
+    def emit(self, ctx: LayerContext) -> Emission | None:
+        from onnx import TensorProto, helper, numpy_helper  # lazy: see hawqtool.export's docstring
 
+        if not (_exclusive(ctx) and all(self.applies(u, ctx) for u in ctx.site.uses)):
+            log.warning(
+                "layer %r: %s needs every reader of the weight to be a MatMul on Wᵀ or a plain Gemm; "
+                "it is emitted weight-only instead (float activations)",
+                ctx.site.fqn,
+                ctx.fmt.name,
+            )
+            return None
         w = ctx.site.weight
         q_name, s_name = f"{w}_quantized", f"{w}_scale"
         inits = (
@@ -286,18 +281,18 @@ class DequantizeLinearEmitter:
     Integers are stored as ONNX ``INT2`` / ``INT4`` (packed) or ``INT8``; packed ones reach the
     DequantizeLinear through a ``Cast`` to INT8, which onnxruntime folds into an int8 initializer
     when it loads the model: the file keeps the small packed integers and the graph still fuses
-    into QLinearConv / QGemm (a direct INT4 DQ runs dequantize + float compute, 4–16× slower, and a
-    direct INT2 DQ is fused into a QLinearConv that onnxruntime 1.32 then rejects). A use that reads
+    into QLinearConv / QGemm (a direct INT4 DQ runs dequantize + float compute, and a direct INT2
+    DQ is fused into a QLinearConv that onnxruntime 1.32 then rejects). A use that reads
     the other layout gets its own DequantizeLinear on a ``Transpose`` of those integers (folded the
     same way). No zero point (symmetric), except one all-zero int8 zero point per output channel
     when an activation format's weight feeds a Gemm: onnxruntime 1.32 fuses ``DQ → Gemm → Q`` into
-    QGemm only with it (measured: 0 of 3 Gemms fused without, 3 of 3 with).
+    QGemm only with it.
     """
 
     kind = "DequantizeLinear"
 
     def emit(self, ctx: LayerContext) -> Emission:
-        from onnx import TensorProto, helper, numpy_helper
+        from onnx import TensorProto, helper, numpy_helper  # lazy: see hawqtool.export's docstring
 
         site, f = ctx.site, ctx.fmt
         w = site.weight
@@ -357,51 +352,42 @@ class DequantizeLinearEmitter:
         )
 
 
-#: Emitters that replace a use by a contrib op on packed unsigned integers, tried in order.
-PACKED_EMITTERS: tuple[PackedEmitter, ...] = (MatMulNBitsEmitter(), GatherBlockQuantizedEmitter())
-DEQUANTIZE_EMITTER = DequantizeLinearEmitter()
-DYNAMIC_EMITTER = DynamicMatMulEmitter()
+class PackedEmitter:
+    """Every use of the weight replaced by a packed contrib op (:class:`PackedOp`, the first of
+    ``ops`` that applies to it), all reading one copy of the packed integers; ``None`` unless one
+    applies to every use and no other op reads the weight."""
+
+    kind = "packed"
+
+    def __init__(self, ops: Sequence[PackedOp]) -> None:
+        self.ops = tuple(ops)
+
+    def emit(self, ctx: LayerContext) -> Emission | None:
+        chosen = [next((op for op in self.ops if op.applies(use, ctx)), None) for use in ctx.site.uses]
+        ops = [op for op in chosen if op is not None]
+        if not _exclusive(ctx) or len(ops) != len(chosen):
+            return None
+        return _emit_packed(ctx, ops)
 
 
-def emit(ctx: LayerContext) -> Emission:
-    """The emission of one quantized layer: MatMulInteger for a dynamic format, or packed contrib
-    ops, when it applies to every use (and no other op reads the weight), else DequantizeLinear on
-    the weight (for a dynamic format: weight-only, the same integers and bytes, a warning)."""
-    exclusive = ctx.site.exclusive and bool(ctx.site.uses)
-    if ctx.fmt.dynamic:
-        if exclusive and all(DYNAMIC_EMITTER.applies(u, ctx) for u in ctx.site.uses):
-            return DYNAMIC_EMITTER.emit(ctx)
-        log.warning(
-            "layer %r: %s needs every reader of the weight to be a MatMul on Wᵀ or a plain Gemm; "
-            "its weight goes through DequantizeLinear instead (float activations)",
-            ctx.site.fqn,
-            ctx.fmt.name,
-        )
-        return DEQUANTIZE_EMITTER.emit(ctx)
-    chosen: list[PackedEmitter] = []
-    for use in ctx.site.uses:
-        e = next((e for e in PACKED_EMITTERS if e.applies(use, ctx)), None)
-        if e is None:
-            break
-        chosen.append(e)
-    if exclusive and len(chosen) == len(ctx.site.uses):
-        return _emit_packed(ctx, chosen)
-    return DEQUANTIZE_EMITTER.emit(ctx)
+def _exclusive(ctx: LayerContext) -> bool:
+    """Whether every reader of the layer's weight is one of its uses (an emitter may replace them all)."""
+    return ctx.site.exclusive and bool(ctx.site.uses)
 
 
-def _emit_packed(ctx: LayerContext, emitters: Sequence[PackedEmitter]) -> Emission:
-    from onnx import helper, numpy_helper
+def _emit_packed(ctx: LayerContext, ops: Sequence[PackedOp]) -> Emission:
+    from onnx import helper, numpy_helper  # lazy: see hawqtool.export's docstring
 
     w = ctx.site.weight
     n, k = ctx.out_features, ctx.in_features
-    blocks = {e.block(ctx) for e in emitters}
+    blocks = {op.block(ctx) for op in ops}
     assert len(blocks) == 1, blocks  # per-row formats never reach MatMulNBits
     block = blocks.pop()
     data = pack_rows(offset_unsigned(ctx.q, ctx.bits), ctx.bits)  # (N, K · b / 8)
     scales = ctx.scale.reshape(n, -1).astype(np.float32)  # (N, blocks); (N, 1) per row
     data_name, blocks_name, s_name = f"{w}_packed", f"{w}_packed_blocks", f"{w}_scale"
-    nbits = any(isinstance(e, MatMulNBitsEmitter) for e in emitters)
-    gather = any(isinstance(e, GatherBlockQuantizedEmitter) for e in emitters)
+    nbits = any(isinstance(op, MatMulNBitsEmitter) for op in ops)
+    gather = any(isinstance(op, GatherBlockQuantizedEmitter) for op in ops)
     blob = (n, k // block, block * ctx.bits // 8) if nbits else None
     nodes: list[onnx.NodeProto] = []
     if blob is not None and not gather:
@@ -418,14 +404,70 @@ def _emit_packed(ctx: LayerContext, emitters: Sequence[PackedEmitter]) -> Emissi
                 helper.make_node("Reshape", [data_name, shape], [blocks_name], name=f"{blocks_name}_Reshape")
             )
     inits.append(numpy_helper.from_array(scales, s_name))
-    replace = {
-        use.node: (e.node(use, ctx, data_name, blocks_name, s_name),)
-        for use, e in zip(ctx.site.uses, emitters, strict=True)
-    }
+    uses = list(zip(ctx.site.uses, ops, strict=True))
     return Emission(
         initializers=tuple(inits),
         nodes=tuple(nodes),
-        replace=replace,
+        replace={use.node: (op.node(use, ctx, data_name, blocks_name, s_name),) for use, op in uses},
         drops=ctx.site.tensors,
-        kinds={use.node: e.kind for use, e in zip(ctx.site.uses, emitters, strict=True)},
+        kinds={use.node: op.kind for use, op in uses},
     )
+
+
+# --------------------------------------------------------------------------------------------
+# The registry: format family -> emitters, most specific first
+# --------------------------------------------------------------------------------------------
+
+EMITTERS: dict[str, tuple[Emitter, ...]] = {}
+
+
+def register_emitters(family: str, emitters: Sequence[Emitter], *, replace: bool = False) -> None:
+    """Say how layers of a format family become ONNX: ``emitters`` are tried in order and the first
+    whose :meth:`Emitter.emit` returns an emission emits the layer, so the last one should always
+    apply (:class:`DequantizeLinearEmitter` does).
+
+    Args:
+        family: the family's name (:attr:`hawqtool.formats.Format.family`).
+        emitters: the family's emitters, most specific first.
+        replace: allow replacing a family's registered emitters.
+
+    Raises:
+        UsageError: no emitters, or a family registered already without ``replace``.
+    """
+    if not emitters:
+        raise UsageError(f"format family {family!r} needs at least one emitter")
+    if family in EMITTERS and not replace:
+        raise UsageError(
+            f"format family {family!r} has emitters already (registered: {', '.join(EMITTERS)}); "
+            "pass replace=True to replace them"
+        )
+    EMITTERS[family] = tuple(emitters)
+
+
+def emit(ctx: LayerContext) -> Emission:
+    """The emission of one quantized layer: the first of its family's emitters that applies.
+
+    Raises:
+        UsageError: the format's family has no registered emitter, naming those that have one.
+    """
+    family = ctx.fmt.family
+    if family not in EMITTERS:
+        raise UsageError(
+            f"format {ctx.fmt.name!r} (family {family!r}) has no ONNX emitter; "
+            f"families with one: {', '.join(EMITTERS)}"
+        )
+    for emitter in EMITTERS[family]:
+        emission = emitter.emit(ctx)
+        if emission is not None:
+            return emission
+    raise UsageError(f"no emitter registered for format family {family!r} applies to layer {ctx.site.fqn!r}")
+
+
+DEQUANTIZE_LINEAR = DequantizeLinearEmitter()
+PACKED = PackedEmitter((MatMulNBitsEmitter(), GatherBlockQuantizedEmitter()))
+# Family names come from the formats they parse from, so a renamed family cannot silently lose its
+# emitters.
+register_emitters(parse_format("int8").family, (DEQUANTIZE_LINEAR,))
+register_emitters(parse_format("int8-w").family, (PACKED, DEQUANTIZE_LINEAR))
+register_emitters(parse_format("int4-b32").family, (PACKED, DEQUANTIZE_LINEAR))
+register_emitters(parse_format("int8-d").family, (DynamicMatMulEmitter(), DEQUANTIZE_LINEAR))

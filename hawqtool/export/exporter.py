@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import torch
 
 from hawqtool import __version__
 from hawqtool.errors import UsageError
@@ -19,13 +23,12 @@ from hawqtool.export.calibrate import (
     calibration_inputs,
     uint8_qparams,
 )
-from hawqtool.export.emitters import Emission, LayerContext, emit
+from hawqtool.export.emitters import EMITTERS, Emission, LayerContext, emit
 from hawqtool.export.locate import LayerSite, locate_layers
 from hawqtool.export.plan import activation_tensors, quantization_plan
 from hawqtool.export.torch_export import MIN_OPSET, export_float_onnx
 from hawqtool.export.writer import PROTOBUF_LIMIT, write_model
 from hawqtool.formats import (
-    DEFAULT_OPSET,
     FLOAT,
     FORMAT_GRAMMAR,
     INT4_MIN_OPSET,
@@ -33,12 +36,17 @@ from hawqtool.formats import (
     STORAGES,
     is_format,
     is_quantized,
+    layer_cost,
     parse_format,
+    storage_bits,
+    supports,
 )
+from hawqtool.modelio import Batch
+from hawqtool.quantizer import quantize_as
+from hawqtool.types import ExportSettings
 
 if TYPE_CHECKING:
     import onnx
-    import torch
 
     from hawqtool.prepare import PreparedModel
 
@@ -46,6 +54,7 @@ log = logging.getLogger(__name__)
 
 #: Storage modes of sub-5-bit weights (the cost model's own list).
 INT4_STORAGES = STORAGES
+_DEFAULT_SETTINGS = ExportSettings()
 METADATA_ALLOCATION = "hawqtool.allocation"
 METADATA_VERSION = "hawqtool.version"
 #: Input positions of zero points, per op an emitter writes: their values can pick a kernel.
@@ -57,13 +66,6 @@ _ZERO_POINT_INPUTS = {
     "MatMulNBits": (3,),
     "GatherBlockQuantized": (3,),
 }
-
-
-def _storage_bits(fmt: str, int4_storage: str, opset: int) -> int:
-    """Bits one weight of ``fmt`` occupies in the file: the size cost model's own function."""
-    from hawqtool.formats import storage_bits  # imports torch: kept out of ``import hawqtool.export``
-
-    return storage_bits(fmt, storage=int4_storage, opset=opset)
 
 
 class QDQExporter:
@@ -80,9 +82,11 @@ class QDQExporter:
         activations: calibrated :class:`~hawqtool.export.calibrate.ActivationQuant` of every tensor
             an allocation can quantize.
         prepared: the model the exporter was built from.
+        settings: the :class:`hawqtool.types.ExportSettings` it was built with (``opset``,
+            ``int4_storage`` and ``clip_search`` are shortcuts to them).
 
     Example:
-        >>> exporter = QDQExporter.build(prepared, splits.calibration)   # doctest: +SKIP
+        >>> exporter = QDQExporter.build(prepared, splits.calibration, settings=ExportSettings())  # doctest: +SKIP
         >>> exporter.export({fqn: "int8" for fqn in prepared.fqns}, Path("m.onnx"))  # doctest: +SKIP
     """
 
@@ -93,25 +97,34 @@ class QDQExporter:
         prepared: PreparedModel,
         sites: Mapping[str, LayerSite],
         activations: Mapping[str, ActivationQuant],
-        opset: int,
-        int4_storage: str,
-        clip_search: bool,
-        calibration_method: str,
+        settings: ExportSettings,
         calibration_batches: int,
     ) -> None:
         self.float_model = float_model
         self.prepared = prepared
         self.sites = dict(sites)
         self.activations = dict(activations)
-        self.opset = opset
-        self.int4_storage = int4_storage
-        self.clip_search = clip_search
-        self.calibration_method = calibration_method
+        self.settings = settings
         self.calibration_batches = calibration_batches
         self.layer_weights: Mapping[str, str] = {f: s.weight for f, s in self.sites.items()}
         self._emissions: dict[tuple[str, str, int], Emission] = {}
         self._nodes = {n.name: n for n in float_model.graph.node}
         self._initializer_dims = {t.name: tuple(t.dims) for t in float_model.graph.initializer}
+
+    @property
+    def opset(self) -> int:
+        """The exported model's opset."""
+        return self.settings.opset
+
+    @property
+    def int4_storage(self) -> str:
+        """``packed`` or ``container`` storage of sub-8-bit weights."""
+        return self.settings.int4_storage
+
+    @property
+    def clip_search(self) -> bool:
+        """Whether the quantizer searches a clipping range (as sensitivity did)."""
+        return self.settings.clip_search
 
     # ----------------------------------------------------------------------------------------
     # Construction
@@ -121,42 +134,32 @@ class QDQExporter:
     def build(
         cls,
         prepared: PreparedModel,
-        calibration: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        calibration: Sequence[Batch],
         *,
-        opset: int = DEFAULT_OPSET,
-        calibration_method: str = "minmax",
-        int4_storage: str = "packed",
-        clip_search: bool = True,
+        settings: ExportSettings = _DEFAULT_SETTINGS,
         max_calibration_batches: int | None = None,
     ) -> QDQExporter:
         """Export the float model, locate every layer's weight and calibrate activation ranges.
 
         Args:
             prepared: the BN-folded model from :func:`hawqtool.prepare.prepare_model`.
-            calibration: ``(inputs, targets)`` batches; only the inputs are used.
-            opset: ONNX opset of the exported model (≥ 18; packed int4 weights need 21, packed
-                int2 weights 25, below which int2 is packed as INT4).
-            calibration_method: ``minmax``, ``percentile`` or ``entropy`` (onnxruntime's
-                ``CalibrationMethod``; percentile at 99.999 %, asymmetric).
-            int4_storage: ``packed`` stores b ≤ 4-bit weights in 4 (or 2) bits (half the bytes,
-                float kernels in onnxruntime on CPU for activation formats); ``container`` keeps
-                them in 8 bits (integer kernels, same size as int8).
-            clip_search: passed to :func:`hawqtool.quantizer.quantize_as`; must match what
-                sensitivity used.
+            calibration: ``(inputs, targets)`` batches; only the inputs are used (targets may be ``None``).
+            settings: the opset (≥ 18; packed int4 weights need 21, packed int2 weights 25, below
+                which int2 is packed as INT4), the storage of sub-8-bit weights, the quantizer's
+                clip search (as sensitivity used it) and the calibration method (``minmax``,
+                ``percentile`` at 99.999 % or ``entropy``: onnxruntime's calibrators).
             max_calibration_batches: use at most this many calibration batches.
 
         Raises:
-            UsageError: a bad option or an empty calibration split.
+            UsageError: a bad setting or an empty calibration split.
             ExportError: torch.onnx cannot export the model, a layer's weight cannot be found in
                 the graph, or onnxruntime fails during calibration.
         """
-        if calibration_method not in CALIBRATION_METHODS:
+        method, opset = settings.calibration, settings.opset
+        if method not in CALIBRATION_METHODS:
             raise UsageError(
-                f"unknown calibration_method {calibration_method!r}; "
-                f"allowed: {', '.join(CALIBRATION_METHODS)}"
+                f"unknown calibration method {method!r}; allowed: {', '.join(CALIBRATION_METHODS)}"
             )
-        if int4_storage not in INT4_STORAGES:
-            raise UsageError(f"unknown int4_storage {int4_storage!r}; allowed: {', '.join(INT4_STORAGES)}")
         if not isinstance(opset, int) or opset < MIN_OPSET:
             raise UsageError(f"opset {opset!r} is not supported; use an integer >= {MIN_OPSET}")
         if max_calibration_batches is not None and max_calibration_batches < 1:
@@ -170,7 +173,7 @@ class QDQExporter:
         act_sites = [s for s in sites.values() if s.activations]
         plan = quantization_plan(float_model.graph, act_sites)
         needed = set(activation_tensors(act_sites)) | {t for t, src in plan.items() if src is None}
-        ranges = calibrate(float_model, sorted(needed), inputs, calibration_method)
+        ranges = calibrate(float_model, sorted(needed), inputs, method)
         activations = {}
         for name in needed:
             rmin, rmax = ranges[name]
@@ -181,7 +184,7 @@ class QDQExporter:
             len(sites),
             opset,
             len(needed),
-            calibration_method,
+            method,
             len(inputs),
             time.perf_counter() - start,
         )
@@ -190,10 +193,7 @@ class QDQExporter:
             prepared=prepared,
             sites=sites,
             activations=activations,
-            opset=opset,
-            int4_storage=int4_storage,
-            clip_search=clip_search,
-            calibration_method=calibration_method,
+            settings=settings,
             calibration_batches=len(inputs),
         )
 
@@ -203,17 +203,12 @@ class QDQExporter:
         Raises:
             UsageError: an unknown storage mode.
         """
-        if int4_storage not in INT4_STORAGES:
-            raise UsageError(f"unknown int4_storage {int4_storage!r}; allowed: {', '.join(INT4_STORAGES)}")
         return QDQExporter(
             float_model=self.float_model,
             prepared=self.prepared,
             sites=self.sites,
             activations=self.activations,
-            opset=self.opset,
-            int4_storage=int4_storage,
-            clip_search=self.clip_search,
-            calibration_method=self.calibration_method,
+            settings=dataclasses.replace(self.settings, int4_storage=int4_storage),
             calibration_batches=self.calibration_batches,
         )
 
@@ -233,8 +228,6 @@ class QDQExporter:
             UsageError: an unknown layer or format, a format the layer's kind cannot take
                 (:func:`hawqtool.formats.supports`), or packed int4 below opset 21.
         """
-        from hawqtool.formats import supports
-
         unknown = [f for f in allocation if f not in self.sites]
         if unknown:
             raise UsageError(
@@ -255,7 +248,13 @@ class QDQExporter:
                 else:
                     why = f"block formats need a 2-D weight, it has {tuple(info.weight_shape)} (use int{f.bits}-w)"
                 raise UsageError(f"layer {fqn!r} ({info.kind}) cannot take format {fmt!r}: {why}")
-            if self.opset < INT4_MIN_OPSET and _storage_bits(fmt, self.int4_storage, self.opset) == 4:
+            family = parse_format(fmt).family
+            if is_quantized(fmt) and family not in EMITTERS:
+                raise UsageError(
+                    f"layer {fqn!r}: format {fmt!r} (family {family!r}) has no ONNX emitter; "
+                    f"families with one: {', '.join(EMITTERS)}"
+                )
+            if self.opset < INT4_MIN_OPSET and self._storage_bits(fmt) == 4:
                 raise UsageError(
                     f"layer {fqn!r}: {fmt} weights stored packed as ONNX INT4 need opset >= "
                     f"{INT4_MIN_OPSET}, the exporter was built with opset {self.opset}; "
@@ -273,8 +272,6 @@ class QDQExporter:
         that a Gemm reads, which onnxruntime needs to fuse QGemm. Biases, activation scales and
         zero points and the graph itself are the rest of the file.
         """
-        from hawqtool.formats import layer_cost
-
         full = self.full_allocation(allocation)
         total = 0
         for info in self.prepared.layers:
@@ -313,9 +310,7 @@ class QDQExporter:
             >>> exp.structure(fqn, "int7") == exp.structure(fqn, "int8")    # doctest: +SKIP
             True
         """
-        import hashlib
-
-        from onnx import numpy_helper
+        from onnx import numpy_helper  # lazy: see hawqtool.export's docstring
 
         full = self.full_allocation({fqn: fmt})
         if not is_quantized(full[fqn]):
@@ -370,7 +365,7 @@ class QDQExporter:
             UsageError: an unknown layer or format, a format the layer cannot take, packed int4
                 below opset 21, or metadata that would overwrite hawqtool's own keys.
         """
-        import onnx
+        import onnx  # lazy: see hawqtool.export's docstring
         from onnx import TensorProto, helper
 
         full = self.full_allocation(allocation)
@@ -496,10 +491,11 @@ class QDQExporter:
 
     # ----------------------------------------------------------------------------------------
 
-    def _emission(self, site: LayerSite, fmt: str) -> Emission:
-        from hawqtool.quantizer import quantize_as
+    def _storage_bits(self, fmt: str) -> int:
+        return storage_bits(fmt, storage=self.settings.int4_storage, opset=self.settings.opset)
 
-        bits = _storage_bits(fmt, self.int4_storage, self.opset)
+    def _emission(self, site: LayerSite, fmt: str) -> Emission:
+        bits = self._storage_bits(fmt)
         key = (site.fqn, fmt, bits)
         if key not in self._emissions:
             with _torch_threads(1):
@@ -520,10 +516,8 @@ class QDQExporter:
 @contextlib.contextmanager
 def _torch_threads(n: int) -> Iterator[None]:
     """Run torch on ``n`` threads for a while. The quantizer's per-channel search is hundreds of
-    tiny ops; with 2 OpenMP threads on a busy 2-core machine each op waits for a core (measured:
-    3.5 s instead of 3 ms for one 64×64×3×3 weight), on 1 thread it never does."""
-    import torch
-
+    tiny ops; with 2 OpenMP threads on a busy 2-core machine each op waits for a core, on 1 thread
+    it never does."""
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hawqtool.errors import ExportError
-from hawqtool.export.plan import FOLDABLE_ACTIVATIONS
+from hawqtool.formats import ACTIVATION_KINDS
 
 if TYPE_CHECKING:
     import onnx
@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 #: Ops that read a layer's weight as their second input.
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
+#: Activation functions onnxruntime folds into a following QuantizeLinear (ReluQuantFusion /
+#: ClipQuantFusion): a layer's output is taken after one that is its only consumer.
+FOLDABLE_ACTIVATIONS = ("Relu", "Clip")
 
 
 @dataclass(frozen=True)
@@ -127,10 +130,8 @@ def locate_layers(
             does not understand), shares its only copy with another layer (equal weights that the
             exporter merged), or is read by a MatMul as a tensor of rank other than 2.
     """
-    import onnx
+    import onnx  # lazy: see hawqtool.export's docstring
     from onnx import helper, numpy_helper
-
-    from hawqtool.prepare import ACTIVATION_KINDS
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -275,7 +276,7 @@ def _layer_output(
 
 def attribute(node: onnx.NodeProto, name: str, default: Any) -> Any:
     """The value of a node's attribute, or ``default`` when the node does not set it."""
-    from onnx import helper
+    from onnx import helper  # lazy: see hawqtool.export's docstring
 
     for a in node.attribute:
         if a.name == name:

@@ -6,19 +6,21 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from hawqtool import modelio
 from hawqtool.errors import ExportError
+from hawqtool.modelio import ModelIO
 
 if TYPE_CHECKING:
     import onnx
-    import torch
-
-    from hawqtool.modelio import ModelIO
 
 #: The newest opset torch's dynamo exporter emits; higher opsets are reached with onnx's
-#: version converter (measured on ResNet-20: identical outputs and integer kernels at 25).
+#: version converter.
 TORCH_MAX_OPSET = 21
 #: Oldest opset the dynamo exporter emits (it silently raises anything lower to 18).
 MIN_OPSET = 18
@@ -43,11 +45,6 @@ def export_float_onnx(
     Raises:
         ExportError: torch.onnx fails, or the result is not at ``opset``.
     """
-    import torch
-
-    from hawqtool import modelio
-    from hawqtool.modelio import ModelIO
-
     io = io or ModelIO.from_batches([(example_input, None)])
     flat = [x.detach() for x in io.flatten(example_input)]
     if modelio.batch_size(example_input) < 2:
@@ -79,7 +76,7 @@ def export_float_onnx(
     if got != min(opset, TORCH_MAX_OPSET):
         raise ExportError(f"torch.onnx exported opset {got}, asked for {min(opset, TORCH_MAX_OPSET)}")
     if opset > TORCH_MAX_OPSET:
-        from onnx import version_converter
+        from onnx import version_converter  # lazy: see hawqtool.export's docstring
 
         try:
             proto = version_converter.convert_version(proto, opset)
@@ -107,8 +104,6 @@ def _strip_debug_info(model: onnx.ModelProto) -> None:
 def _quiet_torch_onnx() -> Iterator[None]:
     # The dynamo exporter prints progress lines on stdout, warns that torchvision's ops are not
     # registered and logs its optimizer passes at INFO: none of it is news to a hawqtool user.
-    import warnings
-
     noisy = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir")]
     levels = [lg.level for lg in noisy]
     try:

@@ -58,7 +58,7 @@ def write_model(
         >>> write_model(model, Path("out/model.onnx"))  # doctest: +SKIP
         PosixPath('out/model.onnx')
     """
-    import onnx
+    import onnx  # lazy: see hawqtool.export's docstring
 
     path = Path(path)
     if not needs_external_data(model, max_inline_bytes=max_inline_bytes):
@@ -96,7 +96,7 @@ def write_model(
 
 
 def _check(model: onnx.ModelProto | str) -> None:
-    import onnx
+    import onnx  # lazy: see hawqtool.export's docstring
 
     try:
         onnx.checker.check_model(model, full_check=True)
