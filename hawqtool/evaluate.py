@@ -1,8 +1,8 @@
 """Evaluate an ONNX model in onnxruntime: metric over a whole split, median latency, file size.
 
 The float baseline and every quantized candidate go through :func:`evaluate_onnx` with the same
-settings, so their numbers compare. onnxruntime is imported inside the functions:
-``import hawqtool`` stays cheap.
+settings, so their numbers compare. onnxruntime is imported inside the functions, so that the
+stages that import this module without running a session do not load it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hawqtool.errors import ExportError, UsageError
+from hawqtool.tasks import MetricFn, metric_by_chunks, per_sample
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
     import onnxruntime
 
     from hawqtool.modelio import ModelIO
-    from hawqtool.tasks import MetricFn  # a type only: tasks imports torch
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def make_session(
             names the available ones).
         ExportError: onnxruntime rejects the model.
     """
-    import onnxruntime as ort
+    import onnxruntime as ort  # lazy: see the module docstring
 
     if provider not in PROVIDERS:
         raise UsageError(f"unknown execution provider {provider!r}; allowed: {', '.join(PROVIDERS)}")
@@ -153,8 +153,6 @@ def evaluate_onnx(
             that is NaN or of the wrong shape.
         ExportError: onnxruntime fails to load or run the model.
     """
-    from hawqtool.tasks import metric_by_chunks, per_sample
-
     start = time.perf_counter()
     if threads < 1 or latency_runs < 1 or warmup < 0 or (latency_batch is not None and latency_batch < 1):
         raise UsageError(
@@ -243,8 +241,6 @@ def _ragged_per_sample(
     would count (as agreement for per-token ``top1_agreement``, as zero error for ``mse``). None when
     the outputs are not ragged or the metric is one number per split (then the padded
     concatenation is all there is to give it)."""
-    from hawqtool.tasks import per_sample
-
     if len({o.shape[1:] for o in outputs}) <= 1:
         return None
     parts = []

@@ -131,3 +131,17 @@ def test_per_token_metrics_ignore_the_padding_between_batches_of_different_lengt
     # mse per sentence over its own tokens: batch 1 (1 + 1) / 2 = 1; batch 2 (0 + 0 + 0 + 0 + 1 + 1) / 6.
     ev = evaluate_onnx(model, [(x1, t1), (x2, t2)], mse, latency_runs=1, warmup=0)
     assert ev.values is not None and ev.values.tolist() == pytest.approx([1.0, 1 / 3])
+
+
+def test_providers_are_checked() -> None:
+    import onnxruntime as ort
+
+    from hawqtool.evaluate import make_session
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(
+            UsageError, match=r"execution provider 'cuda' .* is not available .*; available: .*cpu"
+        ):
+            make_session(b"", provider="cuda")
+    with pytest.raises(UsageError, match=r"unknown execution provider 'tpu'"):
+        make_session(b"", provider="tpu")
