@@ -1,16 +1,9 @@
-"""Sensitivity: the candidate options of every layer, with their cost and HAWQ-V2 score Ω.
+"""Options: the candidate formats of every layer, with their cost and HAWQ-V2 score Ω.
 
 For layer i and format b, Ω_i(b) = (Tr(H_ii) / n_i) · ‖Q_b(W_i) − W_i‖² (HAWQ-V2), where the average
-trace comes from the Hessian stage and Q_b is :func:`hawqtool.quantizer.quantize_weight`, the same
-quantizer that export uses. Cost models:
-
-- ``size``: bytes of the weights as stored, including one float32 scale per output channel for
-  quantized formats. ``storage="packed"`` stores 2- to 4-bit integers as ONNX int4 (two per byte)
-  and 5- to 8-bit ones as int8; ``storage="container"`` stores every integer format in int8, which
-  keeps onnxruntime's integer kernels on CPU (docs/facts.md). Biases stay float whatever the format and
-  are the same for every allocation, so they are left out.
-- ``bops``: MACs per sample × weight bits (nominal: int4 counts 4 even in an int8 container,
-  float 32) × activation bits (``activation_bits`` for a quantized layer, 32 for a float one).
+trace comes from the Hessian stage and Q_b is the format family's quantizer
+(:func:`hawqtool.quantizer.quantize_as`), the same one export uses. Costs come from a cost model
+(:mod:`hawqtool.costs`; ``size`` and ``bops`` are :func:`hawqtool.formats.layer_cost`).
 """
 
 from __future__ import annotations
@@ -24,17 +17,9 @@ import torch
 from hawqtool import costs
 from hawqtool.costs import CostModel
 from hawqtool.errors import UsageError
-from hawqtool.formats import (
-    DEFAULT_OPSET,
-    FLOAT,
-    FORMAT_GRAMMAR,
-    STORAGES,
-    check_choice,
-    parse_format,
-    supports,
-)
+from hawqtool.formats import FLOAT, format_grammar, parse_format, supports
 from hawqtool.quantizer import quantize_as
-from hawqtool.types import LayerInfo, LayerOption, OptionTable, SensitivityTable
+from hawqtool.types import ExportSettings, LayerInfo, LayerOption, OptionTable, SensitivityTable
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +29,10 @@ def build_options(
     traces: SensitivityTable,
     weights: Mapping[str, torch.Tensor],
     *,
+    settings: ExportSettings | None = None,
     formats: Sequence[str] = ("int4", "int8", "float"),
     cost: str | CostModel = "size",
-    storage: str = "packed",
-    clip_search: bool = True,
     activation_bits: int = 8,
-    opset: int = DEFAULT_OPSET,
     activation_omega: Mapping[str, float] | None = None,
     dynamic_activation_omega: Mapping[str, float] | None = None,
 ) -> OptionTable:
@@ -75,14 +58,13 @@ def build_options(
         layers: the quantizable layers (``PreparedModel.layers``), in model order.
         traces: the Hessian stage's table; must cover every layer.
         weights: the (BN-folded) weight of every layer, by FQN.
-        formats: candidate formats for unpinned layers, in :data:`~hawqtool.formats.KNOWN_FORMATS`.
+        settings: the export settings the exporter will use: integer storage and opset (``size``
+            costs) and the quantizer's clip search; ``None``: the defaults (``ExportSettings()``).
+        formats: candidate formats for unpinned layers (:data:`~hawqtool.formats.FORMAT_GRAMMAR`).
         cost: a :class:`~hawqtool.costs.CostModel`, or the name of a registered one (``size``,
-            ``bops``, or one added with :func:`hawqtool.costs.register`), built for ``storage``,
-            ``activation_bits`` and ``opset``. The table records its ``name``.
-        storage: integer storage for ``size``, ``packed`` or ``container``.
-        clip_search: passed to the quantizer (the export must use the same setting).
+            ``bops``, or one added with :func:`hawqtool.costs.register`), built for ``settings``
+            and ``activation_bits``. The table records its ``name``.
         activation_bits: bits of quantized activations for ``bops``.
-        opset: the exported model's opset, which decides packed int2 storage for ``size``.
         activation_omega: Ω_act per layer (fqn -> finite number >= 0), added to the Ω of its
             activation-quantizing formats; a layer that can take such a format must be covered.
         dynamic_activation_omega: Ω_act of run-time quantization per layer
@@ -90,7 +72,7 @@ def build_options(
             dynamic formats; same checks.
 
     Raises:
-        UsageError: unknown format, cost model or storage; no formats; a layer without a trace or
+        UsageError: unknown format or cost model; no formats; a layer without a trace or
             a weight, or whose weight or trace does not match the layer's shape; an activation Ω
             missing for a layer that needs one, negative or not finite; a cost that is not finite.
 
@@ -105,15 +87,15 @@ def build_options(
     """
     formats = tuple(dict.fromkeys(formats))  # de-duplicated, order kept
     if not formats:
-        raise UsageError(f"no candidate formats given; allowed: {FORMAT_GRAMMAR}")
+        raise UsageError(f"no candidate formats given; allowed: {format_grammar()}")
     for fmt in formats:
         parse_format(fmt)
-    check_choice(storage, STORAGES, "storage")
-    cost_model = (
-        costs.get(cost, costs.CostSettings(storage=storage, opset=opset, activation_bits=activation_bits))
-        if isinstance(cost, str)
-        else cost
-    )
+    settings = settings or ExportSettings()
+    if isinstance(cost, str):
+        cost_settings = costs.CostSettings(settings.int4_storage, settings.opset, activation_bits)
+        cost_model = costs.get(cost, cost_settings)
+    else:
+        cost_model = cost
     for fqn, value in [*(activation_omega or {}).items(), *(dynamic_activation_omega or {}).items()]:
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise UsageError(f"activation Ω of layer {fqn!r} must be a finite number >= 0, got {value!r}")
@@ -154,7 +136,7 @@ def build_options(
                 allowed = (FLOAT,)
         for fmt in allowed:
             parse_format(fmt)
-            sq_error = 0.0 if fmt == FLOAT else quantize_as(w, fmt, clip_search=clip_search).sq_error
+            sq_error = 0.0 if fmt == FLOAT else quantize_as(w, fmt, clip_search=settings.clip_search).sq_error
             omega = avg_trace * sq_error
             spec = parse_format(fmt)
             charged = (

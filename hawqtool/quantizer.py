@@ -1,29 +1,31 @@
-"""The one weight quantizer of hawqtool.
+"""The one weight quantizer per format family, dispatched by the format's registered family.
 
-Symmetric, per output channel, round to nearest (half to even, as ONNX ``QuantizeLinear``), on the
-full signed grid [-2^(b-1), 2^(b-1) - 1] (int4: [-8, 7], 16 levels). Sensitivity measures
-‖Q(W) − W‖² with it and export writes its integers and scales, so what is scored is what ships.
+The built-in integer families share one: symmetric, per output channel (or per channel and block),
+round to nearest (half to even, as ONNX ``QuantizeLinear``), on the full signed grid
+[-2^(b-1), 2^(b-1) - 1] (int4: [-8, 7], 16 levels). Options measure ‖Q(W) − W‖² with it and export
+writes its integers and scales, so what is scored is what ships. A new family registers its own
+with :func:`register`.
 
-Why the full grid and a clipping search: on the small CNN trained on MNIST-5k, a symmetric [-7, 7]
-int4 grid with a max-abs scale lost 15 points more top-1 than onnxruntime's [-8, 7] ``QInt4``
-(docs/facts.md). The max-abs scale is ``max|w| / (qmax + 0.5)`` (what onnxruntime's symmetric QInt4
-computes): the most negative weight lands exactly on ``qmin`` and the most positive is clipped by
-half a step. The per-channel search picks, by least squared error, among ``alpha`` times that scale
-(:data:`CLIP_RATIOS`) and the no-clip scale ``max(max(w)/qmax, -min(w)/-qmin)``, which puts the
-channel's extreme weight exactly on the grid. The no-clip candidate was added on a measurement
-(``scripts/bench_quantizer.py``, small CNN on MNIST-5k): it cut conv1's int4 ‖ΔW‖² by 12 % and
-lifted all-int2 top-1 from 64 % to 79 % (a few-weight first-layer filter whose positive max was
-being clipped). Because every chosen scale puts some integer on ``qmin`` or ``qmax``, quantizing
-the dequantized weight again finds the same grid (idempotence).
+Why the full grid and a clipping search: a symmetric [-7, 7] int4 grid with a max-abs scale loses
+accuracy against onnxruntime's [-8, 7] ``QInt4`` (docs/benchmarks.md). The max-abs scale is
+``max|w| / (qmax + 0.5)`` (what onnxruntime's symmetric QInt4 computes): the most negative weight
+lands exactly on ``qmin`` and the most positive is clipped by half a step. The per-channel search
+picks, by least squared error, among ``alpha`` times that scale (:data:`CLIP_RATIOS`) and the
+no-clip scale ``max(max(w)/qmax, -min(w)/-qmin)``, which puts the channel's extreme weight exactly
+on the grid (it helps filters with few weights whose positive max would be clipped;
+docs/benchmarks.md). Because every chosen scale puts some integer on ``qmin`` or ``qmax``,
+quantizing the dequantized weight again finds the same grid (idempotence).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from hawqtool.formats import parse_format
+from hawqtool.errors import UsageError
+from hawqtool.formats import Format, families, format_family, parse_format
 
 #: Candidate clipping ratios of the per-channel scale search (1.0 = no clipping).
 CLIP_RATIOS = tuple(1.0 - 0.02 * i for i in range(26))  # 1.0 down to 0.5
@@ -143,16 +145,57 @@ def _search(
     return _fake_quant(w2d, best_scale, qmin, qmax), best_scale
 
 
+class WeightQuantizer(Protocol):
+    """A format family's quantizer: a weight (output channels first) in one of its formats."""
+
+    def __call__(self, weight: torch.Tensor, fmt: Format, *, clip_search: bool) -> QuantizedWeight: ...
+
+
+def symmetric(weight: torch.Tensor, fmt: Format, *, clip_search: bool) -> QuantizedWeight:
+    """The built-in integer families' quantizer: :func:`quantize_weight` at the format's bits and block."""
+    return quantize_weight(weight, fmt.bits, clip_search=clip_search, block=fmt.block)
+
+
+_QUANTIZERS: dict[str, WeightQuantizer] = dict.fromkeys(("intB", "intB-w", "intB-d", "intB-bK"), symmetric)
+
+
+def register(family: str, quantizer: WeightQuantizer, *, replace: bool = False) -> None:
+    """Make ``quantizer`` the one quantizer of a registered format family.
+
+    Raises:
+        UsageError: the family is not registered in :mod:`hawqtool.formats`, or already has a
+            quantizer and ``replace`` is false.
+    """
+    if family not in {f.name for f in families()}:
+        raise UsageError(
+            f"format family {family!r} is not registered; registered: {', '.join(f.name for f in families())}"
+        )
+    if family in _QUANTIZERS and not replace:
+        raise UsageError(f"format family {family!r} already has a quantizer; pass replace=True")
+    _QUANTIZERS[family] = quantizer
+
+
+def unregister(family: str) -> None:
+    """Remove a family's quantizer (tests)."""
+    _QUANTIZERS.pop(family, None)
+
+
 def quantize_as(weight: torch.Tensor, fmt: str, *, clip_search: bool = True) -> QuantizedWeight:
-    """Quantize ``weight`` as format ``fmt`` (bits and block size from the format).
+    """Quantize ``weight`` as format ``fmt`` with its family's quantizer.
 
     Raises:
         ValueError: ``fmt`` is ``float``.
+        UsageError: an unknown format, or a family without a quantizer.
     """
     f = parse_format(fmt)
     if not f.quantized:
         raise ValueError("float is not a quantized format")
-    return quantize_weight(weight, f.bits, clip_search=clip_search, block=f.block)
+    quantizer = _QUANTIZERS.get(format_family(f).name)
+    if quantizer is None:
+        raise UsageError(
+            f"format {fmt!r}: its family {f.family!r} has no quantizer (hawqtool.quantizer.register)"
+        )
+    return quantizer(weight, f, clip_search=clip_search)
 
 
 def dequantize_as(weight: torch.Tensor, fmt: str, *, clip_search: bool = True) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Cost models by hand, and options (Ω = avg trace · ‖Q(W) − W‖²) on a real zoo model."""
+"""Options (Ω = avg trace · ‖Q(W) − W‖², cost) by hand and on a real zoo model."""
 
 from __future__ import annotations
 
@@ -10,13 +10,11 @@ import torch
 from torch import nn
 
 from hawqtool.errors import UsageError
-from hawqtool.formats import layer_cost, storage_bits
+from hawqtool.formats import layer_cost
 from hawqtool.frontier import pareto_frontier
 from hawqtool.options import build_options
 from hawqtool.prepare import prepare_model
-from hawqtool.types import LayerInfo, LayerTrace, SensitivityTable
-
-CONV = LayerInfo("conv", "conv2d", (32, 16, 3, 3), params=4608, macs=0)
+from hawqtool.types import ExportSettings, LayerInfo, LayerTrace, SensitivityTable
 
 
 def made_up_traces(layers: tuple[LayerInfo, ...], avg: dict[str, float]) -> SensitivityTable:
@@ -33,70 +31,6 @@ def made_up_traces(layers: tuple[LayerInfo, ...], avg: dict[str, float]) -> Sens
         for x in layers
     )
     return SensitivityTable(layers=rows, seed=0, device="cpu", rel_tol=0.05, hvps=0, seconds=0.0)
-
-
-@pytest.mark.parametrize(
-    ("fmt", "packed", "container"),
-    [
-        ("int2", 2, 8),
-        ("int3", 4, 8),
-        ("int4", 4, 8),
-        ("int5", 8, 8),
-        ("int8", 8, 8),
-        ("int4-d", 8, 8),  # MatMulInteger reads int8 whatever the storage
-        ("int8-d", 8, 8),
-        ("float", 32, 32),
-    ],
-)
-def test_storage_bits(fmt: str, packed: int, container: int) -> None:
-    assert storage_bits(fmt) == packed
-    assert storage_bits(fmt, storage="container") == container
-    # Before opset 25 there is no INT2: int2 is packed as INT4.
-    assert storage_bits(fmt, opset=21) == (4 if fmt == "int2" else packed)
-
-
-def test_size_of_a_conv_by_hand() -> None:
-    scales = 32 * 4  # one float32 scale per output channel
-    assert layer_cost(CONV, "int4") == 4608 / 2 + scales == 2432
-    assert layer_cost(CONV, "int2") == 4608 / 4 + scales  # INT2 at the default opset 25
-    assert layer_cost(CONV, "int2", opset=21) == 2432  # packed into INT4 before opset 25
-    assert layer_cost(CONV, "int4", storage="container") == 4608 + scales
-    assert layer_cost(CONV, "int8") == 4608 + scales
-    assert layer_cost(CONV, "float") == 4608 * 4
-    odd = LayerInfo("fc", "linear", (3, 5), params=15)
-    assert layer_cost(odd, "int4") == 8 + 3 * 4  # 7.5 bytes round up to whole bytes
-
-
-def test_bops_of_a_conv_from_a_real_forward_pass() -> None:
-    model = nn.Sequential(
-        nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(2048, 10)
-    )
-    prepared = prepare_model(model, torch.zeros(2, 16, 8, 8))
-    conv, fc = prepared.layers
-    macs = 32 * 8 * 8 * (16 * 3 * 3)  # output elements × one filter's size
-    assert conv.macs == macs and fc.macs == 2048 * 10
-    assert layer_cost(conv, "int4", cost="bops") == macs * 4 * 8
-    assert layer_cost(conv, "int8", cost="bops") == macs * 8 * 8
-    assert layer_cost(conv, "float", cost="bops") == macs * 32 * 32
-    assert layer_cost(conv, "int4", cost="bops", activation_bits=16) == macs * 4 * 16
-    # Nominal bits: int4 in an int8 container still counts 4.
-    assert layer_cost(conv, "int4", cost="bops", storage="container") == macs * 4 * 8
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"fmt": "int9"}, r"unknown format 'int9'; allowed: float, intB"),
-        ({"fmt": "fp16"}, r"unknown format 'fp16'"),
-        ({"fmt": "int4", "cost": "latency"}, r"unknown cost model 'latency'; allowed: size, bops"),
-        ({"fmt": "int4", "storage": "nibbles"}, r"unknown storage 'nibbles'; allowed: packed, container"),
-        ({"fmt": "int4", "cost": "bops", "activation_bits": 0}, r"activation_bits must be in 1\.\.32"),
-    ],
-)
-def test_layer_cost_bad_input(kwargs: dict[str, object], match: str) -> None:
-    fmt = kwargs.pop("fmt")
-    with pytest.raises(UsageError, match=match):
-        layer_cost(CONV, fmt, **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +118,7 @@ def test_options_of_a_2x3_weight_worked_by_hand() -> None:
         made_up_traces((layer,), {"fc": 2.0}),
         {"fc": w},
         formats=("int2", "int4", "float"),
-        clip_search=False,
+        settings=ExportSettings(clip_search=False),
     )
     got = {o.format: (o.sq_error, o.omega, o.cost) for o in table.options["fc"]}
     assert got == {
@@ -202,7 +136,8 @@ def test_build_options_bops_and_container(prepared_cnn) -> None:  # type: ignore
     conv1 = layers[0]
     assert bops.option("conv1", "int4").cost == conv1.macs * 4 * 8 > 0
     assert [o.format for o in bops.options["conv1"]] == ["int8", "int4"]
-    cont = build_options(layers, traces, _weights(prepared_cnn), storage="container", formats=("int4",))
+    container = ExportSettings(int4_storage="container")
+    cont = build_options(layers, traces, _weights(prepared_cnn), settings=container, formats=("int4",))
     assert cont.option("conv2", "int4").cost == layers[1].params + 4 * layers[1].out_channels
 
 
@@ -216,8 +151,8 @@ def test_build_options_bad_input(prepared_cnn) -> None:  # type: ignore[no-untyp
         build_options(layers, traces, weights, formats=())
     with pytest.raises(UsageError, match=r"unknown cost model 'energy'; registered: size, bops, latency"):
         build_options(layers, traces, weights, cost="energy")
-    with pytest.raises(UsageError, match=r"unknown storage 'int4'; allowed: packed, container"):
-        build_options(layers, traces, weights, storage="int4")
+    with pytest.raises(UsageError, match=r"unknown int4 storage 'int4'; allowed: packed, container"):
+        build_options(layers, traces, weights, settings=ExportSettings(int4_storage="int4"))
     partial = SensitivityTable(traces.layers[:2], 0, "cpu", 0.05, 0, 0.0)
     with pytest.raises(UsageError, match=r"no trace for layer 'fc1'; it covers: conv1, conv2"):
         build_options(layers, partial, weights)

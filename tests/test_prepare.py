@@ -1,4 +1,5 @@
-"""BatchNorm folding against its closed form, on small modules with hand-set statistics."""
+"""BatchNorm folding against its closed form, on small modules with hand-set statistics; layer
+handlers and their MAC counts."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import torch
 from torch import nn
 
 from hawqtool.errors import UsageError
-from hawqtool.prepare import fold_batchnorm, prepare_model
+from hawqtool.formats import layer_kind
+from hawqtool.prepare import fold_batchnorm, handlers, prepare_model
 
 EPS = 1e-5
 C = 3  # output channels of the conv, features of the BN
@@ -161,3 +163,43 @@ def test_a_conv_output_used_twice_keeps_its_bn_and_other_pairs_still_fold() -> N
         torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
     assert isinstance(folded.bn, nn.BatchNorm2d)  # not folded: y is also used raw
     assert isinstance(folded.bn2, nn.Identity)  # folded into conv2
+
+
+def test_macs_are_counted_by_each_handler_from_a_real_forward_pass() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(2048, 10)
+    )
+    conv, fc = prepare_model(model, torch.zeros(2, 16, 8, 8)).layers
+    assert conv.macs == 32 * 8 * 8 * (16 * 3 * 3)  # output elements × one filter's size
+    assert fc.macs == 2048 * 10
+
+
+class Attend(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(20, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_attention_macs_include_the_out_proj_it_applies_functionally() -> None:
+    prepared = prepare_model(Attend(), torch.zeros(3, 5, dtype=torch.long))
+    layers = {x.fqn: x for x in prepared.layers}
+    assert set(layers) == {"emb", "attn.in_proj", "attn.out_proj"}
+    assert layers["emb"].macs == 0  # a lookup
+    assert layers["attn.in_proj"].macs == 5 * 8 * 24  # 5 tokens × 8 features × 3E outputs
+    assert layers["attn.out_proj"].macs == 5 * 8 * 8
+
+
+def test_built_in_handlers_agree_with_the_kind_table() -> None:
+    """A kind is Linear-like (takes dynamic formats) exactly when MatMul / Gemm are its only ops."""
+    assert [h.kind.name for h in handlers()] == [
+        "linear", "conv1d", "conv2d", "mha_in_proj", "embedding", "hf_conv1d",
+    ]  # fmt: skip
+    for h in handlers():
+        assert layer_kind(h.kind.name) == h.kind
+        assert h.kind.matmul_only == (h.kind.activations and set(h.onnx_ops) <= {"Gemm", "MatMul"})
