@@ -32,14 +32,13 @@ from hawqtool.formats import (
     FLOAT,
     FORMAT_GRAMMAR,
     INT4_MIN_OPSET,
-    KNOWN_FORMATS,
     STORAGES,
     is_format,
     is_quantized,
     layer_cost,
     parse_format,
     storage_bits,
-    supports,
+    unsupported_reason,
 )
 from hawqtool.modelio import Batch
 from hawqtool.quantizer import quantize_as
@@ -238,15 +237,8 @@ class QDQExporter:
             if not is_format(fmt):
                 raise UsageError(f"layer {fqn!r}: unknown format {fmt!r}; allowed: {FORMAT_GRAMMAR}")
             info = self.prepared.info(fqn)
-            if not supports(info, fmt):
-                f = parse_format(fmt)
-                if f.activations:
-                    why = f"its input is not an activation (use {fmt}-w or a block format)"
-                elif f.dynamic:
-                    allowed = ", ".join(k for k in KNOWN_FORMATS if supports(info, k))
-                    why = f"dynamic formats are for MatMul/Gemm (Linear-like) layers; allowed: {allowed}"
-                else:
-                    why = f"block formats need a 2-D weight, it has {tuple(info.weight_shape)} (use int{f.bits}-w)"
+            why = unsupported_reason(info, fmt)
+            if why is not None:
                 raise UsageError(f"layer {fqn!r} ({info.kind}) cannot take format {fmt!r}: {why}")
             family = parse_format(fmt).family
             if is_quantized(fmt) and family not in EMITTERS:
