@@ -7,20 +7,19 @@ the layers merged so far (sorted by cost, ΣΩ strictly decreasing) is combined 
 the next layer and every dominated partial sum is dropped, which is safe because a dominated partial
 sum stays dominated whatever the remaining layers add. Allocations are kept as back-pointers (parent
 index + option index per layer and point) and rebuilt only for the final points, into one shared
-``uint8`` matrix that the points' :class:`Allocation` views read.
+``uint8`` matrix that the points' :class:`AllocationView` views read.
 
-The frontier size grows with the number of distinct costs: real networks repeat a few layer shapes
-and stay small (about 10⁴–10⁵ points for 200 layers), but 200 layers of all-different sizes reach
-~10⁶ points (``scripts/bench_frontier.py``). ``cost_grid`` and ``omega_grid`` bound it for such
-models, with a proven bound on what is lost.
+The frontier grows with the number of distinct costs: real networks repeat a few layer shapes and
+stay small, while hundreds of layers of all-different sizes do not (sizes and times in
+docs/benchmarks.md). ``cost_grid`` and ``omega_grid`` bound it for such models, with a proven bound
+on what is lost.
 
 Automatic bounds. Without grids, the merge is exact as long as no partial frontier holds more
-than B points, which models of a few dozen layers never reach. Past that (hundreds of layers) the
-merge starts again, smallest layers first, and every partial frontier larger than B points is
-thinned to B buckets over the table's cost range and B over its ln-ΣΩ range, with B chosen from the
-layer count for an accepted ΣΩ error (:func:`auto_buckets`, :data:`AUTO_ERROR` = 0.5 % at any cost
-target). The frontier records the grids it used. On 1000 synthetic layers (``scripts/
-bench_frontier.py``) this took a few seconds, against about a minute for the ILPs of 20 targets.
+than B points, which models of a few dozen layers never reach. Past that the merge starts again,
+smallest layers first, and every partial frontier larger than B points is thinned to B buckets over
+the table's cost range and B over its ln-ΣΩ range, with B chosen from the layer count for an
+accepted ΣΩ error (:func:`auto_buckets`, :data:`AUTO_ERROR` at any cost target). The frontier
+records the grids it used.
 """
 
 from __future__ import annotations
@@ -49,12 +48,10 @@ AUTO_ERROR = 0.005
 def auto_buckets(n_layers: int, max_error: float = AUTO_ERROR) -> int:
     """Buckets B (of cost, and of ln ΣΩ) that keep the automatic bounds within ``max_error``.
 
-    Fitted on ``scripts/bench_frontier.py``'s synthetic tables (shape-repeating and all-distinct
-    layers, 200 and 1000 of them, 20 cost targets each against the ILP optimum), merging the
-    smallest layers first: the worst relative ΣΩ error at the targets grew as n^0.3 / B^1.1,
-    0.47 % at n = 1000 and B = 10⁴. B aims at half of ``max_error`` (the proven bounds in
-    :func:`pareto_frontier` are far looser), and is at least 2·10⁴, so models of a few dozen
-    layers stay exact. Time grows as n · B.
+    Fitted on ``scripts/bench_frontier.py``'s synthetic tables against the ILP optimum
+    (docs/benchmarks.md): the worst relative ΣΩ error at the cost targets grows as n^0.3 / B^1.1.
+    B aims at half of ``max_error`` (the proven bounds in :func:`pareto_frontier` are far looser)
+    and is at least 2·10⁴, so models of a few dozen layers stay exact. Time grows as n · B.
 
     Example:
         >>> auto_buckets(1000), auto_buckets(10_000)
@@ -76,7 +73,7 @@ class _Choices:
         self.matrix = matrix
 
 
-class Allocation(Mapping[str, str]):
+class AllocationView(Mapping[str, str]):
     """A read-only ``{fqn: format}`` view of one frontier point, backed by a matrix shared by all.
 
     It behaves as a ``Mapping`` (``alloc["conv1"]``, ``dict(alloc)``, ``==`` with a dict). Deep
@@ -128,10 +125,10 @@ def _plain_point_defaults() -> dict[str, Any] | None:
 _POINT_DEFAULTS = _plain_point_defaults()
 
 
-def _point(cost: float, omega: float, allocation: Allocation, avg_bits: float) -> FrontierPoint:
-    """A FrontierPoint, built ~4× faster than through the frozen dataclass's ``__init__``.
+def _new_point(cost: float, omega: float, allocation: AllocationView, avg_bits: float) -> FrontierPoint:
+    """A FrontierPoint, built faster than through the frozen dataclass's ``__init__``.
 
-    A frontier can hold 10⁶ points, and a frozen dataclass sets each field through
+    A frontier can hold a million points, and a frozen dataclass sets each field through
     ``object.__setattr__``; filling ``__dict__`` directly gives the same object. Falls back to the
     constructor if the class ever gains slots, validation or a field without a plain default.
     """
@@ -310,7 +307,7 @@ def pareto_frontier(
         bit_sum += weight[i] * np.array([format_bits(f) for f in fmts], dtype=np.float64)[matrix[i]]
     avg_bits = bit_sum / max(sum(weight), 1.0)
     points = tuple(
-        _point(c, o, Allocation(choices, i), b)
+        _new_point(c, o, AllocationView(choices, i), b)
         for i, (c, o, b) in enumerate(zip(cost.tolist(), omega.tolist(), avg_bits.tolist(), strict=True))
     )
     float_cost = 0.0

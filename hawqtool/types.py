@@ -1,7 +1,7 @@
-"""Typed artifacts passed between pipeline stages.
+"""Typed records passed between pipeline stages: frozen dataclasses, nothing else.
 
-Every artifact is a frozen dataclass that round-trips through JSON (``to_dict`` / ``from_dict``), so
-each stage can be cached, resumed and tested on its own. Nothing here imports torch or onnx.
+The stage artifacts round-trip through JSON (``to_dict`` / ``from_dict``), so each stage can be
+cached, resumed and tested on its own. Nothing here imports torch or onnx.
 """
 
 from __future__ import annotations
@@ -11,18 +11,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hawqtool.errors import UsageError
-from hawqtool.formats import DEFAULT_OPSET, STORAGES, check_choice, format_bits
+from hawqtool.formats import DEFAULT_OPSET, STORAGES, check_choice
 
-
-def allocation_key(allocation: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
-    """A hashable key of an allocation (``fqn -> format``), the same whatever its order.
-
-    Example:
-        >>> allocation_key({"b": "int4", "a": "float"})
-        (('a', 'float'), ('b', 'int4'))
-    """
-    return tuple(sorted(allocation.items()))
-
+# Allocation arithmetic lives in formats.py; these names stay importable from here (0.3 imports).
+from hawqtool.formats import allocation_key as allocation_key
+from hawqtool.formats import average_bits as average_bits
 
 # --------------------------------------------------------------------------------------------
 # Layers and sensitivity
@@ -55,8 +48,8 @@ class LayerInfo:
     Attributes:
         fqn: the layer's name: the module's fully-qualified name (``layer1.0.conv1``), or for a
             packed parameter the module's name and a suffix (``encoder.0.self_attn.in_proj``).
-        kind: the handler's kind (``linear``, ``conv1d``, ``conv2d``, ``mha_in_proj``,
-            ``embedding``, ``hf_conv1d``).
+        kind: its registered layer kind (:class:`hawqtool.formats.LayerKind`: ``linear``,
+            ``conv1d``, ``conv2d``, ``mha_in_proj``, ``embedding``, ``hf_conv1d``, or one added).
         weight_shape: shape of the (BN-folded) weight view, output channels first.
         params: number of weight elements.
         macs: multiply-accumulates of one forward pass on one sample (0 when unknown or a lookup).
@@ -169,15 +162,15 @@ class OptionTable:
     """Per-layer candidate options, the input of the frontier solver.
 
     ``options[fqn]`` holds the formats allowed for the layer (a pinned layer has exactly one).
-    ``cost_model`` is ``size`` (bytes) or ``bops``.
+    ``cost_model`` names the cost model of the costs (``size``, ``bops``, ``latency``, ...).
     """
 
     layers: tuple[str, ...]
     options: Mapping[str, tuple[LayerOption, ...]]
     cost_model: str
     params: Mapping[str, int] = field(default_factory=dict)
-    #: What the costs and Ω assumed about the export (storage, opset, clip search, ...): the
-    #: exporter and the dependency model must agree with it (checked where the stages meet).
+    #: What the costs and Ω assumed about the export (storage, opset, clip search, the cost
+    #: model): recorded with the table, and part of the dependency stage's cache key.
     settings: Mapping[str, Any] = field(default_factory=dict)
 
     def option(self, fqn: str, fmt: str) -> LayerOption:
@@ -211,12 +204,6 @@ class OptionTable:
             params=dict(d.get("params", {})),
             settings=dict(d.get("settings", {})),
         )
-
-
-def average_bits(allocation: Mapping[str, str], params: Mapping[str, int]) -> float:
-    """Parameter-weighted average weight bits of an allocation (``float`` counts as 32)."""
-    total = sum(params[f] for f in allocation)
-    return sum(format_bits(fmt) * params[f] for f, fmt in allocation.items()) / max(total, 1)
 
 
 @dataclass(frozen=True)

@@ -214,7 +214,7 @@ def test_toys_run_from_prepare_to_the_frontier(toys: None) -> None:
     assert frontier.float_cost == 6144 + 768
 
 
-def test_registries_are_left_as_they_were(toys: None) -> None:
+def test_registering_twice_is_refused(toys: None) -> None:
     with pytest.raises(UsageError, match=r"a layer handler for kind 'mix' is already registered"):
         register_handler(MIX_HANDLER)
     with pytest.raises(UsageError, match=r"format family 'ptB' already has a quantizer"):
