@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hawqtool.errors import ExportError, UsageError
+from hawqtool.modelio import ModelIO
 from hawqtool.tasks import MetricFn, metric_by_chunks, per_sample
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,6 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     import onnx
     import onnxruntime
-
-    from hawqtool.modelio import ModelIO
 
 
 @dataclass(frozen=True)

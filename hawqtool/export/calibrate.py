@@ -16,11 +16,10 @@ import numpy as np
 from hawqtool.errors import ExportError, UsageError
 from hawqtool.export.torch_export import INPUT_NAME
 from hawqtool.export.writer import needs_external_data
+from hawqtool.modelio import ModelIO
 
 if TYPE_CHECKING:
     import onnx
-
-    from hawqtool.modelio import ModelIO
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 

@@ -41,13 +41,12 @@ from hawqtool.formats import (
     unsupported_reason,
 )
 from hawqtool.modelio import Batch
+from hawqtool.prepare import PreparedModel
 from hawqtool.quantizer import quantize_as
 from hawqtool.types import ExportSettings
 
 if TYPE_CHECKING:
     import onnx
-
-    from hawqtool.prepare import PreparedModel
 
 log = logging.getLogger(__name__)
 

@@ -24,11 +24,10 @@ import numpy as np
 
 from hawqtool.errors import ExportError
 from hawqtool.formats import ACTIVATION_KINDS
+from hawqtool.prepare import PreparedModel
 
 if TYPE_CHECKING:
     import onnx
-
-    from hawqtool.prepare import PreparedModel
 
 #: Ops that read a layer's weight as their second input.
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
