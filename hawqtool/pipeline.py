@@ -323,6 +323,14 @@ def _run(ws: Workspace, model: Any, split: str, *, timed: bool = False) -> Evalu
     )
 
 
+def _baseline(ws: Workspace, exp: QDQExporter) -> tuple[Workspace, Evaluation, Evaluation]:
+    """The float ONNX model on the evaluation (timed) and test splits; with teacher targets the
+    workspace is re-targeted on it first (:func:`hawqtool.workspace.onnx_teacher`)."""
+    if ws.recipe.task.targets == "model":
+        ws = onnx_teacher(ws, exp.float_model)
+    return ws, _run(ws, exp.float_model, "evaluation", timed=True), _run(ws, exp.float_model, "test")
+
+
 def _measure(ws: Workspace, exp: QDQExporter, *, timed: bool) -> Evaluate:
     """A probe's measurement: its QDQ model scored on the evaluation split (and timed, if ``timed``)."""
 
@@ -394,8 +402,7 @@ def quantize(
         options, front = frontier(ws, table=table, progress=progress)
     if is_main():
         write_frontier_csv(front, out)
-    candidates: Sequence[FrontierPoint] = front.points
-    dep = None
+    dep, candidates = None, front.points
     if r.search.dependency:
         with clock("dependency"):
             dep = dependencies(ws, options, table, progress=progress)
@@ -409,10 +416,7 @@ def quantize(
     warn_without_vnni(r.allocation.formats)
     with clock("baseline"):
         exp = exporter(ws)
-        if r.task.targets == "model":
-            ws = onnx_teacher(ws, exp.float_model)
-        base_eval = _run(ws, exp.float_model, "evaluation", timed=True)
-        base_test = _run(ws, exp.float_model, "test")
+        ws, base_eval, base_test = _baseline(ws, exp)
     # With the latency cost every probe is timed: latency is not exactly additive, so the choice
     # among the candidates within budget is made on measured, not predicted, latency.
     timed = r.allocation.cost == MEASURED_COST
