@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -16,6 +17,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from hawqtool import quantizer
 from hawqtool.errors import ExportError, UsageError
 from hawqtool.evaluate import evaluate_onnx, make_session
 from hawqtool.export import (
@@ -35,7 +37,15 @@ from hawqtool.export import (
     uint8_qparams,
     write_model,
 )
-from hawqtool.formats import format_bits, is_quantized, layer_cost, parse_format
+from hawqtool.formats import (
+    FormatFamily,
+    format_bits,
+    is_quantized,
+    layer_cost,
+    parse_format,
+    register_family,
+    unregister_family,
+)
 from hawqtool.prepare import prepare_model, swapped_weights
 from hawqtool.quantizer import int_range, quantize_weight
 from hawqtool.tasks import top1
@@ -206,7 +216,7 @@ def _hand_graph(prepared, reads: list[tuple[str, str, bool]]) -> onnx.ModelProto
     nodes, names = [], {}
     for i, (op, init, transposed) in enumerate(reads):
         names[init] = init
-        attrs = {"transB": 0 if transposed else 1} if op == "Gemm" else {}
+        attrs: dict[str, Any] = {"transB": 0 if transposed else 1} if op == "Gemm" else {}
         nodes.append(helper.make_node(op, [f"x{i}", init], [f"x{i + 1}"], name=f"n{i}", **attrs))
     value = helper.make_tensor_value_info
     graph = helper.make_graph(
@@ -345,7 +355,7 @@ def _dynamic_reference(exporter: QDQExporter, allocation: dict[str, str], x: np.
         zp = np.clip(np.rint(-lo / scale), 0, 255)
         hq = np.clip(np.rint(h / scale) + zp, 0, 255).astype(np.int32) - np.int32(zp)
         acc = hq @ qw.q.numpy().astype(np.int32).T
-        bias = exporter.prepared.module(info.fqn).bias.detach().numpy()
+        bias = exporter.prepared.module(info.fqn).bias.detach().numpy()  # type: ignore[operator]
         h = acc.astype(np.float32) * (scale * qw.scale.numpy()) + bias
         if i < len(layers) - 1:
             h = np.maximum(h, 0)
@@ -563,7 +573,7 @@ def _torch_simulation(exporter: QDQExporter, allocation: dict[str, str], x: torc
         return aq.scale, aq.zero_point
 
     weights = {
-        s.fqn: quantize_weight(exporter.prepared.module(s.fqn).weight, format_bits(full[s.fqn])).dequantized
+        s.fqn: quantize_weight(exporter.prepared.weight(s.fqn), format_bits(full[s.fqn])).dequantized
         for s in sites
     }
 
@@ -739,6 +749,30 @@ def test_a_format_family_is_one_registration_of_its_emitters(tokens, monkeypatch
         match=rf"'mix': format 'int4-b16' \(family '{family}'\) has no ONNX emitter; families with one: ",
     ):
         fresh.quantized_model(block)
+
+
+def test_a_new_format_family_exports_with_one_emitter_registration(mlp, digits_splits, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A toy weight-only family ("halfB": the integer quantizer at B bits, stored as INT8): its format,
+    quantizer and emitter registrations are all it takes to export and run it."""
+    family = FormatFamily("halfB", r"half(?P<bits>[2-8])", "halfB (toy)", ("half4",), packed=False)
+    register_family(family)
+    try:
+        quantizer.register("halfB", quantizer.symmetric)
+        register_emitters("halfB", (DequantizeLinearEmitter(),))
+        allocation = {mlp.fqns[-1]: "half4"}
+        assert mlp.emitters(allocation) == {
+            mlp.fqns[-1]: {mlp.sites[mlp.fqns[-1]].uses[0].node: "DequantizeLinear"}
+        }
+        x = _test_inputs(digits_splits)[:64]
+        weight = quantizer.quantize_as(mlp.prepared.weight(mlp.fqns[-1]), "half4").dequantized
+        with swapped_weights(mlp.prepared, {mlp.fqns[-1]: weight}) as model, torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        # Weight-only: float compute on exactly the quantizer's weight.
+        np.testing.assert_allclose(_run(mlp.quantized_model(allocation), x), ref, atol=1e-4, rtol=0)
+    finally:
+        EMITTERS.pop("halfB", None)
+        quantizer.unregister("halfB")
+        unregister_family("halfB")
 
 
 def test_bad_build_options_are_usage_errors(cnn, digits_splits) -> None:  # type: ignore[no-untyped-def]
