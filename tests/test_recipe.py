@@ -58,6 +58,12 @@ BASE = {"model": {"factory": "hawqtool.zoo:mlp_digits"}, "data": {"factory": "ha
         ({"hessian": {"device": "tpu"}}, "hessian.device"),
         ({"export": {"int4_storage": "zip"}}, "export.int4_storage"),
         (
+            {"allocation": {"cost": "speed"}},
+            "allocation.cost: unknown cost model 'speed'; allowed: size, bops",
+        ),
+        ({"task": {"metric": "accuracy"}}, "task.metric: unknown metric 'accuracy'; allowed: top1"),
+        ({"task": {"loss": "hinge"}}, "task.loss: unknown loss 'hinge'; allowed: cross_entropy"),
+        (
             {"model": {"factory": "x:y", "kwarg": {}}},
             "model.kwarg: unknown key; allowed here: factory, kwargs, checkpoint",
         ),
@@ -104,6 +110,7 @@ def test_missing_or_bad_file_is_a_recipe_error(tmp_path: Path) -> None:
         load_recipe(bad)
 
 
+@pytest.mark.slow
 def test_frontier_grids_reach_the_solver_and_keep_their_bound() -> None:
     """On the tiny recipe (3 layers × 4 formats, a 14-point exact frontier), a cost grid of a
     quarter of the frontier's cost range keeps at most one point per bucket plus the cheapest end,
@@ -133,3 +140,46 @@ def test_frontier_grids_reach_the_solver_and_keep_their_bound() -> None:
         assert got >= point.omega * (1 - 1e-12)
         if point.cost - n * grid >= lo:
             assert got <= select(exact, max_cost=point.cost - n * grid).omega * (1 + 1e-12)
+
+
+def test_closed_choices_are_the_ones_their_modules_offer() -> None:
+    from typing import get_args
+
+    from hawqtool.evaluate import PROVIDERS
+    from hawqtool.export.calibrate import CALIBRATION_METHODS
+    from hawqtool.formats import STORAGES
+    from hawqtool.recipe import EvaluateSection, ExportSection
+
+    def choices(section: type, key: str) -> set[str]:
+        return set(get_args(section.model_fields[key].annotation))  # type: ignore[attr-defined]
+
+    assert choices(EvaluateSection, "provider") == set(PROVIDERS)
+    assert choices(ExportSection, "calibration") == set(CALIBRATION_METHODS)
+    assert choices(ExportSection, "int4_storage") == set(STORAGES)
+
+
+def test_a_registered_cost_model_is_a_recipe_value_and_prices_the_frontier(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from hawqtool import costs, pipeline
+    from hawqtool.formats import parse_format
+
+    class Params:
+        name, unit = "params", "weights"
+
+        def layer_cost(self, layer: object, fmt: str) -> float:
+            return float(layer.params) * parse_format(fmt).bits / 8  # type: ignore[attr-defined]
+
+        def fingerprint(self) -> str:
+            return "params/v1"
+
+    with pytest.raises(RecipeError, match="unknown cost model 'params'"):
+        load_recipe("tiny", ["allocation.cost=params"])
+    monkeypatch.setitem(costs._REGISTRY, "params", lambda settings: Params())
+    ws = pipeline.load("tiny", overrides=["allocation.cost=params"])
+    options, front = pipeline.frontier(ws, progress=False)
+    params = {layer.fqn: layer.params for layer in ws.prepared.layers}
+    for point in front.points:
+        bits = sum(params[f] * parse_format(fmt).bits / 8 for f, fmt in point.allocation.items())
+        assert point.cost == pytest.approx(bits)
+    assert options.cost_model == "params"
