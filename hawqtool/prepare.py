@@ -122,6 +122,16 @@ def register_handler(handler: LayerHandler) -> None:
     Raises:
         UsageError: a handler for that kind is already registered, or its kind conflicts with a
             registered kind of the same name.
+
+    Example:
+        >>> class Gate(nn.Module):
+        ...     def __init__(self): super().__init__(); self.weight = nn.Parameter(torch.ones(4, 4))
+        ...     def forward(self, x): return x @ self.weight
+        >>> gate = LayerKind("gate", activations=False, matmul_only=False, matrix=True)
+        >>> register_handler(LayerHandler(gate, lambda m: isinstance(m, Gate)))
+        >>> prepare_model(nn.Sequential(Gate()), torch.ones(2, 4)).layers[0].kind
+        'gate'
+        >>> unregister_handler("gate")
     """
     if any(h.kind.name == handler.kind.name for h in handlers()):
         raise UsageError(f"a layer handler for kind {handler.kind.name!r} is already registered")
