@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -159,7 +160,7 @@ def test_closed_choices_are_the_ones_their_modules_offer() -> None:
 
 
 def test_a_registered_cost_model_is_a_recipe_value_and_prices_the_frontier(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, mlp_digits: Any, digits_splits: Any
 ) -> None:
     from hawqtool import costs, pipeline
     from hawqtool.formats import parse_format
@@ -176,7 +177,10 @@ def test_a_registered_cost_model_is_a_recipe_value_and_prices_the_frontier(
     with pytest.raises(RecipeError, match="unknown cost model 'params'"):
         load_recipe("tiny", ["allocation.cost=params"])
     monkeypatch.setitem(costs._REGISTRY, "params", lambda settings: Params())
-    ws = pipeline.load("tiny", overrides=["allocation.cost=params"])
+    quick = ["hessian.min_probes=2", "hessian.max_probes=2", "hessian.device=cpu"]
+    ws = pipeline.load(
+        "tiny", model=mlp_digits, data=digits_splits, overrides=["allocation.cost=params", *quick]
+    )
     options, front = pipeline.frontier(ws, progress=False)
     params = {layer.fqn: layer.params for layer in ws.prepared.layers}
     for point in front.points:
