@@ -132,13 +132,12 @@ def build_options(
             allowed: tuple[str, ...] = (layer.pinned,)
         else:
             allowed = tuple(f for f in formats if supports(layer, f)) or (FLOAT,)
-            if FLOAT not in allowed and all(not supports(layer, f) for f in formats):
-                allowed = (FLOAT,)
         for fmt in allowed:
-            parse_format(fmt)
-            sq_error = 0.0 if fmt == FLOAT else quantize_as(w, fmt, clip_search=settings.clip_search).sq_error
-            omega = avg_trace * sq_error
             spec = parse_format(fmt)
+            sq_error = (
+                quantize_as(w, fmt, clip_search=settings.clip_search).sq_error if spec.quantized else 0.0
+            )
+            omega = avg_trace * sq_error
             charged = (
                 activation_omega if spec.activations else dynamic_activation_omega if spec.dynamic else None
             )
