@@ -4,7 +4,8 @@ A format is named by a short string in recipes (``int4``, ``int8-w``, ``int8-d``
 ``float``); :func:`parse_format` turns it into a :class:`Format` through the registered
 :class:`FormatFamily` whose pattern matches it. A family carries its facts (activations quantized,
 dynamic, block-wise, packed storage, scale rule), so a new family is one :func:`register_family` here,
-plus its quantizer (:func:`hawqtool.quantizer.register`) and its ONNX emitter. Layer kinds
+plus its quantizer (:func:`hawqtool.quantizer.register`) and its ONNX emitters
+(:func:`hawqtool.export.emitters.register_emitters`), which need torch and onnx. Layer kinds
 (:class:`LayerKind`, one :func:`register_kind` each) say what a layer can take; :func:`supports` reads
 both tables. This module also says how many bits a format stores, how many scales it keeps and what
 a layer costs in it (bytes, bit operations). It imports nothing but the standard library and
