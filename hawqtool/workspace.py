@@ -272,8 +272,9 @@ def _check_binary(ws: Workspace, outputs: np.ndarray, targets: np.ndarray, per: 
     if not all(is_binary(v) for v in probes):
         raise UsageError(
             f"the metric {name!r} is declared binary (task.binary or the built-in metric) but its "
-            "per-sample values are not all 0 or 1 on the float model's outputs (e.g. a fraction of "
-            "positions per sample); declare task.binary: false for a continuous metric"
+            "per-sample values are not all 0 or 1 on the float model's outputs, or on outputs that differ "
+            "from its targets (each sample scored with another sample's outputs), e.g. a fraction of "
+            "positions per sample; declare task.binary: false for a continuous metric"
         )
 
 
