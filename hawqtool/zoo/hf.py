@@ -314,13 +314,17 @@ def read_sentences(path: str | Path) -> list[str]:
 
 
 def load_tokenizer(tokenizer: str) -> Any:
-    """A tokenizer from a local folder, or a packaged model's name (``all-MiniLM-L6-v2``), offline.
+    """A tokenizer from a local folder, a ``.gguf`` file, or a packaged model's name
+    (``all-MiniLM-L6-v2``), offline.
 
     Raises:
         UsageError: transformers is missing or the folder holds no tokenizer.
     """
     resolve = PACKAGED_TOKENIZERS.get(tokenizer)
     folder = resolve() if resolve is not None else Path(tokenizer).expanduser()
+    gguf: dict[str, str] = {}
+    if folder.suffix == ".gguf" and folder.is_file():  # a GGUF file carries its tokenizer
+        folder, gguf = folder.parent, {"gguf_file": folder.name}
     if not folder.is_dir():
         raise UsageError(
             f"tokenizer {tokenizer!r} is neither a local folder nor a packaged model "
@@ -328,7 +332,7 @@ def load_tokenizer(tokenizer: str) -> Any:
         )
     auto = _transformers().AutoTokenizer
     try:
-        return auto.from_pretrained(str(folder), local_files_only=True)
+        return auto.from_pretrained(str(folder), local_files_only=True, **gguf)
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"cannot load a tokenizer from {str(folder)!r}: {e}") from e
 

