@@ -82,8 +82,10 @@ def test_quantized_zoo_model_end_to_end(small_cnn_digits, digits_splits, tmp_pat
     split = digits_splits.evaluation
     prepared = prepare_model(small_cnn_digits, digits_splits.calibration[0][0][:1])
     exporter = QDQExporter.build(prepared, digits_splits.calibration, max_calibration_batches=1)
-    allocation = {f: "int8" for f in exporter.fqns}
-    path = exporter.export(allocation, tmp_path / "int8.onnx")
+    # int7 weights: onnxruntime's u8 x s8 kernels saturate on full-range int8 weights on CPUs without
+    # VNNI; 7-bit weights run exactly on every CPU, on the same integer kernels.
+    allocation = {f: "int7" for f in exporter.fqns}
+    path = exporter.export(allocation, tmp_path / "int7.onnx")
     from_file = evaluate_onnx(path, split, top1, latency_runs=3, latency_batch=64)
     in_memory = evaluate_onnx(exporter.quantized_model(allocation), split, top1, latency_runs=1)
     float_onnx = evaluate_onnx(exporter.float_model, split, top1, latency_runs=1)
@@ -101,7 +103,7 @@ def test_quantized_zoo_model_end_to_end(small_cnn_digits, digits_splits, tmp_pat
     assert from_file.metric == in_memory.metric  # same graph, same session settings
     # BN folding and export change outputs by float rounding only: at most one near-tie flips.
     assert abs(float_onnx.metric - torch_top1) <= 1 / total
-    # uint8 activations and int8 weights: the measured drop on this model is under one point.
+    # uint8 activations and int7 weights: the drop on this model is under one point.
     assert abs(from_file.metric - torch_top1) <= 0.01
     assert 0.9 < torch_top1 <= 1.0  # a trained model, so the comparison means something
 

@@ -640,11 +640,17 @@ def _optimized_ops(model: onnx.ModelProto, tmp_path: Path) -> Counter[str]:
     return Counter(n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node)
 
 
+@pytest.mark.slow  # ResNet-20's export
 def test_resnet20_uniform_int8_keeps_accuracy_on_integer_kernels(resnet, digits_splits, tmp_path) -> None:  # type: ignore[no-untyped-def]
     int8 = resnet.quantized_model({f: "int8" for f in resnet.fqns})
     base = evaluate_onnx(resnet.float_model, digits_splits.test, top1, latency_runs=1, warmup=0)
-    quant = evaluate_onnx(int8, digits_splits.test, top1, latency_runs=1, warmup=0)
-    assert quant.metric >= base.metric - 0.005, (base.metric, quant.metric)
+    # The graph as ONNX defines it keeps the accuracy on every CPU.
+    x, y = _test_inputs(digits_splits), np.concatenate([t.numpy() for _, t in digits_splits.test])
+    plain = float((_run(int8, x, optimized=False).argmax(1) == y).mean())
+    assert plain >= base.metric - 0.005, (base.metric, plain)
+    if _has_vnni():  # the integer kernels too, where u8 x s8 does not saturate on int8 weights
+        quant = evaluate_onnx(int8, digits_splits.test, top1, latency_runs=1, warmup=0)
+        assert quant.metric >= base.metric - 0.005, (base.metric, quant.metric)
     ops = _optimized_ops(int8, tmp_path)
     assert ops["QLinearConv"] == 21 and ops["QGemm"] == 1, ops  # every layer on an integer kernel
     assert ops["QLinearAdd"] == 9, ops  # residual adds stay in uint8 too
@@ -672,43 +678,43 @@ def _cost_model_bytes(exporter: QDQExporter, allocation: dict[str, str]) -> int:
     return int(sum(costs))
 
 
+# ResNet-20's export takes long: slow.
+@pytest.mark.parametrize("name", ["cnn", pytest.param("resnet", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("storage", ["packed", "container"])
 @pytest.mark.parametrize("kind", ["float", "int8", "int4", "mixed"])
-def test_file_size_matches_size_cost_model(resnet, cnn, storage, kind, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    for exporter in (resnet.with_int4_storage(storage), cnn.with_int4_storage(storage)):
-        allocation = _mixed(exporter) if kind == "mixed" else {f: kind for f in exporter.fqns}
-        size = exporter.export(allocation, tmp_path / f"{kind}.onnx").stat().st_size
-        model = onnx.load(tmp_path / f"{kind}.onnx")
-        # Weight bytes actually in the file: float weights, or integers + scales (+ zero point).
-        inits = {t.name: t for t in model.graph.initializer}
-        dqs = _weight_dequantizers(model)
-        stored = 0
-        casts = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Cast"}
-        for site in exporter.sites.values():
-            tensors = (
-                [inits[casts.get(i, i)] for i in dqs[site.weight].input]
-                if site.weight in dqs
-                else [inits[site.weight]]
-            )
-            assert all(t.raw_data for t in tensors)  # raw little-endian bytes, nothing varint-coded
-            stored += sum(len(t.raw_data) for t in tensors)
-        # Exactly what differs from the size cost model: quantized Gemm weights carry a 1-byte
-        # zero point per output channel (onnxruntime fuses QGemm only with one).
-        gemm_zp = sum(
-            info.out_channels
-            for info in exporter.prepared.layers
-            if exporter.sites[info.fqn].op_type == "Gemm"
-            and is_quantized(exporter.full_allocation(allocation)[info.fqn])
+def test_file_size_matches_size_cost_model(name, storage, kind, request, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    exporter = request.getfixturevalue(name).with_int4_storage(storage)
+    allocation = _mixed(exporter) if kind == "mixed" else {f: kind for f in exporter.fqns}
+    size = exporter.export(allocation, tmp_path / f"{kind}.onnx").stat().st_size
+    model = onnx.load(tmp_path / f"{kind}.onnx")
+    # Weight bytes actually in the file: float weights, or integers + scales (+ zero point).
+    inits = {t.name: t for t in model.graph.initializer}
+    dqs = _weight_dequantizers(model)
+    stored = 0
+    casts = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Cast"}
+    for site in exporter.sites.values():
+        tensors = (
+            [inits[casts.get(i, i)] for i in dqs[site.weight].input]
+            if site.weight in dqs
+            else [inits[site.weight]]
         )
-        assert (
-            stored == _cost_model_bytes(exporter, allocation) + gemm_zp == exporter.weight_bytes(allocation)
-        )
-        # The rest of the file: float32 biases, then protobuf framing: every node (names, attributes)
-        # and every initializer's header (name, dims), activation scales and zero points included.
-        # Measured on ResNet-20 int8: 133 B per node, 28 B per initializer header.
-        biases = sum(4 * exporter.prepared.module(f).bias.numel() for f in exporter.fqns)
-        framing = 160 * len(model.graph.node) + 64 * len(model.graph.initializer) + 2048
-        assert 0 < size - stored - biases <= framing, (size - stored - biases, framing)
+        assert all(t.raw_data for t in tensors)  # raw little-endian bytes, nothing varint-coded
+        stored += sum(len(t.raw_data) for t in tensors)
+    # Exactly what differs from the size cost model: quantized Gemm weights carry a 1-byte
+    # zero point per output channel (onnxruntime fuses QGemm only with one).
+    gemm_zp = sum(
+        info.out_channels
+        for info in exporter.prepared.layers
+        if exporter.sites[info.fqn].op_type == "Gemm"
+        and is_quantized(exporter.full_allocation(allocation)[info.fqn])
+    )
+    assert stored == _cost_model_bytes(exporter, allocation) + gemm_zp == exporter.weight_bytes(allocation)
+    # The rest of the file: float32 biases, then protobuf framing: every node (names, attributes)
+    # and every initializer's header (name, dims), activation scales and zero points included.
+    # Measured on ResNet-20 int8: 133 B per node, 28 B per initializer header.
+    biases = sum(4 * exporter.prepared.module(f).bias.numel() for f in exporter.fqns)
+    framing = 160 * len(model.graph.node) + 64 * len(model.graph.initializer) + 2048
+    assert 0 < size - stored - biases <= framing, (size - stored - biases, framing)
 
 
 # ------------------------------------------------------------------------------------------------
