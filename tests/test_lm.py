@@ -324,3 +324,17 @@ def test_packaged_gemma_scores_real_text_far_better_than_uniform() -> None:
     with torch.no_grad():
         logits = model(**x).logits.numpy()
     assert 1.0 < perplexity(logits, y.numpy()).mean() < 200  # uniform logits would score 262,144
+
+
+@pytest.mark.slow
+def test_top1_agreement_on_token_logits_is_continuous_end_to_end(tmp_path: Path) -> None:
+    # Per-token agreement is a per-sequence fraction: bounded as a continuous metric, never refused
+    # as "declared binary" (0.3.4 stopped with exit 2 after the Hessian stage).
+    task = {"targets": "model", "output": "logits", "loss": "kl", "metric": "top1_agreement"}
+    budget = {"max_drop": 0.05, "mode": "absolute", "confidence": 0.9}
+    res = pipeline.quantize(
+        tiny_llama(), _splits(6), recipe=_recipe(task, budget=budget), out=tmp_path, progress=False
+    )
+    rep = res.report
+    assert rep["budget"]["binary"] is False and rep["baseline"]["metric"] == 1.0
+    assert rep["result"]["drop_interval"]["method"] in ("bootstrap-paired", "normal-paired")
