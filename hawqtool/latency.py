@@ -36,7 +36,15 @@ from hawqtool.errors import ExportError, UsageError
 from hawqtool.evaluate import PROVIDERS, make_session
 from hawqtool.export import QDQExporter
 from hawqtool.files import write_json_atomic
-from hawqtool.formats import FLOAT, FORMAT_GRAMMAR, check_choice, is_format, parse_format, supports
+from hawqtool.formats import (
+    FLOAT,
+    check_choice,
+    format_grammar,
+    is_format,
+    parse_format,
+    quantizes_nothing,
+    supports,
+)
 from hawqtool.types import LayerInfo
 
 if TYPE_CHECKING:
@@ -503,7 +511,7 @@ def measure_latency(
     """
     bad = [f for f in formats if not is_format(f)]
     if bad or not formats:
-        raise UsageError(f"bad candidate formats {bad or list(formats)}; allowed: {FORMAT_GRAMMAR}")
+        raise UsageError(f"bad candidate formats {bad or list(formats)}; allowed: {format_grammar()}")
     s = settings
     layers = exporter.prepared.layers
     per_layer = _layer_formats(layers, formats)
@@ -548,7 +556,7 @@ def measure_latency(
         for reference in references:
             deltas, ref_times = _one_at_a_time(per_layer, reference, timer, session, bar.update, same)
             measured.append(deltas)
-            if reference is references[0] and s.context != "quantized":
+            if quantizes_nothing(reference):  # the float model: its times are the float latency
                 float_times = ref_times
     if not float_times:  # nothing timed against float: time it alone
         ref = session({})

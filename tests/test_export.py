@@ -775,6 +775,8 @@ def test_a_new_format_family_exports_with_one_emitter_registration(mlp, digits_s
             ref = model(torch.from_numpy(x)).numpy()
         # Weight-only: float compute on exactly the quantizer's weight.
         np.testing.assert_allclose(_run(mlp.quantized_model(allocation), x), ref, atol=1e-4, rtol=0)
+        with pytest.raises(UsageError, match=r"unknown format 'half9'; allowed: .*halfB \(toy\)"):
+            mlp.quantized_model({mlp.fqns[-1]: "half9"})
     finally:
         EMITTERS.pop("halfB", None)
         quantizer.unregister("halfB")

@@ -30,9 +30,9 @@ from hawqtool.export.torch_export import MIN_OPSET, export_float_onnx
 from hawqtool.export.writer import PROTOBUF_LIMIT, write_model
 from hawqtool.formats import (
     FLOAT,
-    FORMAT_GRAMMAR,
     INT4_MIN_OPSET,
     STORAGES,
+    format_grammar,
     is_format,
     is_quantized,
     layer_cost,
@@ -234,7 +234,7 @@ class QDQExporter:
             )
         for fqn, fmt in allocation.items():
             if not is_format(fmt):
-                raise UsageError(f"layer {fqn!r}: unknown format {fmt!r}; allowed: {FORMAT_GRAMMAR}")
+                raise UsageError(f"layer {fqn!r}: unknown format {fmt!r}; allowed: {format_grammar()}")
             info = self.prepared.info(fqn)
             why = unsupported_reason(info, fmt)
             if why is not None:
