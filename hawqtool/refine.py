@@ -35,22 +35,6 @@ from hawqtool.types import FrontierPoint, OptionTable, Trial, allocation_key, av
 log = logging.getLogger(__name__)
 
 
-def retimer(exporter: QDQExporter, feeds: Mapping[str, np.ndarray], *, settings: EvaluateSection) -> Retime:
-    """A :data:`Retime` that times the exporter's models of the allocations together, in five
-    interleaved rounds on ``feeds``, with the recipe's ``evaluate`` threads and provider (a fifth
-    of its ``latency_runs`` per round)."""
-
-    def retime(allocations: Sequence[Mapping[str, str]]) -> list[Timing]:
-        models = {str(i): exporter.quantized_model(a).SerializeToString() for i, a in enumerate(allocations)}
-        runs = max(1, settings.latency_runs // 5)
-        got = time_interleaved(
-            models, feeds, threads=settings.threads, provider=settings.provider, rounds=5, runs=runs
-        )
-        return [got[str(i)] for i in range(len(allocations))]
-
-    return retime
-
-
 def uniform_quantized_points(options: OptionTable) -> dict[str, FrontierPoint]:
     """Per format that runs on integer kernels (static ``intB`` or dynamic ``intB-d`` activations)
     among the options (most bits first), the uniform integer model: every layer that offers the
@@ -103,6 +87,22 @@ LATENCY_MOVE_CHECKS = 2
 #: Under ``cost: latency``: how many format swaps of the choice (:func:`format_swaps`) are timed
 #: with its one-layer moves.
 LATENCY_SWAPS = 2
+
+
+def retimer(exporter: QDQExporter, feeds: Mapping[str, np.ndarray], *, settings: EvaluateSection) -> Retime:
+    """A :data:`Retime` that times the exporter's models of the allocations together, in five
+    interleaved rounds on ``feeds``, with the recipe's ``evaluate`` threads and provider (a fifth
+    of its ``latency_runs`` per round)."""
+
+    def retime(allocations: Sequence[Mapping[str, str]]) -> list[Timing]:
+        models = {str(i): exporter.quantized_model(a).SerializeToString() for i, a in enumerate(allocations)}
+        runs = max(1, settings.latency_runs // 5)
+        got = time_interleaved(
+            models, feeds, threads=settings.threads, provider=settings.provider, rounds=5, runs=runs
+        )
+        return [got[str(i)] for i in range(len(allocations))]
+
+    return retime
 
 
 def latency_moves(
