@@ -329,6 +329,7 @@ def brute_frontier(options: OptionTable) -> Frontier:
     return Frontier(tuple(keep), options.cost_model)
 
 
+@pytest.mark.slow
 def test_candidates_are_monotone_and_on_the_frontier(cnn) -> None:
     _, _, options, dep = cnn
     front = brute_frontier(options)
@@ -350,6 +351,7 @@ def test_candidates_are_monotone_and_on_the_frontier(cnn) -> None:
         assert below and min(q.score for q in below) <= p.score + 1e-12
 
 
+@pytest.mark.slow
 def test_repair_promotes_toward_a_target_under_a_cost_cap(cnn) -> None:
     _, _, options, dep = cnn
     cheap = dict.fromkeys(options.layers, "int2")
