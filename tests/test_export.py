@@ -673,7 +673,8 @@ def _cost_model_bytes(exporter: QDQExporter, allocation: dict[str, str]) -> int:
     """The size cost model of the sensitivity stage, summed over the layers."""
     full = exporter.full_allocation(allocation)
     costs = [
-        layer_cost(info, full[info.fqn], storage=exporter.int4_storage) for info in exporter.prepared.layers
+        layer_cost(info, full[info.fqn], storage=exporter.settings.int4_storage)
+        for info in exporter.prepared.layers
     ]
     return int(sum(costs))
 
@@ -743,7 +744,7 @@ def test_a_format_family_is_one_registration_of_its_emitters(tokens, monkeypatch
     monkeypatch.setitem(EMITTERS, family, EMITTERS[family])  # restored after the test
     # Registered with DequantizeLinear alone, the family's layers take it (a fresh emission cache).
     register_emitters(family, (DequantizeLinearEmitter(),), replace=True)
-    fresh = tokens.with_int4_storage(tokens.int4_storage)
+    fresh = tokens.with_int4_storage(tokens.settings.int4_storage)
     assert set(fresh.emitters(block)["mix"].values()) == {"DequantizeLinear"}
     assert fresh.export(block, tmp_path / "dq.onnx").exists()
     with pytest.raises(UsageError, match=rf"format family '{family}' has emitters already"):

@@ -80,8 +80,7 @@ class QDQExporter:
         activations: calibrated :class:`~hawqtool.export.calibrate.ActivationQuant` of every tensor
             an allocation can quantize.
         prepared: the model the exporter was built from.
-        settings: the :class:`hawqtool.types.ExportSettings` it was built with (``opset``,
-            ``int4_storage`` and ``clip_search`` are shortcuts to them).
+        settings: the :class:`hawqtool.types.ExportSettings` it was built with.
 
     Example:
         >>> exporter = QDQExporter.build(prepared, splits.calibration, settings=ExportSettings())  # doctest: +SKIP
@@ -108,21 +107,6 @@ class QDQExporter:
         self._emissions: dict[tuple[str, str, int], Emission] = {}
         self._nodes = {n.name: n for n in float_model.graph.node}
         self._initializer_dims = {t.name: tuple(t.dims) for t in float_model.graph.initializer}
-
-    @property
-    def opset(self) -> int:
-        """The exported model's opset."""
-        return self.settings.opset
-
-    @property
-    def int4_storage(self) -> str:
-        """``packed`` or ``container`` storage of sub-8-bit weights."""
-        return self.settings.int4_storage
-
-    @property
-    def clip_search(self) -> bool:
-        """Whether the quantizer searches a clipping range (as sensitivity did)."""
-        return self.settings.clip_search
 
     # ----------------------------------------------------------------------------------------
     # Construction
@@ -245,10 +229,10 @@ class QDQExporter:
                     f"layer {fqn!r}: format {fmt!r} (family {family!r}) has no ONNX emitter; "
                     f"families with one: {', '.join(EMITTERS)}"
                 )
-            if self.opset < INT4_MIN_OPSET and self._storage_bits(fmt) == 4:
+            if self.settings.opset < INT4_MIN_OPSET and self._storage_bits(fmt) == 4:
                 raise UsageError(
                     f"layer {fqn!r}: {fmt} weights stored packed as ONNX INT4 need opset >= "
-                    f"{INT4_MIN_OPSET}, the exporter was built with opset {self.opset}; "
+                    f"{INT4_MIN_OPSET}, the exporter was built with opset {self.settings.opset}; "
                     "build with opset=21 or int4_storage='container'"
                 )
         return {f: allocation.get(f, FLOAT) for f in self.sites}
@@ -267,7 +251,11 @@ class QDQExporter:
         total = 0
         for info in self.prepared.layers:
             fmt = full[info.fqn]
-            total += int(layer_cost(info, fmt, cost="size", storage=self.int4_storage, opset=self.opset))
+            total += int(
+                layer_cost(
+                    info, fmt, cost="size", storage=self.settings.int4_storage, opset=self.settings.opset
+                )
+            )
             if parse_format(fmt).activations and any(u.op_type == "Gemm" for u in self.sites[info.fqn].uses):
                 total += info.out_channels
         return total
@@ -490,7 +478,7 @@ class QDQExporter:
         key = (site.fqn, fmt, bits)
         if key not in self._emissions:
             with _torch_threads(1):
-                qw = quantize_as(self.prepared.weight(site.fqn), fmt, clip_search=self.clip_search)
+                qw = quantize_as(self.prepared.weight(site.fqn), fmt, clip_search=self.settings.clip_search)
             ctx = LayerContext(
                 site=site,
                 fmt=parse_format(fmt),
