@@ -285,6 +285,7 @@ BUILTIN = (
     "transformer-digits",
     "tiny",
     "minilm",
+    "gemma3-270m",
 )
 
 
