@@ -53,6 +53,7 @@ from hawqtool import pipeline
 from hawqtool.confidence import paired_drop
 from hawqtool.evaluate import evaluate_onnx, make_session, run_session
 from hawqtool.formats import layer_cost
+from hawqtool.quantizer import quant_error
 from hawqtool.recipe import parse_recipe
 from hawqtool.tasks import perplexity, token_kl
 from hawqtool.zoo import lm
@@ -82,14 +83,9 @@ def llama_cpp_mix(ws: Any) -> dict[str, str]:
     return out
 
 
-def int4_error(w: torch.Tensor, block: int = 32) -> float:
-    """Relative Frobenius error of symmetric 4-bit quantization in blocks of ``block`` along the rows."""
-    x = w.detach().float().reshape(w.shape[0], -1)
-    pad = (-x.shape[1]) % block
-    xb = torch.nn.functional.pad(x, (0, pad)).reshape(x.shape[0], -1, block)
-    scale = xb.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 7
-    q = (xb / scale).round().clamp(-8, 7) * scale
-    return float((q - xb).norm() / xb.norm().clamp_min(1e-12))
+def int4_error(w: torch.Tensor) -> float:
+    """Relative Frobenius error of int4-b32 (hawqtool's quantizer, no clip search: data-free like NNCF's)."""
+    return float(quant_error(w, INT4, clip_search=False).norm() / w.detach().norm().clamp_min(1e-12))
 
 
 def ratio_mix(ws: Any, size: float) -> dict[str, str]:
