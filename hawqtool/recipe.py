@@ -123,6 +123,10 @@ class HessianSection(_Section):
     # Compute dtype of the Hessian stages; the half precisions need CUDA (checked when the device is
     # known: hessian.device may be auto).
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # gauss_newton: every layer's trace sample from ONE first-order backward per probe (exact for
+    # teacher targets with mse / kl; fused attention allowed); hutchinson: a second backward per
+    # layer; auto: gauss_newton where it is exact, else hutchinson (hawqtool.gauss_newton).
+    estimator: Literal["auto", "gauss_newton", "hutchinson"] = "auto"
     # Also estimate each layer's input-activation Hessian trace and add Ω_act to the formats that
     # quantize activations (HAWQ-V2 §iii). Off by default: on the digits zoo it did not improve how
     # well ΣΩ ranks allocations (scripts/bench_latency.py), and it costs a second round of probes;
@@ -206,6 +210,10 @@ class SearchSection(_Section):
     # What the dependency stage's single-layer losses are measured on: exported (the QDQ ONNX model
     # in onnxruntime, activations quantized as exported) or weights (torch, weights fake-quantized).
     dependency_numerics: Literal["exported", "weights"] = "exported"
+    # How the cross terms are computed: output (from each (layer, format)'s output change, one
+    # forward pass each, no HVPs), hvp (one Hessian-vector product each, as in 0.3); auto: output for
+    # the built-in losses (cross_entropy, mse, kl), hvp for a custom one.
+    dependency_method: Literal["auto", "output", "hvp"] = "auto"
 
 
 class ExportSection(_Section):

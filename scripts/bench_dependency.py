@@ -20,10 +20,9 @@ float), Spearman correlation of each predictor with
 Both scores are also compared, on the same allocations, with the top-1 drop and the calibration ΔL
 of the exported models in onnxruntime (what the pipeline's search measures).
 
-Then the search: the exact (BOPs, ΣΩ) Pareto frontier of the same formats, three candidate
+Then the search: the exact (BOPs, ΣΩ) Pareto frontier of the same formats, two candidate
 sequences handed to bisection — ``ΣΩ`` (the frontier as is), ``rescored`` (frontier points kept
-when not dominated in (cost, score); with the one repair probe), ``improved`` (plus each point's
-local improvement under the score, then filtered; with the repair probe) — and, per top-1 budget, the
+when not dominated in (cost, score); with the one repair probe) — and, per top-1 budget, the
 average bits bisection ends at, its evaluations, and the drops on evaluation and test. ``mono``
 is the Spearman correlation of position and measured top-1 drop along each sequence (−1: the
 sequence is perfectly monotone, which bisection assumes).
@@ -142,7 +141,7 @@ def run(key: str, n_allocs: int, seed: int, budgets: Sequence[float], threads: i
     weights = {f: w.detach() for f, w in zip(prepared.fqns, prepared.weights(), strict=True)}
     # BOPs (MACs × weight bits × 8): packed size would not tell int2 from int4 (both ONNX int4).
     options = build_options(prepared.layers, table, weights, formats=formats, cost="bops")
-    dep: DependencyModel = build_dependency_model(hessian, prepared, options, progress=False)
+    dep: DependencyModel = build_dependency_model(hessian, prepared, options, method="hvp", progress=False)
     # The same terms with the single-layer changes measured on the exported model in onnxruntime
     # (build_options' defaults: packed storage, clipping search, minmax activation calibration).
     t0 = time.perf_counter()
@@ -154,6 +153,7 @@ def run(key: str, n_allocs: int, seed: int, budgets: Sequence[float], threads: i
         options,
         single_loss=exported_single_loss(lambda: exp, calib, F.cross_entropy, threads=threads),
         numerics="exported",
+        method="hvp",
         progress=False,
     )
 
@@ -225,17 +225,11 @@ def run(key: str, n_allocs: int, seed: int, budgets: Sequence[float], threads: i
     front = pareto_frontier(options)
     t_front = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rescored = candidates_for_search(front, dep, options, improve_points=False)
-    improved = candidates_for_search(front, dep, options, improve_points=True)
+    rescored = candidates_for_search(front, dep, options)
     t_cand = time.perf_counter() - t0
-    seqs: dict[str, Sequence[FrontierPoint]] = {
-        "ΣΩ": rescore(front, dep).points,
-        "rescored": rescored,
-        "improved": improved,
-    }
+    seqs: dict[str, Sequence[FrontierPoint]] = {"ΣΩ": rescore(front, dep).points, "rescored": rescored}
     print(
-        f"\nfrontier: {len(front)} points ({t_front:.1f} s); candidates: rescored {len(rescored)}, "
-        f"improved {len(improved)} ({t_cand:.1f} s)"
+        f"\nfrontier: {len(front)} points ({t_front:.1f} s); candidates: rescored {len(rescored)} ({t_cand:.1f} s)"
     )
     memo: dict[tuple[tuple[str, str], ...], float] = {}
 

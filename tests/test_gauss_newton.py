@@ -190,3 +190,15 @@ def test_per_position_cross_entropy_uses_the_last_axis_and_skips_ignored_rows():
     (g,) = torch.autograd.grad(tasks.cross_entropy(f, labels), f, create_graph=True)
     (hu,) = torch.autograd.grad((g * u).sum(), f)
     assert float((hu * u).sum()) == pytest.approx(m.scale * float(bu.square().sum()), rel=1e-5)
+
+
+def test_the_recipe_offers_the_estimators_and_dependency_methods_the_modules_have():
+    from typing import get_args
+
+    from hawqtool.dependency import METHODS
+    from hawqtool.gauss_newton import ESTIMATORS
+    from hawqtool.recipe import HessianSection, SearchSection
+
+    assert set(get_args(HessianSection.model_fields["estimator"].annotation)) == set(ESTIMATORS)
+    assert set(get_args(SearchSection.model_fields["dependency_method"].annotation)) == {"auto", *METHODS}
+    assert HessianSection().estimator == "auto" and SearchSection().dependency_method == "auto"
