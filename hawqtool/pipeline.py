@@ -26,7 +26,7 @@ from torch import nn
 
 from hawqtool import distributed
 from hawqtool.activations import ActivationTable, estimate_activation_traces
-from hawqtool.cache import cache_dir
+from hawqtool.cache import cache_dir, settings_key
 from hawqtool.costs import CostModel
 from hawqtool.dependency import (
     DependencyModel,
@@ -44,6 +44,7 @@ from hawqtool.export import QDQExporter
 from hawqtool.files import write_json_atomic
 from hawqtool.formats import quantizes_nothing
 from hawqtool.frontier import pareto_frontier
+from hawqtool.gauss_newton import loss_kind
 from hawqtool.hessian import estimate_traces
 from hawqtool.hvp import SplitHessian
 from hawqtool.latency import LatencySettings, LatencyTable, measure_latency
@@ -89,7 +90,7 @@ def trace_settings(ws: Workspace) -> dict[str, Any]:
 def analyze(
     recipe: Stage = None, *, progress: bool = True, overrides: Sequence[str] = ()
 ) -> SensitivityTable:
-    """Per-layer Hutchinson Hessian traces (cached by a fingerprint of weights, data and settings)."""
+    """Per-layer Hessian traces by the recipe's estimator (cached by weights, data and settings)."""
     ws = load(recipe, overrides=overrides)
     h = ws.recipe.hessian
     return estimate_traces(
@@ -99,6 +100,8 @@ def analyze(
         **trace_settings(ws),
         dtype=h.dtype,
         sub_batch=h.sub_batch,
+        estimator=h.estimator,
+        targets=ws.recipe.task.targets,
         progress=progress,
         cache_dir=cache_dir() / "hessian",
     )
@@ -182,7 +185,13 @@ def dependencies(
     """Inter-layer second-order terms of the options (cached by :func:`hawqtool.environment.dependency_key`),
     built with the workspace's export settings, as the options and the exporter are."""
     settings = ws.export_settings
-    path = cache_dir() / "dependency" / f"{dependency_key(ws.recipe, options, table, settings=settings)}.json"
+    method = ws.recipe.search.dependency_method
+    if method == "auto":
+        method = "output" if loss_kind(ws.loss_fn) is not None else "hvp"
+    key = dependency_key(ws.recipe, options, table, settings=settings)
+    if method != "hvp":  # hvp keeps the key of the caches written before the setting
+        key = settings_key(key, {"dependency_method": method})
+    path = cache_dir() / "dependency" / f"{key}.json"
     # Every rank must take the same branch: one computing alone would wait in its collectives.
     if distributed.all_agree(path.is_file(), what="the dependency cache check"):
         log.info("dependency terms: cached (%s)", path)
@@ -205,6 +214,8 @@ def dependencies(
         clip_search=settings.clip_search,
         single_loss=single_loss,
         numerics=numerics,
+        method=method,
+        seed=ws.recipe.hessian.seed,
         progress=progress,
     )
     if is_main():
