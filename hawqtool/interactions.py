@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 from hawqtool import distributed, modelio
 from hawqtool.errors import UsageError
 from hawqtool.gauss_newton import OutputCurvature, loss_kind
-from hawqtool.hessian import seed_of
 from hawqtool.hvp import SplitHessian
+from hawqtool.probes import seed_of
 
 log = logging.getLogger(__name__)
 
