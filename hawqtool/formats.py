@@ -1,7 +1,7 @@
 """Quantization formats and layer kinds as data, and the arithmetic every stage shares about them.
 
 A format is named by a short string in recipes (``int4``, ``int8-w``, ``int8-d``, ``int4-b32``,
-``float``); :func:`parse_format` turns it into a :class:`Format` through the registered
+``uint4-b32``, ``float``); :func:`parse_format` turns it into a :class:`Format` through the registered
 :class:`FormatFamily` whose pattern matches it. A family carries its facts (activations quantized,
 dynamic, block-wise, packed storage, scale rule), so a new family is one :func:`register_family` here,
 plus its quantizer (:func:`hawqtool.quantizer.register`) and its ONNX emitters
@@ -57,7 +57,7 @@ class Format:
             (``intB-d``: DynamicQuantizeLinear → MatMulInteger, which onnxruntime fuses into
             DynamicQuantizeMatMul); nothing is calibrated, so ``activations`` is false.
         family: the registered format family the name belongs to (``float``, ``intB``, ``intB-w``,
-            ``intB-d``, ``intB-bK``): what quantizer and exporter dispatch on.
+            ``intB-d``, ``intB-bK``, ``uintB-bK``): what quantizer and exporter dispatch on.
     """
 
     name: str
@@ -208,6 +208,8 @@ class FormatFamily:
         packed: sub-byte integers may be stored packed (ONNX INT2 / INT4); otherwise always INT8.
         scales: the number of float32 scales a layer stores in one of its formats.
         layer_kinds: the only kinds it suits, or ``None`` for every kind whose capabilities fit.
+        zero_points: its formats store one zero point per scale, in the weights' storage bits
+            (asymmetric grids: ``uintB-bK``); :func:`layer_cost` counts them.
     """
 
     name: str
@@ -220,6 +222,7 @@ class FormatFamily:
     packed: bool = True
     scales: Callable[[LayerInfo, Format], int] = channel_scales
     layer_kinds: frozenset[str] | None = None
+    zero_points: bool = False
 
     @property
     def block_wise(self) -> bool:
@@ -270,10 +273,10 @@ def register_family(family: FormatFamily, *, replace: bool = False) -> None:
             alone, or whose bits are not 2..8 (32 for an unquantized family).
 
     Example:
-        >>> register_family(FormatFamily("uintB", r"uint(?P<bits>[2-8])", "uintB (demo)", ("uint4",)))
-        >>> parse_format("uint4").family, "uint4" in known_formats()
-        ('uintB', True)
-        >>> unregister_family("uintB")
+        >>> register_family(FormatFamily("demoB", r"demo(?P<bits>[2-8])", "demoB (demo)", ("demo4",)))
+        >>> parse_format("demo4").family, "demo4" in known_formats()
+        ('demoB', True)
+        >>> unregister_family("demoB")
     """
     if not family.name:
         raise UsageError("a format family needs a non-empty name")
@@ -388,6 +391,17 @@ for _family in (
         _INT + r"-b(?P<block>\d+)",
         "intB-bK (weight-only, blocks of K input channels, K a power of two >= 16)",
         ("int4-b32", "int8-b32"),
+    ),
+    # Asymmetric blocks are named ``uint``: what they store is unsigned codes u in [0, 2^B - 1] with
+    # a zero point per block, w = (u - zp) * scale, as MatMulNBits / GatherBlockQuantized with their
+    # zero_points input and llama.cpp's Q4_1-style blocks do; ``intB-bK`` stays the symmetric grid.
+    FormatFamily(
+        "uintB-bK",
+        r"uint(?P<bits>[2-8])-b(?P<block>\d+)",
+        "uintB-bK (weight-only, asymmetric: blocks of K input channels with a scale and a zero point "
+        "each, from the block's min/max; K a power of two >= 16)",
+        ("uint4-b32", "uint8-b32"),
+        zero_points=True,
     ),
 ):
     register_family(_family)
@@ -511,7 +525,8 @@ def layer_cost(
 
     ``size`` is what the exported file stores for the layer's weight, once however many nodes read
     it: the integers at :func:`storage_bits` (a partial last byte counts whole) plus 4 bytes per
-    :func:`scale_count` scale, or 4 bytes per weight for ``float``. ``bops`` is MACs × weight bits ×
+    :func:`scale_count` scale and the :func:`zero_point_bytes` of an asymmetric family, or 4 bytes
+    per weight for ``float``. ``bops`` is MACs × weight bits ×
     activation bits (``activation_bits`` for activation formats, 8 for dynamic ones, else 32).
 
     Raises:
@@ -535,8 +550,28 @@ def layer_cost(
         return float(layer.macs * f.bits * act)
     if not f.quantized:
         return float(layer.params * 4)
-    weight_bytes = math.ceil(layer.params * storage_bits(fmt, storage=storage, opset=opset) / 8)
-    return float(weight_bytes + SCALE_BYTES * scale_count(layer, fmt))
+    bits = storage_bits(fmt, storage=storage, opset=opset)
+    weight_bytes = math.ceil(layer.params * bits / 8)
+    return float(weight_bytes + SCALE_BYTES * scale_count(layer, fmt) + zero_point_bytes(layer, fmt, bits))
+
+
+def zero_point_bytes(layer: LayerInfo, fmt: str, bits: int) -> int:
+    """Bytes of the zero points a layer stores in ``fmt`` (0 for a symmetric family): one per scale,
+    ``bits`` each, packed row by row (one row per output channel, a partial last byte whole), as
+    MatMulNBits and GatherBlockQuantized read them.
+
+    Example:
+        >>> from hawqtool.types import LayerInfo
+        >>> fc = LayerInfo("fc", "linear", (10, 96), params=960)
+        >>> zero_point_bytes(fc, "uint4-b32", 4), zero_point_bytes(fc, "int4-b32", 4)  # 10 rows · 3 blocks
+        (20, 0)
+    """
+    f = parse_format(fmt)
+    if not (f.quantized and format_family(f).zero_points):
+        return 0
+    rows = max(layer.out_channels, 1)
+    per_row = -(-scale_count(layer, fmt) // rows)
+    return rows * math.ceil(per_row * bits / 8)
 
 
 def _misfit(layer: LayerInfo, f: Format) -> str | None:

@@ -1,6 +1,7 @@
 """The one weight quantizer per format family, dispatched by the format's registered family.
 
-The built-in integer families share one: symmetric, per output channel (or per channel and block),
+The asymmetric block family (``uintB-bK``) has its own (:func:`quantize_asymmetric`: a scale and a
+zero point per block from its min/max). The other built-in integer families share one: symmetric, per output channel (or per channel and block),
 round to nearest (half to even, as ONNX ``QuantizeLinear``), on the full signed grid
 [-2^(b-1), 2^(b-1) - 1] (int4: [-8, 7], 16 levels). Options measure ‖Q(W) − W‖² with it and export
 writes its integers and scales, so what is scored is what ships. A new family registers its own
@@ -39,9 +40,13 @@ class QuantizedWeight:
         q: integers, ``int8`` (a container for every b ≤ 8), same shape as the weight.
         scale: float32 per-output-channel scales, shape ``(out_channels,)``, or per channel and
             block, ``(out_channels, blocks)``.
-        dequantized: ``q * scale`` in float32, exactly what ``DequantizeLinear`` computes.
+        dequantized: ``(q - zero_point) * scale`` in float32, exactly what ``DequantizeLinear``
+            (and MatMulNBits / GatherBlockQuantized) compute.
         sq_error: ‖dequantized − W‖² (float64 sum).
         bits: the format's bits.
+        zero_point: ``int8`` zero points of an asymmetric grid, the shape of ``scale``, on the same
+            signed grid as ``q`` (an exporter storing unsigned codes adds ``2^(b-1)`` to both);
+            ``None`` for a symmetric one (zero point 0).
     """
 
     q: torch.Tensor
@@ -49,6 +54,7 @@ class QuantizedWeight:
     dequantized: torch.Tensor
     sq_error: float
     bits: int
+    zero_point: torch.Tensor | None = None
 
     @property
     def qmin(self) -> int:
@@ -145,6 +151,75 @@ def _search(
     return _fake_quant(w2d, best_scale, qmin, qmax), best_scale
 
 
+def quantize_asymmetric(
+    weight: torch.Tensor, bits: int, block: int, *, clip_search: bool = True
+) -> QuantizedWeight:
+    """Quantize ``weight`` (output channels first) to ``bits`` bits per output channel and block of
+    ``block`` input elements, on an asymmetric grid: a scale and an integer zero point per block.
+
+    Each block's range ``[lo, hi]`` is its min and max widened to hold 0 (so 0 is exact, as
+    onnxruntime's MatMulNBits quantizer does); ``scale = (hi - lo) / (2^b - 1)``, the zero point
+    ``round(-lo / scale)``, the codes ``clamp(round(w / scale) + zp)``. With ``clip_search`` the range
+    is shrunk by each of :data:`CLIP_RATIOS` and the least squared error kept per block. Codes and
+    zero points are returned on the signed grid ``[-2^(b-1), 2^(b-1) - 1]`` (the unsigned code minus
+    ``2^(b-1)``), so ``q - zero_point`` is the unsigned difference. A last partial block is padded
+    with zeros, which quantize exactly.
+
+    Example:
+        >>> qw = quantize_asymmetric(torch.tensor([[0.0, 1.0, 2.0, 3.0]]), 2, 4, clip_search=False)
+        >>> qw.q.tolist(), qw.zero_point.tolist(), qw.scale.tolist(), qw.dequantized.tolist()
+        ([[-2, -1, 0, 1]], [[-2]], [[1.0]], [[0.0, 1.0, 2.0, 3.0]])
+    """
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be in 2..8, got {bits}")
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    levels = 2**bits - 1
+    w = weight.detach().to(torch.float32)
+    w2d = w.reshape(w.shape[0], -1)
+    k = w2d.shape[1]
+    blocks = -(-k // block)
+    padded = torch.zeros(w2d.shape[0], blocks * block, dtype=w2d.dtype, device=w2d.device)
+    padded[:, :k] = w2d
+    rows = padded.reshape(-1, block)
+    lo0, hi0 = rows.amin(dim=1).clamp(max=0), rows.amax(dim=1).clamp(min=0)
+    best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    best_err = torch.full_like(lo0, float("inf"), dtype=torch.float64)
+    for ratio in CLIP_RATIOS if clip_search else (1.0,):
+        span = (hi0 - lo0) * ratio
+        # An all-zero block has no range; scale 1 keeps the ops well defined and 0 exact.
+        scale = torch.where(span > 0, span / levels, torch.ones_like(span)).to(torch.float32)
+        zp = torch.clamp(torch.round(-lo0 * ratio / scale), 0, levels)
+        u = torch.clamp(torch.round(rows / scale[:, None]) + zp[:, None], 0, levels)
+        err = (((u - zp[:, None]) * scale[:, None] - rows).double() ** 2).sum(dim=1)
+        if best is None:
+            best, best_err = (u, zp, scale), err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = (
+            torch.where(better[:, None], u, best[0]),
+            torch.where(better, zp, best[1]),
+            torch.where(better, scale, best[2]),
+        )
+    assert best is not None
+    u, zp, scale = best
+    half = 2 ** (bits - 1)
+    q = (u - half).reshape(w2d.shape[0], -1)[:, :k]
+    zp2d = (zp - half).reshape(w2d.shape[0], -1)
+    scale2d = scale.reshape(w2d.shape[0], -1)
+    deq2d = (q - zp2d.repeat_interleave(block, dim=1)[:, :k]) * scale2d.repeat_interleave(block, dim=1)[:, :k]
+    deq = deq2d.reshape(w.shape)
+    return QuantizedWeight(
+        q=q.to(torch.int8).reshape(w.shape),
+        scale=scale2d.contiguous(),
+        dequantized=deq,
+        sq_error=float(((deq - w).double() ** 2).sum()),
+        bits=bits,
+        zero_point=zp2d.to(torch.int8).contiguous(),
+    )
+
+
 class WeightQuantizer(Protocol):
     """A format family's quantizer: a weight (output channels first) in one of its formats."""
 
@@ -156,7 +231,17 @@ def symmetric(weight: torch.Tensor, fmt: Format, *, clip_search: bool) -> Quanti
     return quantize_weight(weight, fmt.bits, clip_search=clip_search, block=fmt.block)
 
 
-_QUANTIZERS: dict[str, WeightQuantizer] = dict.fromkeys(("intB", "intB-w", "intB-d", "intB-bK"), symmetric)
+def asymmetric(weight: torch.Tensor, fmt: Format, *, clip_search: bool) -> QuantizedWeight:
+    """The asymmetric block family's quantizer (``uintB-bK``): :func:`quantize_asymmetric`."""
+    if fmt.block is None:
+        raise UsageError(f"format {fmt.name!r}: asymmetric quantization needs a block size")
+    return quantize_asymmetric(weight, fmt.bits, fmt.block, clip_search=clip_search)
+
+
+_QUANTIZERS: dict[str, WeightQuantizer] = {
+    **dict.fromkeys(("intB", "intB-w", "intB-d", "intB-bK"), symmetric),
+    "uintB-bK": asymmetric,
+}
 
 
 def register(family: str, quantizer: WeightQuantizer, *, replace: bool = False) -> None:

@@ -33,6 +33,8 @@ KINDS = {
     "int4-b32": ("int4-b32", "int4-b32"),
     "int8-b32": ("int8-b32", "int8-w"),
     "int8-d": ("int8-d", "int8-w"),
+    "uint4-b32": ("uint4-b32", "uint4-b32"),
+    "uint8-b32": ("uint8-b32", "uint8-b32"),
 }
 #: Per model and kind: (MatMulNBits, GatherBlockQuantized) nodes in the exported graph, counted by
 #: hand. Encoder: 2 in_proj + 2 linear1 + 2 linear2 (MatMul), 2 out_proj + head (Gemm), proj read
@@ -44,6 +46,11 @@ OP_COUNTS = {
     "bert": {"int8": (0, 3), "int4-w": (0, 3), "int4-b32": (12, 3), "int8-b32": (12, 3), "int8-d": (0, 3)},
     "gpt2": {"int8": (0, 1), "int4-w": (0, 1), "int4-b32": (9, 2), "int8-b32": (8, 1), "int8-d": (0, 1)},
 }
+# The asymmetric block kinds (zero points) reach the same ops as int4-b32 on every model: the tied
+# GPT-2 table in uint8-b32 is one decision read by a GatherBlockQuantized and a MatMulNBits (an
+# int8 head).
+for _counts in OP_COUNTS.values():
+    _counts["uint4-b32"] = _counts["uint8-b32"] = _counts["int4-b32"]
 #: Per model: MatMulInteger nodes of ``int8-d`` (every Linear-like use, the GPT-2 lm_head being the
 #: embedding's weight-only format).
 DYNAMIC_COUNTS = {"encoder": 11, "bert": 12, "gpt2": 8}
@@ -176,9 +183,11 @@ class _Graph:
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             q = _unpack_rows(self.constant(node.input[1], used), attrs["bits"]).reshape(attrs["N"], -1)
             scale = self.constant(node.input[2], used)
-            return ((q - 2 ** (attrs["bits"] - 1)) * np.repeat(scale, attrs["block_size"], axis=1)).astype(
-                np.float32
-            )
+            zp = self._packed_zero_points(node, 3, scale.shape, attrs["bits"], used)
+            return (
+                (q - np.repeat(zp, attrs["block_size"], axis=1))
+                * np.repeat(scale, attrs["block_size"], axis=1)
+            ).astype(np.float32)
         if f"{use.node}_dynamic_MatMulInteger" in self.by_name:
             node = self.by_name[f"{use.node}_dynamic_MatMulInteger"]
             assert len(node.input) == 3  # no weight zero point
@@ -189,10 +198,11 @@ class _Graph:
             node = self.by_name[f"{use.node}_GatherBlockQuantized"]
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             q = _unpack_rows(self.constant(node.input[0], used), attrs["bits"])
-            scale = np.repeat(self.constant(node.input[2], used), attrs["block_size"], axis=1)[
-                :, : q.shape[1]
-            ]
-            return ((q - 2 ** (attrs["bits"] - 1)) * scale).astype(np.float32)
+            scale = self.constant(node.input[2], used)
+            zp = self._packed_zero_points(node, 3, scale.shape, attrs["bits"], used)
+            zp = np.repeat(zp, attrs["block_size"], axis=1)[:, : q.shape[1]]
+            scale = np.repeat(scale, attrs["block_size"], axis=1)[:, : q.shape[1]]
+            return ((q - zp) * scale).astype(np.float32)
         node = self.producer.get(use.tensor)
         if node is None or node.op_type == "Transpose":  # float, maybe a transposed copy
             w = self.constant(use.tensor, used)
@@ -201,17 +211,31 @@ class _Graph:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         q = self.constant(node.input[0], used).astype(np.int64)
         scale = self.constant(node.input[1], used)
-        if len(node.input) > 2:
-            assert not self.constant(node.input[2], used).any()  # an all-zero zero point
+        zp = (
+            self.constant(node.input[2], used).astype(np.int64)
+            if len(node.input) > 2
+            else np.zeros_like(scale)
+        )
         if "block_size" in attrs:
             axis = attrs["axis"]
-            scale = np.repeat(scale, attrs["block_size"], axis=axis)[tuple(slice(0, d) for d in q.shape)]
+            scale, zp = (
+                np.repeat(a, attrs["block_size"], axis=axis)[tuple(slice(0, d) for d in q.shape)]
+                for a in (scale, zp)
+            )
         else:
             shape = [1] * q.ndim
             shape[attrs["axis"]] = -1
-            scale = scale.reshape(shape)
-        w = (q * scale).astype(np.float32)
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        w = ((q - zp) * scale).astype(np.float32)
         return w.T if use.transposed else w
+
+    def _packed_zero_points(
+        self, node: onnx.NodeProto, index: int, shape: tuple[int, ...], bits: int, used: set[str]
+    ) -> np.ndarray:
+        """A contrib op's unsigned zero points (rows packed like its data), or its default midpoint."""
+        if len(node.input) <= index or not node.input[index]:
+            return np.full(shape, 2 ** (bits - 1), np.int64)
+        return _unpack_rows(self.constant(node.input[index], used), bits)[:, : shape[1]]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -302,7 +326,7 @@ def _check_contrib_ops_in_onnxruntime(
                     eye = f"{node.name}_eye"
                     inits.append(numpy_helper.from_array(np.eye(ref.shape[1], dtype=np.float32), eye))
                     probe.input[0] = eye
-                    del probe.input[3:]  # no bias
+                    del probe.input[4:]  # no bias (zero points, if any, stay)
                     for a in probe.attribute:
                         if a.name == "accuracy_level":
                             a.i = 0
@@ -386,7 +410,7 @@ def test_activation_qdq_goes_on_every_reader_of_a_weight(built, tmp_path) -> Non
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["int4-w", "int4-b32", "int8-b32"])
+@pytest.mark.parametrize("kind", ["int4-w", "int4-b32", "int8-b32", "uint4-b32"])
 def test_onnxruntime_matches_the_fake_quantized_model(built, kind) -> None:  # type: ignore[no-untyped-def]
     """Weight-only kinds: onnxruntime vs torch with every weight replaced by the quantizer's
     ``dequantized``, on 7 tokens (calibration had 12).

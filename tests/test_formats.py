@@ -52,7 +52,7 @@ def test_names_parse_to_their_format(name: str, want: Format) -> None:
 
 
 def test_every_known_format_parses_to_one_family_and_float_comes_last() -> None:
-    assert KNOWN_FORMATS[-1] == "float" and len(set(KNOWN_FORMATS)) == len(KNOWN_FORMATS) == 24
+    assert KNOWN_FORMATS[-1] == "float" and len(set(KNOWN_FORMATS)) == len(KNOWN_FORMATS) == 26
     by_family: dict[str, list[str]] = {}
     for name in KNOWN_FORMATS:
         by_family.setdefault(parse_format(name).family, []).append(name)
@@ -61,9 +61,10 @@ def test_every_known_format_parses_to_one_family_and_float_comes_last() -> None:
         "intB-w": 7,
         "intB-d": 7,
         "intB-bK": 2,
+        "uintB-bK": 2,
         "float": 1,
     }
-    assert FORMAT_GRAMMAR.startswith("float, intB (B = 2..8") and FORMAT_GRAMMAR.count("intB") == 4
+    assert FORMAT_GRAMMAR.startswith("float, intB (B = 2..8") and FORMAT_GRAMMAR.count("intB") == 5
 
 
 @pytest.mark.parametrize(
@@ -201,7 +202,8 @@ def test_unsupported_reasons_name_what_the_layer_can_take() -> None:
     assert unsupported_reason(emb, "int8-w") is None
     assert unsupported_reason(emb, "int8") == (
         "its input is not an activation; allowed: "
-        "int2-w, int3-w, int4-w, int5-w, int6-w, int7-w, int8-w, int4-b32, int8-b32, float"
+        "int2-w, int3-w, int4-w, int5-w, int6-w, int7-w, int8-w, int4-b32, int8-b32, uint4-b32, uint8-b32, "
+        "float"
     )
     assert unsupported_reason(conv, "int8-d").startswith("dynamic formats are for MatMul/Gemm")  # type: ignore[union-attr]
     assert "block formats need a 2-D weight, it has (32, 16, 3, 3)" in unsupported_reason(conv, "int4-b32")  # type: ignore[operator]

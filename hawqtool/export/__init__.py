@@ -16,7 +16,8 @@ integer kernels; see ``tests/test_export.py`` and ``tests/test_export_kinds.py``
     W_int ─► DQ(axis) ─┴► Conv / Gemm / MatMul(+bias Add) [─► Relu] ─► Q(u8) ─► DQ ─► ...
 
     weight-only block formats (intB-bK) on MatMul / Gemm:   x ─► MatMulNBits(W_packed, scales)
-    weight-only formats on an embedding:                    ids ─► GatherBlockQuantized(W_packed, scales)
+    asymmetric blocks (uintB-bK) on MatMul / Gemm:          x ─► MatMulNBits(W_packed, scales, zero_points)
+    weight-only formats on an embedding:                    ids ─► GatherBlockQuantized(W_packed, scales[, zero_points])
     dynamic formats (intB-d) on MatMul / Gemm:              x ─► DynamicQuantizeLinear ─► MatMulInteger(W_int8)
                                                             ─► Cast ─► Mul(x_scale · scales) [─► Add bias]
     other weight-only cases:                                W_int ─► DQ ─► op

@@ -12,8 +12,10 @@ the layer emits it:
   (``com.microsoft.MatMulNBits``) or an embedding ``Gather`` (``com.microsoft.GatherBlockQuantized``):
   onnxruntime's fast kernels for them, which it does not always reach by fusing
   ``DequantizeLinear`` itself. Both store the same bytes: the integers as unsigned ``q + 2^(b-1)``
-  packed along the input axis, row by row, no ``zero_points`` (the ops' default is the midpoint),
-  float32 scales ``(out, blocks)``; so a tied table stores its integers once.
+  packed along the input axis, row by row, float32 scales ``(out, blocks)``, and no
+  ``zero_points`` for a symmetric format (the ops' default is the midpoint) or, for an asymmetric
+  one (``uintB-bK``), its zero points offset the same way and packed row by row ``(out,
+  ceil(blocks · b / 8))``; so a tied table stores its integers once.
 - :class:`DynamicMatMulEmitter` — a dynamic format (``intB-d``) on MatMul / plain Gemm uses:
   ``DynamicQuantizeLinear → MatMulInteger → Cast → Mul (→ Add bias)``, what onnxruntime's
   ``quantize_dynamic`` writes and fuses into ``DynamicQuantizeMatMul``.
@@ -61,6 +63,8 @@ class LayerContext:
         scale: the quantizer's float32 scales, ``(out,)`` or ``(out, blocks)``.
         nodes: the float graph's nodes by name.
         initializer_dims: the float graph's initializer shapes by name.
+        zero_point: the quantizer's ``int8`` zero points, the shape of ``scale`` (on ``q``'s signed
+            grid), or ``None`` for a symmetric format.
     """
 
     site: LayerSite
@@ -70,6 +74,7 @@ class LayerContext:
     scale: np.ndarray
     nodes: Mapping[str, onnx.NodeProto]
     initializer_dims: Mapping[str, tuple[int, ...]]
+    zero_point: np.ndarray | None = None
 
     @property
     def out_features(self) -> int:
@@ -120,8 +125,11 @@ class PackedOp(Protocol):
     def block(self, ctx: LayerContext) -> int: ...
 
     def node(
-        self, use: WeightUse, ctx: LayerContext, data: str, blocks: str, scales: str
-    ) -> onnx.NodeProto: ...
+        self, use: WeightUse, ctx: LayerContext, data: str, blocks: str, scales: str, zero_points: str
+    ) -> onnx.NodeProto:
+        """The op on ``data`` (packed rows) or ``blocks`` (the same bytes in MatMulNBits' shape),
+        ``scales`` and ``zero_points`` (``""``: none, the midpoint)."""
+        ...
 
 
 class MatMulNBitsEmitter:
@@ -143,13 +151,17 @@ class MatMulNBitsEmitter:
         assert ctx.fmt.block is not None
         return ctx.fmt.block
 
-    def node(self, use: WeightUse, ctx: LayerContext, data: str, blocks: str, scales: str) -> onnx.NodeProto:
+    def node(
+        self, use: WeightUse, ctx: LayerContext, data: str, blocks: str, scales: str, zero_points: str
+    ) -> onnx.NodeProto:
         from onnx import helper  # lazy: see hawqtool.export's docstring
 
         old = ctx.nodes[use.node]
-        inputs = [use.input, blocks, scales]
+        inputs = [use.input, blocks, scales, zero_points]
         if use.op_type == "Gemm" and len(old.input) > 2 and old.input[2]:
-            inputs += ["", "", old.input[2]]  # zero_points and g_idx left out, then the bias
+            inputs += ["", old.input[2]]  # g_idx left out, then the bias
+        while not inputs[-1]:
+            inputs.pop()
         return helper.make_node(
             "MatMulNBits",
             inputs,
@@ -185,13 +197,15 @@ class GatherBlockQuantizedEmitter:
         # One block per row: the op needs a power of two >= 16, and may be longer than the row.
         return max(16, 1 << (ctx.in_features - 1).bit_length())
 
-    def node(self, use: WeightUse, ctx: LayerContext, data: str, blocks: str, scales: str) -> onnx.NodeProto:
+    def node(
+        self, use: WeightUse, ctx: LayerContext, data: str, blocks: str, scales: str, zero_points: str
+    ) -> onnx.NodeProto:
         from onnx import helper  # lazy: see hawqtool.export's docstring
 
         old = ctx.nodes[use.node]
         return helper.make_node(
             "GatherBlockQuantized",
-            [data, use.input, scales],
+            [data, use.input, scales, *([zero_points] if zero_points else [])],
             list(old.output),
             name=f"{use.node}_GatherBlockQuantized",
             domain=CONTRIB_DOMAIN,
@@ -286,7 +300,7 @@ class DequantizeLinearEmitter:
     the other layout gets its own DequantizeLinear on a ``Transpose`` of those integers (folded the
     same way). No zero point (symmetric), except one all-zero int8 zero point per output channel
     when an activation format's weight feeds a Gemm: onnxruntime 1.32 fuses ``DQ → Gemm → Q`` into
-    QGemm only with it.
+    QGemm only with it, and an asymmetric format's zero points (stored like its integers).
     """
 
     kind = "DequantizeLinear"
@@ -296,54 +310,78 @@ class DequantizeLinearEmitter:
 
         site, f = ctx.site, ctx.fmt
         w = site.weight
-        q, scale = ctx.q, ctx.scale
+        q, scale, zp = ctx.q, ctx.scale, ctx.zero_point
         if site.transposed:
             q, scale = np.ascontiguousarray(q.T), np.ascontiguousarray(scale.T)
+            zp = None if zp is None else np.ascontiguousarray(zp.T)
         q_name, s_name, zp_name = f"{w}_quantized", f"{w}_scale", f"{w}_zero_point"
+        inits: list[onnx.TensorProto] = []
         nodes: list[onnx.NodeProto] = []
-        if ctx.bits in (2, 4):
-            dtype, packed = (
-                (TensorProto.INT4, pack_int4(q)) if ctx.bits == 4 else (TensorProto.INT2, pack_int2(q))
-            )
-            inits = [helper.make_tensor(q_name, dtype, q.shape, packed, raw=True)]
-            ints = f"{q_name}_int8"
-            nodes.append(
-                helper.make_node("Cast", [q_name], [ints], name=f"{q_name}_Cast", to=TensorProto.INT8)
-            )
-        else:
-            inits = [numpy_helper.from_array(q.astype(np.int8), q_name)]
-            ints = q_name
-        inits.append(numpy_helper.from_array(scale.astype(np.float32), s_name))
-        zero_point = f.activations and any(u.op_type == "Gemm" for u in site.uses)
-        if zero_point:
-            inits.append(numpy_helper.from_array(np.zeros(ctx.out_features, np.int8), zp_name))
 
-        def dequantize(ints: str, scales: str, out: str, channel_axis: int) -> onnx.NodeProto:
+        def integers(values: np.ndarray, name: str) -> str:
+            """Store ``values`` in the storage bits; the name of their INT8 view."""
+            if ctx.bits not in (2, 4):
+                inits.append(numpy_helper.from_array(values.astype(np.int8), name))
+                return name
+            dtype, packed = (
+                (TensorProto.INT4, pack_int4(values))
+                if ctx.bits == 4
+                else (TensorProto.INT2, pack_int2(values))
+            )
+            inits.append(helper.make_tensor(name, dtype, values.shape, packed, raw=True))
+            nodes.append(
+                helper.make_node("Cast", [name], [f"{name}_int8"], name=f"{name}_Cast", to=TensorProto.INT8)
+            )
+            return f"{name}_int8"
+
+        ints = integers(q, q_name)
+        inits.append(numpy_helper.from_array(scale.astype(np.float32), s_name))
+        zero_point = ""
+        if zp is not None:
+            zero_point = integers(zp, zp_name)
+        elif f.activations and any(u.op_type == "Gemm" for u in site.uses):
+            inits.append(numpy_helper.from_array(np.zeros(ctx.out_features, np.int8), zp_name))
+            zero_point = zp_name
+
+        def dequantize(
+            ints: str, scales: str, zero_points: str, out: str, channel_axis: int
+        ) -> onnx.NodeProto:
             # Blocks run along the input axis: the other axis of a 2-D weight than the channel one.
             attrs: dict[str, Any] = (
                 {"axis": channel_axis}
                 if f.block is None
                 else {"axis": 1 - channel_axis, "block_size": f.block}
             )
-            inputs = [ints, scales, zp_name] if zero_point else [ints, scales]
+            inputs = [ints, scales, zero_points] if zero_points else [ints, scales]
             return helper.make_node(
                 "DequantizeLinear", inputs, [out], name=f"{out}_DequantizeLinear", **attrs
             )
 
         # The DequantizeLinear output takes over the float tensor's name, so every node that read
         # the weight now reads the dequantized weight without any rewiring.
-        nodes.append(dequantize(ints, s_name, w, site.axis))
+        nodes.append(dequantize(ints, s_name, zero_point, w, site.axis))
         for t in site.tensors[1:]:  # copies in the other layout
             nodes.append(
                 helper.make_node("Transpose", [ints], [f"{t}_ints"], name=f"{t}_ints_Transpose", perm=[1, 0])
             )
-            scales = s_name
+            scales, zero_points = s_name, zero_point
             if f.block is not None:
                 scales = f"{t}_scale"
                 nodes.append(
                     helper.make_node("Transpose", [s_name], [scales], name=f"{scales}_Transpose", perm=[1, 0])
                 )
-            nodes.append(dequantize(f"{t}_ints", scales, t, 1 - site.axis))
+                if zero_point:
+                    zero_points = f"{t}_zero_point"
+                    nodes.append(
+                        helper.make_node(
+                            "Transpose",
+                            [zero_point],
+                            [zero_points],
+                            name=f"{zero_points}_Transpose",
+                            perm=[1, 0],
+                        )
+                    )
+            nodes.append(dequantize(f"{t}_ints", scales, zero_points, t, 1 - site.axis))
         return Emission(
             initializers=tuple(inits),
             nodes=tuple(nodes),
@@ -404,11 +442,19 @@ def _emit_packed(ctx: LayerContext, ops: Sequence[PackedOp]) -> Emission:
                 helper.make_node("Reshape", [data_name, shape], [blocks_name], name=f"{blocks_name}_Reshape")
             )
     inits.append(numpy_helper.from_array(scales, s_name))
+    zp_name = ""
+    if ctx.zero_point is not None:
+        # One row of zero points per output channel, packed like the integers (a partial last
+        # byte padded with zeros), read by MatMulNBits and GatherBlockQuantized alike.
+        zp = offset_unsigned(ctx.zero_point.reshape(n, -1), ctx.bits)
+        zp = np.pad(zp, ((0, 0), (0, -zp.shape[1] % (8 // ctx.bits))))
+        zp_name = f"{w}_zero_point"
+        inits.append(numpy_helper.from_array(pack_rows(zp, ctx.bits), zp_name))
     uses = list(zip(ctx.site.uses, ops, strict=True))
     return Emission(
         initializers=tuple(inits),
         nodes=tuple(nodes),
-        replace={use.node: (op.node(use, ctx, data_name, blocks_name, s_name),) for use, op in uses},
+        replace={use.node: (op.node(use, ctx, data_name, blocks_name, s_name, zp_name),) for use, op in uses},
         drops=ctx.site.tensors,
         kinds={use.node: op.kind for use, op in uses},
     )
@@ -470,4 +516,5 @@ PACKED = PackedEmitter((MatMulNBitsEmitter(), GatherBlockQuantizedEmitter()))
 register_emitters(parse_format("int8").family, (DEQUANTIZE_LINEAR,))
 register_emitters(parse_format("int8-w").family, (PACKED, DEQUANTIZE_LINEAR))
 register_emitters(parse_format("int4-b32").family, (PACKED, DEQUANTIZE_LINEAR))
+register_emitters(parse_format("uint4-b32").family, (PACKED, DEQUANTIZE_LINEAR))
 register_emitters(parse_format("int8-d").family, (DynamicMatMulEmitter(), DEQUANTIZE_LINEAR))

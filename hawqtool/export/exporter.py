@@ -487,6 +487,7 @@ class QDQExporter:
                 scale=qw.scale.cpu().numpy(),
                 nodes=self._nodes,
                 initializer_dims=self._initializer_dims,
+                zero_point=None if qw.zero_point is None else qw.zero_point.cpu().numpy(),
             )
             self._emissions[key] = emit(ctx)
         return self._emissions[key]
