@@ -202,3 +202,78 @@ def test_the_recipe_offers_the_estimators_and_dependency_methods_the_modules_hav
     assert set(get_args(HessianSection.model_fields["estimator"].annotation)) == set(ESTIMATORS)
     assert set(get_args(SearchSection.model_fields["dependency_method"].annotation)) == {"auto", *METHODS}
     assert HessianSection().estimator == "auto" and SearchSection().dependency_method == "auto"
+
+
+GN_WORKER = r"""
+import json, sys
+import torch
+import torch.nn.functional as F
+from hawqtool import distributed, tasks
+from hawqtool.dependency import build_dependency_model
+from hawqtool.hessian import estimate_traces
+from hawqtool.hvp import SplitHessian
+from hawqtool.interactions import output_terms
+from hawqtool.prepare import prepare_model
+from hawqtool.quantizer import quant_error
+
+data, out = sys.argv[1], sys.argv[2]
+distributed.init_from_env(timeout=600)
+try:
+    model, batches = torch.load(data, weights_only=False)
+    prepared = prepare_model(model, batches[0][0])
+    table = estimate_traces(
+        prepared, batches, tasks.kl, estimator="gauss_newton", sub_batch=16, rel_tol=0.1, device="cpu",
+        progress=False,
+    )
+    H = SplitHessian(prepared, batches, tasks.kl, device="cpu")
+    deltas = {(f, "int2"): quant_error(prepared.weight(f), "int2") for f in prepared.fqns}
+    terms = output_terms(H, deltas, sketch_dim=64, progress=False)
+    if distributed.is_main():
+        with open(out, "w") as fh:
+            json.dump({"table": table.to_dict(), "gram": terms.gram.tolist()}, fh)
+finally:
+    distributed.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_gauss_newton_traces_and_output_terms_of_one(tmp_path):
+    import json
+    import sys
+
+    import numpy as np
+    from test_distributed import _spawn
+
+    from hawqtool.hvp import SplitHessian
+    from hawqtool.interactions import output_terms
+    from hawqtool.quantizer import quant_error
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5)).eval()
+    x = torch.randn(64, 6)
+    with torch.no_grad():
+        y = model(x)
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+    prepared = prepare_model(model, x[:16])
+    torch.save((model, batches), tmp_path / "data.pt")
+    (tmp_path / "worker.py").write_text(GN_WORKER)
+    cmd = [sys.executable, str(tmp_path / "worker.py"), str(tmp_path / "data.pt"), str(tmp_path / "out.json")]
+    codes, errs, _ = _spawn(cmd, world=2, timeout=600)
+    assert codes == [0, 0], errs
+    two = json.loads((tmp_path / "out.json").read_text())
+    one = estimate_traces(
+        prepared,
+        batches,
+        tasks.kl,
+        estimator="gauss_newton",
+        sub_batch=16,
+        rel_tol=0.1,
+        device="cpu",
+        progress=False,
+    )
+    for a, b in zip(two["table"]["layers"], one.layers, strict=True):
+        assert a["trace"] == pytest.approx(b.trace, rel=1e-6) and a["probes"] == b.probes
+    H = SplitHessian(prepared, batches, tasks.kl, device="cpu")
+    deltas = {(f, "int2"): quant_error(prepared.weight(f), "int2") for f in prepared.fqns}
+    gram = output_terms(H, deltas, sketch_dim=64, progress=False).gram
+    np.testing.assert_allclose(two["gram"], gram, rtol=1e-6, atol=1e-12)
