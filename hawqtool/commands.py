@@ -64,6 +64,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_frontier(args: argparse.Namespace) -> int:
     from hawqtool.frontier import uniform_points
+    from hawqtool.options import offered_formats
     from hawqtool.plots import plot_frontier
 
     _check_out_dir(args.out)
@@ -75,7 +76,8 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     out = _out_dir(args.out)
     write_sensitivity(table, out)
     write_frontier_csv(front, out)
-    uniform = uniform_points(options, ws.recipe.allocation.formats)
+    a, provider = ws.recipe.allocation, ws.recipe.evaluate.provider
+    uniform = uniform_points(options, offered_formats(ws.prepared.layers, a.formats, provider=provider))
     plot_frontier(
         front,
         out / "frontier.png",

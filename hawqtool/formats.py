@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from hawqtool.errors import UsageError
 
@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from hawqtool.types import LayerInfo
 
 FLOAT = "float"
+#: ``allocation.formats: auto``: each layer is offered the formats its kind runs well
+#: (:func:`hawqtool.options.auto_formats`) instead of one list for every layer.
+AUTO: Literal["auto"] = "auto"
 #: How sub-8-bit integers are stored: ``packed`` (ONNX INT2/INT4) or ``container`` (INT8).
 STORAGES = ("packed", "container")
 #: First opsets with INT4 / INT2 ``DequantizeLinear`` inputs (packed sub-byte storage).
@@ -464,6 +467,25 @@ def average_bits(allocation: Mapping[str, str], params: Mapping[str, int]) -> fl
 # --------------------------------------------------------------------------------------------
 # Arithmetic: storage, scales, costs, capability
 # --------------------------------------------------------------------------------------------
+
+
+def formats_by_kind(
+    layers: Sequence[LayerInfo], offered: Mapping[str, Sequence[str]]
+) -> dict[str, list[str]]:
+    """Per layer kind, every format any of its layers was offered
+    (:func:`hawqtool.options.candidate_formats`), in first-offered order: for the report.
+
+    Example:
+        >>> from hawqtool.types import LayerInfo
+        >>> fc = LayerInfo("fc", "linear", (10, 64), params=640)
+        >>> formats_by_kind([fc], {"fc": ("int8-d", "float")})
+        {'linear': ['int8-d', 'float']}
+    """
+    out: dict[str, list[str]] = {}
+    for layer in layers:
+        row = out.setdefault(layer.kind, [])
+        row += [f for f in offered[layer.fqn] if f not in row]
+    return out
 
 
 def check_choice(value: str, allowed: Sequence[str], what: str) -> None:

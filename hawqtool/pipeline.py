@@ -48,7 +48,7 @@ from hawqtool.gauss_newton import loss_kind
 from hawqtool.hessian import estimate_traces
 from hawqtool.hvp import SplitHessian
 from hawqtool.latency import LatencySettings, LatencyTable, measure_latency
-from hawqtool.options import build_options
+from hawqtool.options import build_options, offered_formats
 from hawqtool.plots import plot_search
 from hawqtool.recipe import MEASURED_COST, Recipe
 from hawqtool.refine import (
@@ -137,7 +137,7 @@ def latency_table(ws: Workspace, *, progress: bool = True) -> LatencyTable:
         ws.cache["latency"] = measure_latency(
             exporter(ws),
             ws.io.feeds(ws.evaluation[0][0]),
-            formats=ws.recipe.allocation.formats,
+            formats=offered_formats(ws.prepared.layers, ws.recipe.allocation.formats, provider=ev.provider),
             settings=LatencySettings(provider=ev.provider, threads=ev.threads),
             cache_dir=cache_dir() / "latency",
             progress=progress,
@@ -169,6 +169,7 @@ def frontier(
         table,
         dict(zip(ws.prepared.fqns, ws.prepared.weights(), strict=True)),
         formats=a.formats,
+        provider=ws.recipe.evaluate.provider,
         cost=cost,
         settings=s,
         activation_omega=act.omegas() if act is not None else None,
@@ -424,7 +425,8 @@ def quantize(
     if not is_main():
         # Under torchrun the other ranks only share the Hessian stages; rank 0 searches and writes.
         return QuantizeResult(out, None, out / "report.json", False, {})
-    warn_without_vnni(r.allocation.formats)
+    offered = offered_formats(ws.prepared.layers, r.allocation.formats, provider=r.evaluate.provider)
+    warn_without_vnni(offered)
     with clock("baseline"):
         exp = exporter(ws)
         ws, base_eval, base_test = _baseline(ws, exp)
@@ -471,6 +473,7 @@ def quantize(
         versions=versions(),
         model_path=model_path,
         latency=refined if timed else None,
+        options=options,
     )
     title = f"{r.name}: Pareto frontier ({front.cost_model} vs ΣΩ)"
     latency = refined.latency
@@ -481,7 +484,7 @@ def quantize(
         result=result,
         latency=latency,
         title=title,
-        formats=r.allocation.formats,
+        formats=offered,
     )
     write_report(report, out)
     if not result.budget_met:

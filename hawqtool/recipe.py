@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from hawqtool import costs
 from hawqtool.errors import RecipeError
-from hawqtool.formats import DEFAULT_OPSET, FORMAT_GRAMMAR, format_bits, is_format
+from hawqtool.formats import AUTO, DEFAULT_OPSET, FORMAT_GRAMMAR, format_bits, is_format
 from hawqtool.types import Budget, ExportSettings
 
 #: The cost measured on the execution provider (a latency table per run) rather than computed.
@@ -143,7 +143,9 @@ class HessianSection(_Section):
 class AllocationSection(_Section):
     """Candidate formats per layer, the cost model and pins (FQN or ``re:`` regex → format)."""
 
-    formats: tuple[str, ...] = ("int4", "int8", "float")
+    # auto: each layer is offered the formats its kind runs well on evaluate.provider
+    # (hawqtool.options.AUTO_FORMATS); a list: every layer is offered those of them it can take.
+    formats: tuple[str, ...] | Literal["auto"] = AUTO
     # A registered cost model (hawqtool.costs.register: size in bytes, bops, ...) or latency (ms,
     # measured per layer and format on evaluate.provider).
     cost: str = "size"
@@ -158,9 +160,11 @@ class AllocationSection(_Section):
 
     @field_validator("formats")
     @classmethod
-    def _formats(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+    def _formats(cls, v: tuple[str, ...] | str) -> tuple[str, ...] | str:
+        if v == AUTO:
+            return v
         if not v:
-            raise ValueError(f"give at least one format; allowed: {FORMAT_GRAMMAR}")
+            raise ValueError(f"give at least one format or {AUTO}; allowed: {FORMAT_GRAMMAR}")
         for f in v:
             if not is_format(f):
                 raise ValueError(f"unknown format {f!r}; allowed: {FORMAT_GRAMMAR}")

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 from hawqtool.distributed import is_main
 from hawqtool.errors import ExportError
 from hawqtool.files import write_bytes_atomic, write_json_atomic
-from hawqtool.formats import parse_format
-from hawqtool.types import Budget, Frontier, FrontierPoint, SensitivityTable
+from hawqtool.formats import formats_by_kind, parse_format
+from hawqtool.types import Budget, Frontier, FrontierPoint, OptionTable, SensitivityTable
 
 if TYPE_CHECKING:
     from hawqtool.evaluate import Evaluation
@@ -131,6 +131,7 @@ def build_report(
     model_path: Path | None,
     budget: Budget | None = None,
     latency: Refined | None = None,
+    options: OptionTable | None = None,
 ) -> dict[str, Any]:
     """``report.json``: the output contract of docs/design.md, plus what each stage assumed.
 
@@ -140,7 +141,9 @@ def build_report(
     resolves, the model-I/O contract and the layers kept float (unused or unsupported). ``budget``
     is the one the search judged by (:func:`hawqtool.workspace.budget_for`; default: the recipe's).
     Under ``cost: latency``, ``latency`` (the refinement's result) adds ``search.latency`` (each
-    probe's predicted vs measured latency) and ``search.latency_vs_float``.
+    probe's predicted vs measured latency) and ``search.latency_vs_float``. ``options`` (0.4) adds
+    ``candidate_formats``: what ``allocation.formats`` asked for (a list or ``auto``) and the formats
+    each layer and each layer kind was offered.
     """
     from hawqtool.confidence import is_binary, resolvable_drop
 
@@ -252,6 +255,20 @@ def build_report(
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "recipe": r.to_dict(),
         "versions": dict(versions),
+        **({"candidate_formats": candidate_report(r, prepared, options)} if options is not None else {}),
+    }
+
+
+def candidate_report(recipe: Recipe, prepared: PreparedModel, options: OptionTable) -> dict[str, Any]:
+    """``candidate_formats`` of ``report.json``: the recipe's ``allocation.formats`` (a list or
+    ``auto``), the provider ``auto`` chose for, and the formats offered per layer kind and per layer."""
+    by_layer = {fqn: [o.format for o in options.options[fqn]] for fqn in options.layers}
+    requested = recipe.allocation.formats
+    return {
+        "requested": requested if isinstance(requested, str) else list(requested),
+        "provider": recipe.evaluate.provider,
+        "by_kind": formats_by_kind(prepared.layers, by_layer),
+        "by_layer": by_layer,
     }
 
 
