@@ -39,25 +39,31 @@ Key = tuple[str, str]
 SKETCH_DIM = 8192
 
 
-def count_sketch(v: torch.Tensor, dim: int, *, seed: int) -> torch.Tensor:
-    """A seeded CountSketch of the flattened ``v`` to ``dim`` coordinates (float64).
+class CountSketch:
+    """A seeded CountSketch of vectors of ``size`` elements to ``dim`` coordinates (float64): one
+    random bucket and sign per element, drawn once and applied to every vector.
 
-    Rows sketched with the same ``seed`` keep their inner products in expectation:
+    Vectors sketched by the same sketch keep their inner products in expectation:
     E⟨S a, S b⟩ = ⟨a, b⟩, with variance ≤ 2‖a‖²‖b‖²/dim.
 
     Example:
         >>> a = torch.randn(100000, generator=torch.Generator().manual_seed(0))
-        >>> s = count_sketch(a, 4096, seed=1)
+        >>> s = CountSketch(a.numel(), 4096, seed=1)(a)
         >>> abs(float(s @ s) / float(a @ a) - 1) < 0.1
         True
     """
-    flat = v.reshape(-1).double()
-    gen = torch.Generator(device=flat.device).manual_seed(seed)
-    bucket = torch.randint(0, dim, flat.shape, generator=gen, device=flat.device)
-    sign = (
-        torch.randint(0, 2, flat.shape, generator=gen, device=flat.device, dtype=flat.dtype).mul_(2).sub_(1)
-    )
-    return torch.zeros(dim, dtype=flat.dtype, device=flat.device).index_add_(0, bucket, flat * sign)
+
+    def __init__(self, size: int, dim: int, *, seed: int, device: torch.device | str = "cpu") -> None:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        self.dim = dim
+        self.bucket = torch.randint(0, dim, (size,), generator=gen, device=device)
+        sign = torch.randint(0, 2, (size,), generator=gen, device=device, dtype=torch.float64)
+        self.sign = sign.mul_(2).sub_(1)
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        flat = v.reshape(-1).double()
+        out = torch.zeros(self.dim, dtype=flat.dtype, device=flat.device)
+        return out.index_add_(0, self.bucket, flat * self.sign)
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,10 @@ def output_terms(
             root = math.sqrt(curv.scale * weight)
             exact = base.numel() <= sketch_dim
             sketched |= not exact
+            seeded = seed_of(seed, "sketch", b)
+            sketch = (
+                None if exact else CountSketch(base.numel(), sketch_dim, seed=seeded, device=hessian.device)
+            )
             rows = []
             for i, (f, _) in enumerate(keys):
                 p = params[f]
@@ -139,7 +149,7 @@ def output_terms(
                     p.data = saved
                 linear[i] += (grad_out.double() * delta.double()).sum()
                 v = curv.apply(delta).reshape(-1).double() * root
-                rows.append(v if exact else count_sketch(v, sketch_dim, seed=seed_of(seed, "sketch", b)))
+                rows.append(v if sketch is None else sketch(v))
                 bar.update(1)
             stacked = torch.stack(rows)
             gram += stacked @ stacked.T
