@@ -238,6 +238,8 @@ def build_report(
             "device": table.device,
             "fingerprint": table.fingerprint,
             "rel_tol": table.rel_tol,
+            "estimator": table.estimator,
+            "costs": dict(table.costs),
         },
         "layers": {
             "quantizable": len(prepared.layers),
