@@ -5,6 +5,9 @@ Recipe factories (``model.factory`` / ``data.factory``):
 - data: ``hawqtool.zoo:digits``, ``hawqtool.zoo:mnist5k``
 - models: ``hawqtool.zoo:resnet20_digits``, ``small_cnn_digits``, ``mlp_digits``,
   ``transformer_digits``, ``small_cnn_mnist``
+- Hugging Face encoders and sentences: :mod:`hawqtool.zoo.hf` (``pretrained``, ``minilm``,
+  ``text_splits``); causal LMs and token blocks: :mod:`hawqtool.zoo.lm` (``causal_lm``,
+  ``gemma3_270m``, ``token_blocks``)
 """
 
 from __future__ import annotations
