@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hawqtool.errors import ExportError, UsageError
+from hawqtool.export.writer import session_source
 from hawqtool.modelio import ModelIO
 from hawqtool.tasks import MetricFn, metric_by_chunks, per_sample
 
@@ -71,13 +72,15 @@ PROVIDERS = {
 
 
 def make_session(
-    model_bytes: bytes | str, *, threads: int = 2, provider: str = "cpu"
+    model_bytes: bytes | str | onnx.ModelProto, *, threads: int = 2, provider: str = "cpu"
 ) -> onnxruntime.InferenceSession:
     """An ``InferenceSession`` with all graph optimizations and ``threads`` intra-op threads.
 
     Args:
-        model_bytes: the serialized model, or the path of an ``.onnx`` file (needed when its
-            weights are in external data).
+        model_bytes: the serialized model, the path of an ``.onnx`` file (needed when its
+            weights are in external data), or an ``onnx.ModelProto`` of any size (past protobuf's
+            2 GiB limit it is opened from a temporary copy with external data,
+            :func:`hawqtool.export.writer.session_source`).
         threads: intra-op threads.
         provider: the target execution provider, a short name of :data:`PROVIDERS`; nodes it cannot
             run fall back to the CPU provider.
@@ -106,7 +109,12 @@ def make_session(
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3  # errors only; warnings about NCHWc serialization are noise here
     try:
-        return ort.InferenceSession(model_bytes, options, providers=providers)
+        if isinstance(model_bytes, (bytes, str)):
+            return ort.InferenceSession(model_bytes, options, providers=providers)
+        with session_source(model_bytes) as source:
+            return ort.InferenceSession(source, options, providers=providers)
+    except ExportError:
+        raise
     except Exception as e:  # onnxruntime's pybind errors (Fail, InvalidGraph, ...) share only Exception
         raise ExportError(f"onnxruntime cannot load the model: {e}") from e
 
@@ -166,9 +174,8 @@ def evaluate_onnx(
         size = path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(f"{path.name}.data"))
         session = make_session(str(path), threads=threads, provider=provider)
     else:
-        data = model.SerializeToString()
-        size = len(data)
-        session = make_session(data, threads=threads, provider=provider)
+        size = model.ByteSize()  # what the model serializes to, with no copy of it made
+        session = make_session(model, threads=threads, provider=provider)
 
     fed, outputs, targets = [], [], []
     for x, y in batches:

@@ -76,15 +76,46 @@ def export_float_onnx(
     if got != min(opset, TORCH_MAX_OPSET):
         raise ExportError(f"torch.onnx exported opset {got}, asked for {min(opset, TORCH_MAX_OPSET)}")
     if opset > TORCH_MAX_OPSET:
-        from onnx import version_converter  # lazy: see hawqtool.export's docstring
-
         try:
-            proto = version_converter.convert_version(proto, opset)
+            proto = convert_opset(proto, opset)
         except Exception as e:  # the converter raises bare RuntimeError/ValidationError per adapter
             raise ExportError(f"cannot convert the exported model from opset {got} to {opset}: {e}") from e
     _name_nodes(proto)
     _strip_debug_info(proto)
     return proto
+
+
+#: Where :func:`convert_opset` says an initializer's bytes are while the converter runs (nowhere).
+_SET_ASIDE = "hawqtool-set-aside"
+
+
+def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """``onnx.version_converter.convert_version`` for a model of any size.
+
+    The converter serializes the model, which protobuf refuses past 2 GiB, so it gets the graph with
+    the initializers' bytes set aside (marked external, the data left out of the message) and the
+    bytes go back, by name, into the converted model: the weights are neither copied nor touched.
+    ``model``'s initializers are left without their bytes: pass a model you do not need afterwards.
+    """
+    from onnx import TensorProto, version_converter  # lazy: see hawqtool.export's docstring
+
+    aside: dict[str, bytes] = {}
+    for t in model.graph.initializer:
+        if t.HasField("raw_data") and t.name not in aside:
+            aside[t.name] = t.raw_data
+            t.ClearField("raw_data")
+            t.data_location = TensorProto.EXTERNAL
+            del t.external_data[:]
+            t.external_data.add(key="location", value=_SET_ASIDE)
+    converted = version_converter.convert_version(model, opset)
+    for t in converted.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL and t.name in aside:
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT
+            t.raw_data = aside[t.name]
+    left = [t.name for t in converted.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    assert not left, f"initializers the converter renamed: {left}"
+    return converted
 
 
 def _strip_debug_info(model: onnx.ModelProto) -> None:

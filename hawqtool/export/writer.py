@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,12 +40,10 @@ def write_model(
     """Check ``model`` with ``onnx.checker`` (full check) and write it to ``path`` atomically.
 
     A model that serializes to at most ``max_inline_bytes`` is one file. A bigger one keeps its
-    tensors of :data:`EXTERNAL_DATA_MIN_BYTES` or more in :func:`external_data_path` next to it
-    (``onnx.save(..., save_as_external_data=True)``), which onnxruntime and ``onnx.load`` find when
-    they open the model by its path. Both files are written under temporary names in the same
-    folder and renamed into place, data first: a failure leaves nothing at ``path``. In the
-    external case ``model``'s tensors are moved to the data file (its raw bytes cleared): pass a
-    model you do not need afterwards.
+    initializers of :data:`EXTERNAL_DATA_MIN_BYTES` or more in :func:`external_data_path` next to it,
+    which onnxruntime and ``onnx.load`` find when they open the model by its path. Both files are
+    written under temporary names in the same folder and renamed into place, data first: a failure
+    leaves nothing at ``path``. ``model`` is left as it was.
 
     Args:
         model: the model to write.
@@ -58,8 +58,6 @@ def write_model(
         >>> write_model(model, Path("out/model.onnx"))  # doctest: +SKIP
         PosixPath('out/model.onnx')
     """
-    import onnx  # lazy: see hawqtool.export's docstring
-
     path = Path(path)
     if not needs_external_data(model, max_inline_bytes=max_inline_bytes):
         _check(model)
@@ -75,16 +73,9 @@ def write_model(
     except OSError as e:
         raise ExportError(f"cannot write {path}: {e}") from e
     try:
-        # Saved under the final names inside a temporary folder: the model records its data file by
-        # a path relative to itself, so both move out together.
-        onnx.save(
-            model,
-            tmp / path.name,
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=data.name,
-            size_threshold=EXTERNAL_DATA_MIN_BYTES,
-        )
+        # Written under the final names inside a temporary folder: the model records its data file
+        # by a path relative to itself, so both move out together.
+        _write_split(model, tmp / path.name, limit=max_inline_bytes)
         _check(str(tmp / path.name))
         (tmp / data.name).replace(data)
         (tmp / path.name).replace(path)
@@ -93,6 +84,75 @@ def write_model(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+@contextlib.contextmanager
+def session_source(
+    model: onnx.ModelProto, *, max_inline_bytes: int = PROTOBUF_LIMIT
+) -> Iterator[bytes | str]:
+    """What onnxruntime opens for ``model``: its bytes, or, past ``max_inline_bytes``, the path of a
+    copy written with external data (:func:`external_data_path`) in a temporary folder that is
+    removed on exit (a session made inside keeps what it loaded). ``model`` is left as it was.
+
+    Raises:
+        ExportError: the temporary copy cannot be written.
+
+    Example:
+        >>> with session_source(model) as source:  # doctest: +SKIP
+        ...     session = onnxruntime.InferenceSession(source)
+    """
+    if not needs_external_data(model, max_inline_bytes=max_inline_bytes):
+        yield model.SerializeToString()
+        return
+    with tempfile.TemporaryDirectory(prefix="hawqtool-model-") as folder:
+        path = Path(folder) / "model.onnx"
+        try:
+            _write_split(model, path, limit=max_inline_bytes)
+        except OSError as e:
+            raise ExportError(f"cannot write a temporary copy of the model to {folder}: {e}") from e
+        yield str(path)
+
+
+def _write_split(model: onnx.ModelProto, path: Path, *, limit: int) -> None:
+    """Write ``model`` to ``path`` with the bytes of its initializers of
+    :data:`EXTERNAL_DATA_MIN_BYTES` or more in :func:`external_data_path`, without copying the model:
+    each such tensor is an external reference while the (then small) message is serialized, and
+    gets its bytes back afterwards.
+
+    Raises:
+        ExportError: the rest of the model still serializes to more than ``limit`` bytes.
+    """
+    from onnx import TensorProto  # lazy: see hawqtool.export's docstring
+
+    data = external_data_path(path)
+    moved: list[tuple[onnx.TensorProto, bytes, bool]] = []
+    try:
+        with data.open("wb") as f:
+            for t in model.graph.initializer:
+                if t.data_location != TensorProto.DEFAULT or len(t.raw_data) < EXTERNAL_DATA_MIN_BYTES:
+                    continue
+                raw = t.raw_data
+                offset = f.tell()
+                f.write(raw)
+                moved.append((t, raw, t.HasField("data_location")))
+                t.ClearField("raw_data")
+                t.data_location = TensorProto.EXTERNAL
+                for key, value in (("location", data.name), ("offset", offset), ("length", len(raw))):
+                    t.external_data.add(key=key, value=str(value))
+        size = model.ByteSize()
+        if size > limit:
+            raise ExportError(
+                f"the model is {size} bytes without its initializers' data, past the limit of {limit}: "
+                "large constants outside the initializers cannot go to external data"
+            )
+        write_bytes_atomic(path, model.SerializeToString())
+    finally:
+        for t, raw, had_location in moved:  # as it was, field for field
+            del t.external_data[:]
+            t.ClearField("data_location")
+            if had_location:
+                t.data_location = TensorProto.DEFAULT
+            t.raw_data = raw
 
 
 def _check(model: onnx.ModelProto | str) -> None:
