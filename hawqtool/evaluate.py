@@ -177,25 +177,51 @@ def evaluate_onnx(
         size = model.ByteSize()  # what the model serializes to, with no copy of it made
         session = make_session(model, threads=threads, provider=provider)
 
-    fed, outputs, targets = [], [], []
+    # A metric with per-sample values is taken batch by batch and the outputs let go, so memory
+    # is one batch's outputs (an LM's logits are vocabulary × tokens per sample); a metric that is
+    # one number per split, or keep_outputs, needs them all.
+    fed: list[dict[str, np.ndarray]] = []
+    outputs: list[np.ndarray] = []
+    targets: list[np.ndarray] = []
+    parts: list[np.ndarray] = []
+    streamed: bool | None = None
+    pooled = 0  # samples in ``fed``: the timed batch needs latency_batch of them, or the first batch
     for x, y in batches:
         feed = session_feeds(session, x, io)
-        fed.append(feed)
-        outputs.append(run_session(session, feed))
-        targets.append(_numpy(y))
+        if not fed or (latency_batch is not None and pooled < latency_batch):
+            fed.append(feed)
+            pooled += len(next(iter(feed.values())))
+        o, target = run_session(session, feed), _numpy(y)
+        if streamed is None:
+            first = None if keep_outputs else per_sample(metric_fn(o, target), len(o))
+            streamed = first is not None
+            if first is not None:
+                parts.append(first)
+                continue
+        if streamed:
+            got = per_sample(metric_fn(o, target), len(o))
+            if got is None:
+                raise UsageError("the metric gave per-sample values on one batch and one number on another")
+            parts.append(got)
+        else:
+            outputs.append(o)
+            targets.append(target)
     if not fed:
         raise UsageError("cannot evaluate on an empty split: give at least one (inputs, targets) batch")
-    out = _concat(outputs)
-    tgt = _concat(targets)
-    n = len(out)
-    values = _ragged_per_sample(metric_fn, outputs, targets)
-    if values is None:
-        raw = metric_fn(out, tgt)
-        values = per_sample(raw, n)
+    out = tgt = None
+    if streamed:
+        values: np.ndarray | None = np.concatenate(parts)
+    else:
+        out, tgt = _concat(outputs), _concat(targets)
+        values = _ragged_per_sample(metric_fn, outputs, targets)
+        if values is None:
+            raw = metric_fn(out, tgt)
+            values = per_sample(raw, len(out))
+    n = len(values) if values is not None else len(out)  # type: ignore[arg-type]
     metric = float(np.mean(values)) if values is not None else float(raw)  # type: ignore[arg-type]
     if not np.isfinite(metric):
         raise UsageError(f"the metric is {metric} on this split: check the targets and the metric")
-    chunks = metric_by_chunks(metric_fn, out, tgt) if values is None and n >= 5 else None
+    chunks = metric_by_chunks(metric_fn, out, tgt) if values is None and n >= 5 else None  # type: ignore[arg-type]
 
     timed = fed[0]
     if latency_batch is not None:

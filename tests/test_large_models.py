@@ -107,3 +107,30 @@ def test_opset_conversion_works_on_the_graph_and_gives_the_weights_back() -> Non
         np.testing.assert_array_equal(got[name], w)
     assert all(t.data_location == TensorProto.DEFAULT for t in converted.graph.initializer)
     np.testing.assert_array_equal(_run(converted.SerializeToString()), _run(_model(21).SerializeToString()))
+
+
+def test_evaluation_holds_one_batch_of_outputs_for_a_per_sample_metric() -> None:
+    model = _model()
+    g = np.random.default_rng(2)
+    batches = [(g.standard_normal((4, 64)).astype(np.float32), np.zeros(4)) for _ in range(5)]
+    seen: list[int] = []
+
+    def per_row(outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        seen.append(len(outputs))
+        return np.asarray(outputs[:, 0] > 0, dtype=np.float64)
+
+    ev = evaluate_onnx(model, batches, per_row, latency_runs=1, warmup=0)
+    assert seen == [4] * 5  # batch by batch, never the split
+    whole = np.concatenate([_run_x(x) for x, _ in batches])
+    np.testing.assert_array_equal(ev.values, (whole[:, 0] > 0).astype(np.float64))  # type: ignore[arg-type]
+    assert ev.samples == 20 and ev.outputs is None
+    # One number per split, or keep_outputs: the outputs of the split are kept, as before.
+    seen.clear()
+    kept = evaluate_onnx(model, batches, per_row, latency_runs=1, warmup=0, keep_outputs=True)
+    assert seen == [20] and kept.outputs is not None and kept.metric == ev.metric
+    split = evaluate_onnx(model, batches, lambda o, t: float(o.mean()), latency_runs=1, warmup=0)
+    assert split.values is None and split.metric == pytest.approx(float(whole.mean()), rel=1e-6)
+
+
+def _run_x(x: np.ndarray) -> np.ndarray:
+    return np.asarray(make_session(_model(), threads=1).run(None, {"x": x})[0])

@@ -15,7 +15,7 @@ import numpy as np
 
 from hawqtool.errors import ExportError, UsageError
 from hawqtool.export.torch_export import INPUT_NAME
-from hawqtool.export.writer import needs_external_data
+from hawqtool.export.writer import needs_external_data, write_external
 from hawqtool.modelio import ModelIO
 
 if TYPE_CHECKING:
@@ -98,6 +98,7 @@ def calibrate(
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 
     methods = {
+        # The calibrator's graph reduces each tensor to its min and max: little memory per batch.
         "minmax": (CalibrationMethod.MinMax, {}),
         # Asymmetric: a symmetric range would waste half the uint8 grid on post-ReLU tensors.
         "percentile": (CalibrationMethod.Percentile, {"symmetric": False}),
@@ -116,10 +117,7 @@ def calibrate(
         float_path = Path(tmp) / "float.onnx"
         external = needs_external_data(model)
         if external:
-            # Saving with external data moves the tensors out of the proto: save a copy.
-            saved = onnx.ModelProto()
-            saved.CopyFrom(model)
-            onnx.save(saved, float_path, save_as_external_data=True, location="float.onnx.data")
+            write_external(model, float_path)
         else:
             onnx.save(model, float_path)
         try:

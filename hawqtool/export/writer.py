@@ -75,7 +75,7 @@ def write_model(
     try:
         # Written under the final names inside a temporary folder: the model records its data file
         # by a path relative to itself, so both move out together.
-        _write_split(model, tmp / path.name, limit=max_inline_bytes)
+        write_external(model, tmp / path.name, limit=max_inline_bytes)
         _check(str(tmp / path.name))
         (tmp / data.name).replace(data)
         (tmp / path.name).replace(path)
@@ -107,14 +107,14 @@ def session_source(
     with tempfile.TemporaryDirectory(prefix="hawqtool-model-") as folder:
         path = Path(folder) / "model.onnx"
         try:
-            _write_split(model, path, limit=max_inline_bytes)
+            write_external(model, path, limit=max_inline_bytes)
         except OSError as e:
             raise ExportError(f"cannot write a temporary copy of the model to {folder}: {e}") from e
         yield str(path)
 
 
-def _write_split(model: onnx.ModelProto, path: Path, *, limit: int) -> None:
-    """Write ``model`` to ``path`` with the bytes of its initializers of
+def write_external(model: onnx.ModelProto, path: Path, *, limit: int = PROTOBUF_LIMIT) -> None:
+    """Write ``model`` to ``path`` (unchecked, not atomically: a scratch copy) with the bytes of its initializers of
     :data:`EXTERNAL_DATA_MIN_BYTES` or more in :func:`external_data_path`, without copying the model:
     each such tensor is an external reference while the (then small) message is serialized, and
     gets its bytes back afterwards.
