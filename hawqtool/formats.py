@@ -580,7 +580,8 @@ def layer_cost(
 def zero_point_bytes(layer: LayerInfo, fmt: str, bits: int) -> int:
     """Bytes of the zero points a layer stores in ``fmt`` (0 for a symmetric family): one per scale,
     ``bits`` each, packed row by row (one row per output channel, a partial last byte whole), as
-    MatMulNBits and GatherBlockQuantized read them.
+    MatMulNBits and GatherBlockQuantized read them. (The DequantizeLinear fallback packs them over
+    the whole tensor: at most this many bytes, fewer by up to half a byte per row.)
 
     Example:
         >>> from hawqtool.types import LayerInfo

@@ -101,29 +101,54 @@ def quantize_weight(
         raise ValueError(f"block must be >= 1, got {block}")
     qmin, qmax = int_range(bits)
     w = weight.detach().to(torch.float32)
+    q, scale = _search(_rows(w, block), qmin, qmax, clip_search=clip_search)
+    return _assemble(w, q, scale, None, block=block, bits=bits)
+
+
+def _rows(w: torch.Tensor, block: int | None) -> torch.Tensor:
+    """The weight as rows that take one scale each: ``(out, K)`` per channel, or ``(out · blocks,
+    block)`` with the last partial block of each channel padded with zeros."""
     w2d = w.reshape(w.shape[0], -1)
+    if block is None:
+        return w2d
     k = w2d.shape[1]
+    padded = torch.zeros(w2d.shape[0], -(-k // block) * block, dtype=w2d.dtype, device=w2d.device)
+    padded[:, :k] = w2d
+    return padded.reshape(-1, block)
+
+
+def _assemble(
+    w: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    *,
+    block: int | None,
+    bits: int,
+) -> QuantizedWeight:
+    """Per-row integers, scales (and zero points) of :func:`_rows` back in the weight's layout,
+    dequantized as ``(q - zero_point) * scale``."""
+    out, k = w.shape[0], w[0].numel()
     if block is not None:
-        blocks = -(-k // block)
-        padded = torch.zeros(w2d.shape[0], blocks * block, dtype=w2d.dtype, device=w2d.device)
-        padded[:, :k] = w2d
-        rows = padded.reshape(-1, block)
+        q = q.reshape(out, -1)[:, :k]
+        scale = scale.reshape(out, -1)
+        zero_point = None if zero_point is None else zero_point.reshape(out, -1)
+
+        def spread(a: torch.Tensor) -> torch.Tensor:
+            return a.repeat_interleave(block, dim=1)[:, :k]
     else:
-        rows = w2d
-    q, scale = _search(rows, qmin, qmax, clip_search=clip_search)
-    if block is not None:
-        q = q.reshape(w2d.shape[0], -1)[:, :k]
-        scale = scale.reshape(w2d.shape[0], -1)
-        deq2d = q * scale.repeat_interleave(block, dim=1)[:, :k]
-    else:
-        deq2d = q * scale[:, None]
-    deq = deq2d.reshape(w.shape)
+
+        def spread(a: torch.Tensor) -> torch.Tensor:
+            return a[:, None]
+
+    deq = ((q if zero_point is None else q - spread(zero_point)) * spread(scale)).reshape(w.shape)
     return QuantizedWeight(
         q=q.to(torch.int8).reshape(w.shape),
         scale=scale.contiguous(),
         dequantized=deq,
         sq_error=float(((deq - w).double() ** 2).sum()),
         bits=bits,
+        zero_point=None if zero_point is None else zero_point.to(torch.int8).contiguous(),
     )
 
 
@@ -176,12 +201,7 @@ def quantize_asymmetric(
         raise ValueError(f"block must be >= 1, got {block}")
     levels = 2**bits - 1
     w = weight.detach().to(torch.float32)
-    w2d = w.reshape(w.shape[0], -1)
-    k = w2d.shape[1]
-    blocks = -(-k // block)
-    padded = torch.zeros(w2d.shape[0], blocks * block, dtype=w2d.dtype, device=w2d.device)
-    padded[:, :k] = w2d
-    rows = padded.reshape(-1, block)
+    rows = _rows(w, block)
     lo0, hi0 = rows.amin(dim=1).clamp(max=0), rows.amax(dim=1).clamp(min=0)
     best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     best_err = torch.full_like(lo0, float("inf"), dtype=torch.float64)
@@ -204,20 +224,8 @@ def quantize_asymmetric(
         )
     assert best is not None
     u, zp, scale = best
-    half = 2 ** (bits - 1)
-    q = (u - half).reshape(w2d.shape[0], -1)[:, :k]
-    zp2d = (zp - half).reshape(w2d.shape[0], -1)
-    scale2d = scale.reshape(w2d.shape[0], -1)
-    deq2d = (q - zp2d.repeat_interleave(block, dim=1)[:, :k]) * scale2d.repeat_interleave(block, dim=1)[:, :k]
-    deq = deq2d.reshape(w.shape)
-    return QuantizedWeight(
-        q=q.to(torch.int8).reshape(w.shape),
-        scale=scale2d.contiguous(),
-        dequantized=deq,
-        sq_error=float(((deq - w).double() ** 2).sum()),
-        bits=bits,
-        zero_point=zp2d.to(torch.int8).contiguous(),
-    )
+    half = 2 ** (bits - 1)  # codes and zero points on the signed grid: the same differences
+    return _assemble(w, u - half, scale, zp - half, block=block, bits=bits)
 
 
 class WeightQuantizer(Protocol):

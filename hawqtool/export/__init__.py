@@ -36,8 +36,9 @@ integer kernels; see ``tests/test_export.py`` and ``tests/test_export_kinds.py``
   float between integer kernels.
 - ``float`` layers keep their float weights; they see quantized activations only where a
   neighbouring quantized layer quantizes the tensor they share (as the integer kernels would).
-- files past protobuf's 2 GiB limit keep their tensors in an external ``.data`` file
-  (:mod:`~hawqtool.export.writer`).
+- files past protobuf's 2 GiB limit keep their tensors in an external ``.data`` file, and such a
+  model is opened in onnxruntime from a temporary copy written the same way, never serialized
+  whole (:mod:`~hawqtool.export.writer`); every probe is graph surgery on the one float export.
 
 For uniform int8 the optimized onnxruntime graph is the same, node for node, as that of
 onnxruntime's own ``quantize_static`` (QDQ, uint8/int8 per-channel) on the zoo CNNs.
@@ -74,7 +75,7 @@ from hawqtool.export.torch_export import (
     TORCH_MAX_OPSET,
     export_float_onnx,
 )
-from hawqtool.export.writer import PROTOBUF_LIMIT, external_data_path, write_model
+from hawqtool.export.writer import PROTOBUF_LIMIT, external_data_path, session_source, write_model
 
 __all__ = [
     "CALIBRATION_METHODS",
@@ -112,6 +113,7 @@ __all__ = [
     "pack_rows",
     "quantization_plan",
     "register_emitters",
+    "session_source",
     "uint8_qparams",
     "write_model",
 ]
