@@ -57,13 +57,15 @@ def resolve_estimator(estimator: str, loss_fn: LossFn, *, targets: str = "labels
     """The trace estimator that ``estimator`` (``auto``, ``gauss_newton``, ``hutchinson``) runs.
 
     ``auto`` is ``gauss_newton`` where it is exact (``targets == "model"`` with ``mse`` or ``kl``) and
-    ``hutchinson`` otherwise.
+    for ``cross_entropy`` on labels (the Fisher of the model's own predictions: it ranks allocations
+    as Hutchinson's traces do, for a fraction of the cost, ``scripts/bench_sensitivity.py``), and
+    ``hutchinson`` otherwise (``mse`` on labels, custom losses).
 
     Raises:
         UsageError: an unknown name, or ``gauss_newton`` for a loss with no known output curvature.
 
     Example:
-        >>> resolve_estimator("auto", tasks.kl, targets="model"), resolve_estimator("auto", F.cross_entropy)
+        >>> resolve_estimator("auto", tasks.kl, targets="model"), resolve_estimator("auto", F.mse_loss)
         ('gauss_newton', 'hutchinson')
     """
     if estimator not in ESTIMATORS:
@@ -75,7 +77,8 @@ def resolve_estimator(estimator: str, loss_fn: LossFn, *, targets: str = "labels
             f"({', '.join(KINDS.values())}); use hutchinson (or auto) for a custom loss"
         )
     if estimator == "auto":
-        return "gauss_newton" if targets == "model" and kind in EXACT_WITH_TEACHER else "hutchinson"
+        exact = targets == "model" and kind in EXACT_WITH_TEACHER
+        return "gauss_newton" if exact or kind == "cross_entropy" else "hutchinson"
     return estimator
 
 

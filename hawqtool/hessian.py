@@ -133,7 +133,7 @@ def estimate_traces(
     dtype: str = "float32",
     sub_batch: int | None = 128,
     probes_per_part: int = 1,
-    estimator: str = "auto",
+    estimator: str = "hutchinson",
     targets: str = "labels",
     progress: bool = True,
     cache_dir: Path | None = None,
@@ -164,7 +164,8 @@ def estimate_traces(
             for when it pays.
         estimator: ``hutchinson`` (second backward per layer), ``gauss_newton`` (one first-order
             backward per probe serves every layer: :mod:`hawqtool.gauss_newton`; exact for teacher
-            targets with ``mse`` / ``kl``) or ``auto`` (:func:`hawqtool.gauss_newton.resolve_estimator`).
+            targets with ``mse`` / ``kl``) or ``auto`` (:func:`hawqtool.gauss_newton.resolve_estimator`;
+            the recipe's default).
         targets: ``labels`` or ``model`` (teacher targets), for ``auto``.
         progress: show a tqdm bar (also hidden when stderr is not a terminal).
         cache_dir: when given, the table is stored there under a fingerprint of the weights, the

