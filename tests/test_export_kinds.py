@@ -383,6 +383,26 @@ def test_tied_block_weight_is_stored_once_for_both_readers(built) -> None:  # ty
     )  # integers, scales, the Reshape's shape: no float copy left
 
 
+@pytest.mark.parametrize("fmt", ["int8-b32", "uint8-b32"])
+def test_an_int8_head_tied_to_the_embedding_is_one_decision(built, fmt) -> None:  # type: ignore[no-untyped-def]
+    """GPT-2's wte in an 8-bit block format: its Gather and the lm_head MatMul read one packed table
+    (and one set of scales and zero points) through GatherBlockQuantized and MatMulNBits."""
+    name, exporter = built
+    if name != "gpt2":
+        pytest.skip("GPT-2 ties its embedding to lm_head")
+    site = exporter.sites["transformer.wte"]
+    kinds = exporter.emitters({"transformer.wte": fmt})["transformer.wte"]
+    assert kinds == {site.uses[0].node: "GatherBlockQuantized", site.uses[1].node: "MatMulNBits"}
+    model = exporter.quantized_model({"transformer.wte": fmt})
+    by_name = {n.name: n for n in model.graph.node}
+    gather = by_name[f"{site.uses[0].node}_GatherBlockQuantized"]
+    matmul = by_name[f"{site.uses[1].node}_MatMulNBits"]
+    assert matmul.input[2:] == gather.input[2:]  # the same scales (and zero points)
+    assert len(gather.input) == (4 if fmt.startswith("u") else 3)
+    data = next(t for t in model.graph.initializer if t.name == gather.input[0])
+    assert len(data.raw_data) == 100 * 32  # one byte per weight, stored once
+
+
 def test_activation_qdq_goes_on_every_reader_of_a_weight(built, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """int8 on a Linear read by a Gemm (2-D input) and a MatMul (3-D input, transposed copy): both
     inputs get Q→DQ, both weights dequantize one int8 tensor, and onnxruntime runs both on
