@@ -18,7 +18,13 @@ from onnx import TensorProto, helper, numpy_helper
 from hawqtool.errors import ExportError
 from hawqtool.evaluate import evaluate_onnx, make_session
 from hawqtool.export.torch_export import convert_opset
-from hawqtool.export.writer import EXTERNAL_DATA_MIN_BYTES, external_data_path, session_source, write_model
+from hawqtool.export.writer import (
+    EXTERNAL_DATA_MIN_BYTES,
+    external_data_path,
+    session_source,
+    write_external,
+    write_model,
+)
 
 
 def _model(opset: int = 21) -> onnx.ModelProto:
@@ -92,7 +98,7 @@ def test_constants_past_the_limit_outside_the_initializers_are_an_export_error(t
     big = numpy_helper.from_array(np.zeros(300, np.float32), "c")
     model.graph.node.insert(0, helper.make_node("Constant", [], ["c"], value=big))
     with pytest.raises(ExportError, match="without its initializers' data"):
-        write_model(model, tmp_path / "m.onnx", max_inline_bytes=100)
+        write_external(model, tmp_path / "m.onnx", limit=100)  # protobuf's limit, scaled down
     assert not (tmp_path / "m.onnx").exists()
 
 

@@ -75,7 +75,7 @@ def write_model(
     try:
         # Written under the final names inside a temporary folder: the model records its data file
         # by a path relative to itself, so both move out together.
-        write_external(model, tmp / path.name, limit=max_inline_bytes)
+        write_external(model, tmp / path.name)
         _check(str(tmp / path.name))
         (tmp / data.name).replace(data)
         (tmp / path.name).replace(path)
@@ -107,7 +107,7 @@ def session_source(
     with tempfile.TemporaryDirectory(prefix="hawqtool-model-") as folder:
         path = Path(folder) / "model.onnx"
         try:
-            write_external(model, path, limit=max_inline_bytes)
+            write_external(model, path)
         except OSError as e:
             raise ExportError(f"cannot write a temporary copy of the model to {folder}: {e}") from e
         yield str(path)
@@ -120,7 +120,8 @@ def write_external(model: onnx.ModelProto, path: Path, *, limit: int = PROTOBUF_
     gets its bytes back afterwards.
 
     Raises:
-        ExportError: the rest of the model still serializes to more than ``limit`` bytes.
+        ExportError: the rest of the model still serializes to more than ``limit`` bytes
+            (protobuf's limit).
     """
     from onnx import TensorProto  # lazy: see hawqtool.export's docstring
 
