@@ -233,7 +233,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--numerics", choices=("weights", "exported"), default="weights")
-    ap.add_argument("--max-probes", type=int, default=32, help="trace probes per layer, both estimators")
+    ap.add_argument("--max-probes", type=int, default=16, help="trace probes per layer, both estimators")
     ap.add_argument("--minilm-calibration", type=int, default=16)
     ap.add_argument("--minilm-evaluation", type=int, default=64)
     ap.add_argument("--minilm-max-probes", type=int, default=16)
