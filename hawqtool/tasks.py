@@ -137,23 +137,51 @@ def perplexity(outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
     their mean is exactly exp(m), the mean of paired differences is exactly the difference of two
     models' perplexities, and its spread is the delta-method spread, so :mod:`hawqtool.confidence`'s
     paired bounds (and ``relative`` budgets, e.g. +3 %) apply unchanged. A single value may be
-    negative; only means are meaningful.
+    negative; only means are meaningful. The values are centred on the outputs given, so the
+    metric must see a whole split at once (``Metric.whole_split``): called batch by batch, their
+    mean is the token-weighted mean of the batches' perplexities. :func:`nll` has no such need.
 
     Example:
         >>> uniform = np.zeros((2, 3, 5))                     # every token equally likely, V = 5
         >>> np.round(perplexity(uniform, np.array([[0, 1, 2], [3, 4, -100]])), 12).tolist()
         [5.0, 5.0]
     """
+    sums, counts = _token_nll(outputs, targets, name="perplexity")
+    m = sums.sum() / counts.sum()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m_i = np.where(counts > 0, sums / np.where(counts > 0, counts, 1), m)
+    return np.exp(m) * (1.0 + counts / counts.mean() * (m_i - m))
+
+
+def nll(outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Per sequence: the mean token negative log-likelihood in nats (lower is better), as
+    :func:`perplexity` reads ``outputs`` and ``targets``.
+
+    Unlike :func:`perplexity`'s pseudo-values each sequence's value depends on that sequence alone,
+    so any batching gives the same values. On blocks of equal length the split's value is the mean
+    token NLL, exp of it the split's perplexity, and an ``absolute`` budget of ln(1 + r) nats is
+    exactly a relative budget r on perplexity (+3 %: 0.02956).
+
+    Example:
+        >>> np.round(nll(np.zeros((2, 3, 5)), np.zeros((2, 3), dtype=np.int64)), 6).tolist()  # ln 5
+        [1.609438, 1.609438]
+    """
+    sums, counts = _token_nll(outputs, targets, name="nll")
+    if (counts == 0).any():
+        raise UsageError(f"metric nll: {int((counts == 0).sum())} sequences have no scored token (all -100)")
+    return sums / counts
+
+
+def _token_nll(outputs: np.ndarray, targets: np.ndarray, *, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per sequence: the sum of its tokens' NLL and how many tokens were scored."""
     out = np.asarray(outputs)
     tgt = np.asarray(targets)
     if out.ndim < 2:
-        raise UsageError(
-            f"metric perplexity: outputs of shape {out.shape} must be logits with a vocabulary axis"
-        )
+        raise UsageError(f"metric {name}: outputs of shape {out.shape} must be logits with a vocabulary axis")
     teacher = np.issubdtype(tgt.dtype, np.floating)
     if (tgt.shape != out.shape) if teacher else (tgt.shape != out.shape[:-1]):
         raise UsageError(
-            f"metric perplexity: targets of shape {tgt.shape} must be next tokens of shape {out.shape[:-1]} "
+            f"metric {name}: targets of shape {tgt.shape} must be next tokens of shape {out.shape[:-1]} "
             f"or a teacher's logits of the outputs' shape {out.shape}"
         )
     sums = np.zeros(len(out))
@@ -162,22 +190,19 @@ def perplexity(outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
         log_q = _log_softmax(out[i].reshape(-1, out.shape[-1]))
         if teacher:
             log_p = _log_softmax(tgt[i].reshape(-1, out.shape[-1]))
-            nll = -(np.exp(log_p) * log_q).sum(axis=-1)
+            tok_nll = -(np.exp(log_p) * log_q).sum(axis=-1)
         else:
             tok = tgt[i].reshape(-1).astype(np.int64)
             keep = tok != -100
             if ((tok[keep] < 0) | (tok[keep] >= out.shape[-1])).any():
                 raise UsageError(
-                    f"metric perplexity: sample {i} has tokens outside [0, {out.shape[-1] - 1}] (the vocabulary)"
+                    f"metric {name}: sample {i} has tokens outside [0, {out.shape[-1] - 1}] (the vocabulary)"
                 )
-            nll = -log_q[np.flatnonzero(keep), tok[keep]]
-        sums[i], counts[i] = nll.sum(), nll.size
+            tok_nll = -log_q[np.flatnonzero(keep), tok[keep]]
+        sums[i], counts[i] = tok_nll.sum(), tok_nll.size
     if counts.sum() == 0:
-        raise UsageError("metric perplexity: every target is -100; there is no token to score")
-    m = sums.sum() / counts.sum()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        m_i = np.where(counts > 0, sums / np.where(counts > 0, counts, 1), m)
-    return np.exp(m) * (1.0 + counts / counts.mean() * (m_i - m))
+        raise UsageError(f"metric {name}: every target is -100; there is no token to score")
+    return sums, counts
 
 
 def token_kl(outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -265,6 +290,8 @@ class Metric:
             apply. A float baseline at or below chance means the targets do not match the model.
         per_position: on outputs with more than 2 axes (per-token logits (N, T, C)) each sample's
             value is a mean over positions, a fraction, so the metric is continuous there.
+        whole_split: its per-sample values depend on the whole split (``perplexity``'s pseudo-values):
+            evaluate it once on a split's outputs, not batch by batch.
     """
 
     name: str
@@ -274,6 +301,7 @@ class Metric:
     teacher: bool = False
     chance: ChanceFn | None = None
     per_position: bool = False
+    whole_split: bool = False
 
     def binary_for(self, output_ndim: int) -> bool | None:
         """Whether the metric is binary on outputs with ``output_ndim`` axes.
@@ -310,6 +338,7 @@ def register_metric(
     teacher: bool = False,
     chance: ChanceFn | None = None,
     per_position: bool = False,
+    whole_split: bool = False,
     replace: bool = False,
 ) -> Metric:
     """Make ``fn`` a metric recipes can name: one registration holds everything said about it.
@@ -326,7 +355,7 @@ def register_metric(
         'max_abs'
     """
     _check_name(name, _METRICS, what="metric", replace=replace)
-    metric = Metric(name, fn, higher_is_better, binary, teacher, chance, per_position)
+    metric = Metric(name, fn, higher_is_better, binary, teacher, chance, per_position, whole_split)
     _METRICS[name] = metric
     return metric
 
@@ -470,7 +499,8 @@ register_metric("top1_agreement", top1_agreement, binary=True, teacher=True, per
 register_metric("cosine", cosine, binary=False, teacher=True)
 register_metric("mse", mse, higher_is_better=False, binary=False)
 register_metric("neg_mse", neg_mse, binary=False)
-register_metric("perplexity", perplexity, higher_is_better=False, binary=False)
+register_metric("perplexity", perplexity, higher_is_better=False, binary=False, whole_split=True)
+register_metric("nll", nll, higher_is_better=False, binary=False)
 register_metric("kl", token_kl, higher_is_better=False, binary=False, teacher=True)
 
 

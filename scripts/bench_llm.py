@@ -17,7 +17,8 @@ BOS-led blocks of ``--block`` tokens; nothing downloads. All in one run, each ro
 - ``NNCF-style ratio``: the embedding at int8-w (NNCF's backup precision), the other layers ordered
   by their relative int4-b32 weight error, the worst kept at int8-w until the estimated size
   reaches hawqtool's model's;
-- ``hawqtool``: ``hawqtool.quantize`` at a perplexity budget (``--budget``, relative, 95 %
+- ``hawqtool``: ``hawqtool.quantize`` at a perplexity budget (``--budget``, relative; stated as
+  ln(1 + budget) on the ``nll`` metric, which is exactly that on equal-length blocks; 95 %
   confidence) with formats int4-b32 / int8-w / float.
 
 Each row: file size, perplexity on the held-out TEST split with the paired 95 % interval of its
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import statistics
@@ -55,7 +57,7 @@ from hawqtool.evaluate import evaluate_onnx, make_session, run_session
 from hawqtool.formats import layer_cost
 from hawqtool.quantizer import quant_error
 from hawqtool.recipe import parse_recipe
-from hawqtool.tasks import perplexity, token_kl
+from hawqtool.tasks import nll, token_kl
 from hawqtool.zoo import lm
 
 INT4, INT8 = "int4-b32", "int8-w"
@@ -185,7 +187,8 @@ def main() -> None:
                 "device": "cpu",
             },
             "allocation": {"formats": [INT4, INT8, "float"]},
-            "budget": {"max_drop": args.budget, "mode": "relative", "confidence": 0.95},
+            # +r perplexity is exactly +ln(1 + r) mean token NLL on equal-length blocks.
+            "budget": {"max_drop": math.log1p(args.budget), "mode": "absolute", "confidence": 0.95},
             "search": {"dependency": False},
             "evaluate": {"latency_runs": 1},
         }
@@ -218,27 +221,26 @@ def main() -> None:
     wall["baseline exports"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    base = evaluate_onnx(paths["float"], data.test, perplexity, io=ws.io, latency_runs=1, keep_outputs=True)
+    base = evaluate_onnx(paths["float"], data.test, nll, io=ws.io, latency_runs=1, keep_outputs=True)
     rows = []
     for name, p in paths.items():
         # One model's (N, T, V) logits at a time besides the float model's: they are large.
         ev = (
             base
             if name == "float"
-            else evaluate_onnx(p, data.test, perplexity, io=ws.io, latency_runs=1, keep_outputs=True)
+            else evaluate_onnx(p, data.test, nll, io=ws.io, latency_runs=1, keep_outputs=True)
         )
         assert ev.values is not None and base.values is not None and ev.outputs is not None
-        drop = paired_drop(
-            base.values, ev.values, mode="relative", higher_is_better=False, confidence=0.95, binary=False
-        )
+        # Perplexity = exp(mean NLL): its relative change is expm1 of the NLL change, bounds included.
+        drop = paired_drop(base.values, ev.values, higher_is_better=False, confidence=0.95, binary=False)
         kls = token_kl(ev.outputs, base.outputs)
         kl_iv = paired_drop(np.zeros_like(kls), kls, higher_is_better=False, confidence=0.95, binary=False)
         rows.append(
             {
                 "model": name,
                 "size_bytes": file_size(p),
-                "perplexity": ev.metric,
-                "ppl_change": [drop.lower, drop.drop, drop.upper],
+                "perplexity": math.exp(ev.metric),
+                "ppl_change": [math.expm1(drop.lower), math.expm1(drop.drop), math.expm1(drop.upper)],
                 "kl": [kl_iv.lower, kl_iv.drop, kl_iv.upper],
                 "allocation": allocations.get(name) or (chosen if name == "hawqtool" else None),
             }

@@ -23,6 +23,7 @@ from hawqtool.tasks import (
     metric_names,
     mse,
     neg_mse,
+    nll,
     per_sample,
     perplexity,
     register_loss,
@@ -294,3 +295,19 @@ def test_cross_entropy_on_per_token_logits() -> None:
     tokens = torch.tensor([[1, 2, -100], [0, 4, 3]])
     flat = torch.nn.functional.cross_entropy(logits.reshape(-1, 5), tokens.reshape(-1))
     assert resolve_loss("cross_entropy")(logits, tokens).item() == pytest.approx(flat.item())
+
+
+def test_nll_is_batch_invariant_and_its_exp_is_the_perplexity() -> None:
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(6, 5, 9)) * 2
+    tokens = rng.integers(0, 9, size=(6, 5))
+    whole = nll(logits, tokens)
+    # Batch by batch: the same values (perplexity's pseudo-values are centred on the batch given).
+    np.testing.assert_allclose(
+        np.concatenate([nll(logits[:2], tokens[:2]), nll(logits[2:], tokens[2:])]), whole
+    )
+    assert math.exp(whole.mean()) == pytest.approx(perplexity(logits, tokens).mean(), rel=1e-12)
+    assert get_metric("perplexity").whole_split and not get_metric("nll").whole_split
+    assert not get_metric("nll").higher_is_better and get_metric("nll").binary is False
+    with pytest.raises(UsageError, match="1 sequences have no scored token"):
+        nll(logits[:2], np.array([[1, 2, 3, 4, 5], [-100] * 5]))
