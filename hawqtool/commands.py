@@ -9,9 +9,13 @@ import sys
 from pathlib import Path
 
 from hawqtool import pipeline
+from hawqtool.costs import unit as cost_unit
 from hawqtool.distributed import is_main
 from hawqtool.errors import ExportError, UsageError
 from hawqtool.formats import FLOAT, FORMAT_GRAMMAR, is_format
+from hawqtool.frontier import uniform_points
+from hawqtool.options import offered_formats
+from hawqtool.plots import plot_frontier
 from hawqtool.report import sensitivity_text, write_frontier_csv, write_sensitivity
 
 log = logging.getLogger("hawqtool")
@@ -63,10 +67,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_frontier(args: argparse.Namespace) -> int:
-    from hawqtool.frontier import uniform_points
-    from hawqtool.options import offered_formats
-    from hawqtool.plots import plot_frontier
-
     _check_out_dir(args.out)
     ws = pipeline.load(args.recipe, overrides=args.overrides)
     table = pipeline.analyze(ws, progress=_progress(args))
@@ -84,8 +84,6 @@ def cmd_frontier(args: argparse.Namespace) -> int:
         uniform=uniform,
         title=f"{ws.recipe.name}: Pareto frontier ({front.cost_model} vs ΣΩ)",
     )
-    from hawqtool.costs import unit as cost_unit
-
     unit = cost_unit(front.cost_model)
     _say(
         f"{len(front)} Pareto points, cost {front.points[0].cost:.4g}–{front.points[-1].cost:.4g} {unit}, "

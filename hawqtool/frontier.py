@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from hawqtool.costs import unit
 from hawqtool.errors import UsageError
 from hawqtool.formats import format_bits
 from hawqtool.types import Frontier, FrontierPoint, OptionTable
@@ -399,8 +400,6 @@ def _auto_grids(
 
 
 def _unit(frontier: Frontier) -> str:
-    from hawqtool.costs import unit
-
     try:
         return unit(frontier.cost_model)
     except UsageError:

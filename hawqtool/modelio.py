@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from hawqtool.errors import UsageError
+from hawqtool.tasks import import_object
 
 #: One batch: ``(inputs, targets)``; ``targets`` is ``None`` until teacher targets fill it.
 Batch = tuple[Any, Any]
@@ -156,8 +157,6 @@ def output_selector(spec: str | int | None) -> Callable[[Any], torch.Tensor]:
         torch.Size([2, 3])
     """
     if isinstance(spec, str) and ":" in spec:
-        from hawqtool.tasks import import_object
-
         fn = import_object(spec, what="task.output")
 
         def custom(out: Any) -> torch.Tensor:

@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
+from hawqtool.costs import unit
 from hawqtool.errors import UsageError
 from hawqtool.files import write_bytes_atomic
 from hawqtool.frontier import uniform_points
@@ -23,8 +24,6 @@ _UNITS = {"size": (1e6, "weight size (MB)"), "bops": (1e9, "bit operations per s
 
 
 def _unit(cost_model: str) -> str:
-    from hawqtool.costs import unit
-
     try:
         return unit(cost_model)
     except UsageError:

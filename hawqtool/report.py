@@ -13,10 +13,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hawqtool.confidence import is_binary, resolvable_drop
 from hawqtool.distributed import is_main
 from hawqtool.errors import ExportError
 from hawqtool.files import write_bytes_atomic, write_json_atomic
 from hawqtool.formats import formats_by_kind, parse_format
+from hawqtool.search import Measurement, judge
 from hawqtool.types import Budget, Frontier, FrontierPoint, OptionTable, SensitivityTable
 
 if TYPE_CHECKING:
@@ -95,8 +97,6 @@ def write_frontier_csv(frontier: Frontier, out: Path) -> None:
 def _drop(b: Budget, base: Evaluation, cand: Evaluation, seed: int) -> dict[str, Any]:
     """The drop of ``cand`` from ``base`` on the same split, with paired bounds at the budget's
     confidence (see :func:`hawqtool.search.judge`)."""
-    from hawqtool.search import Measurement, judge
-
     est = judge(b, Measurement.of(base), Measurement.of(cand), seed=seed)
     return {**est.to_dict(), "met": est.upper <= b.max_drop + 1e-12}
 
@@ -145,8 +145,6 @@ def build_report(
     ``candidate_formats``: what ``allocation.formats`` asked for (a list or ``auto``) and the formats
     each layer and each layer kind was offered.
     """
-    from hawqtool.confidence import is_binary, resolvable_drop
-
     r = recipe
     base_eval, base_test = baseline
     budget = budget or r.budget_spec

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from hawqtool.confidence import DropEstimate, paired_drop, paired_drop_batches
 from hawqtool.errors import UsageError
 from hawqtool.types import Budget, FrontierPoint, Trial, allocation_key
 
@@ -51,8 +52,6 @@ def judge(budget: Budget, reference: Measurement, candidate: Measurement, *, see
     :class:`hawqtool.confidence.DropEstimate` at ``budget.confidence``: paired per-sample bounds, or
     a paired bootstrap over chunks for a metric that is one number per split, or the point
     estimate (``confidence == 0``, or nothing to pair)."""
-    from hawqtool.confidence import DropEstimate, paired_drop, paired_drop_batches
-
     c, mode, hib = budget.confidence, budget.mode, budget.higher_is_better
     if c > 0 and reference.values is not None and candidate.values is not None:
         return paired_drop(
