@@ -20,7 +20,7 @@ import numpy as np
 from hawqtool.errors import ExportError, UsageError
 from hawqtool.export.writer import session_source
 from hawqtool.modelio import ModelIO
-from hawqtool.tasks import MetricFn, metric_by_chunks, per_sample
+from hawqtool.tasks import MetricFn, get_metric, metric_by_chunks, metric_names, per_sample
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ def evaluate_onnx(
     latency_batch: int | None = None,
     warmup: int = 3,
     keep_outputs: bool = False,
+    per_batch: bool = False,
 ) -> Evaluation:
     """Run ``model`` over ``batches`` in one onnxruntime session and measure it.
 
@@ -149,6 +150,10 @@ def evaluate_onnx(
             smaller); default: the first batch as it is.
         warmup: untimed runs before timing.
         keep_outputs: keep the concatenated outputs in :attr:`Evaluation.outputs`.
+        per_batch: the metric's per-sample values do not depend on the rest of the split
+            (:func:`batchwise`): take them batch by batch and let the outputs go, so memory is one
+            batch's outputs; otherwise (and for a metric that is one number per split) the split's
+            outputs are kept and scored at once.
 
     Example:
         >>> from hawqtool.tasks import top1
@@ -177,9 +182,9 @@ def evaluate_onnx(
         size = model.ByteSize()  # what the model serializes to, with no copy of it made
         session = make_session(model, threads=threads, provider=provider)
 
-    # A metric with per-sample values is taken batch by batch and the outputs let go, so memory
-    # is one batch's outputs (an LM's logits are vocabulary × tokens per sample); a metric that is
-    # one number per split, or keep_outputs, needs them all.
+    # With per_batch, a metric with per-sample values is taken batch by batch and the outputs let
+    # go (an LM's logits are vocabulary × tokens per sample); one number per split, keep_outputs or
+    # a metric centred on the split (perplexity's pseudo-values) need them all.
     fed: list[dict[str, np.ndarray]] = []
     outputs: list[np.ndarray] = []
     targets: list[np.ndarray] = []
@@ -193,7 +198,7 @@ def evaluate_onnx(
             pooled += len(next(iter(feed.values())))
         o, target = run_session(session, feed), _numpy(y)
         if streamed is None:
-            first = None if keep_outputs else per_sample(metric_fn(o, target), len(o))
+            first = None if keep_outputs or not per_batch else per_sample(metric_fn(o, target), len(o))
             streamed = first is not None
             if first is not None:
                 parts.append(first)
@@ -243,6 +248,18 @@ def evaluate_onnx(
         outputs=out if keep_outputs else None,
         chunks=chunks,
     )
+
+
+def batchwise(metric_name: str) -> bool:
+    """Whether a recipe's metric may be scored batch by batch (:func:`evaluate_onnx`'s
+    ``per_batch``): a registered metric whose per-sample values do not depend on the whole split
+    (not ``Metric.whole_split``); a metric given by import path is not known to be one.
+
+    Example:
+        >>> batchwise("top1"), batchwise("perplexity"), batchwise("my.module:metric")
+        (True, False, False)
+    """
+    return metric_name in metric_names() and not get_metric(metric_name).whole_split
 
 
 def session_feeds(session: onnxruntime.InferenceSession, x: Any, io: ModelIO | None) -> dict[str, np.ndarray]:

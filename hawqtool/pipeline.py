@@ -39,7 +39,7 @@ from hawqtool.dependency import (
 from hawqtool.distributed import is_main
 from hawqtool.environment import dependency_key, versions, warn_without_vnni
 from hawqtool.errors import BudgetNotMetError, UsageError
-from hawqtool.evaluate import Evaluation, evaluate_onnx
+from hawqtool.evaluate import Evaluation, batchwise, evaluate_onnx
 from hawqtool.export import QDQExporter
 from hawqtool.files import write_json_atomic
 from hawqtool.formats import quantizes_nothing
@@ -332,6 +332,7 @@ def _run(ws: Workspace, model: Any, split: str, *, timed: bool = False) -> Evalu
         threads=ev.threads,
         latency_runs=ev.latency_runs if timed else 1,
         provider=ev.provider,
+        per_batch=batchwise(ws.recipe.task.metric_name),
     )
 
 

@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from hawqtool.errors import ExportError
-from hawqtool.evaluate import evaluate_onnx, make_session
+from hawqtool.evaluate import batchwise, evaluate_onnx, make_session
 from hawqtool.export.torch_export import convert_opset
 from hawqtool.export.writer import (
     EXTERNAL_DATA_MIN_BYTES,
@@ -116,6 +116,7 @@ def test_opset_conversion_works_on_the_graph_and_gives_the_weights_back() -> Non
 
 
 def test_evaluation_holds_one_batch_of_outputs_for_a_per_sample_metric() -> None:
+    assert batchwise("top1") and not batchwise("perplexity")  # perplexity is centred on the split
     model = _model()
     g = np.random.default_rng(2)
     batches = [(g.standard_normal((4, 64)).astype(np.float32), np.zeros(4)) for _ in range(5)]
@@ -125,17 +126,22 @@ def test_evaluation_holds_one_batch_of_outputs_for_a_per_sample_metric() -> None
         seen.append(len(outputs))
         return np.asarray(outputs[:, 0] > 0, dtype=np.float64)
 
-    ev = evaluate_onnx(model, batches, per_row, latency_runs=1, warmup=0)
+    ev = evaluate_onnx(model, batches, per_row, latency_runs=1, warmup=0, per_batch=True)
     assert seen == [4] * 5  # batch by batch, never the split
-    whole = np.concatenate([_run_x(x) for x, _ in batches])
-    np.testing.assert_array_equal(ev.values, (whole[:, 0] > 0).astype(np.float64))  # type: ignore[arg-type]
+    outputs = np.concatenate([_run_x(x) for x, _ in batches])
+    np.testing.assert_array_equal(ev.values, (outputs[:, 0] > 0).astype(np.float64))  # type: ignore[arg-type]
     assert ev.samples == 20 and ev.outputs is None
     # One number per split, or keep_outputs: the outputs of the split are kept, as before.
     seen.clear()
-    kept = evaluate_onnx(model, batches, per_row, latency_runs=1, warmup=0, keep_outputs=True)
+    kept = evaluate_onnx(model, batches, per_row, latency_runs=1, warmup=0, keep_outputs=True, per_batch=True)
     assert seen == [20] and kept.outputs is not None and kept.metric == ev.metric
-    split = evaluate_onnx(model, batches, lambda o, t: float(o.mean()), latency_runs=1, warmup=0)
-    assert split.values is None and split.metric == pytest.approx(float(whole.mean()), rel=1e-6)
+    seen.clear()
+    whole = evaluate_onnx(model, batches, per_row, latency_runs=1, warmup=0)  # the default: the split
+    assert seen == [20] and whole.metric == ev.metric
+    split = evaluate_onnx(
+        model, batches, lambda o, t: float(o.mean()), latency_runs=1, warmup=0, per_batch=True
+    )
+    assert split.values is None and split.metric == pytest.approx(float(outputs.mean()), rel=1e-6)
 
 
 def _run_x(x: np.ndarray) -> np.ndarray:
