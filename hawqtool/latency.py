@@ -48,6 +48,7 @@ from hawqtool.formats import (
 from hawqtool.types import LayerInfo
 
 if TYPE_CHECKING:
+    import onnx
     import onnxruntime
 
 #: Version of the measurement; part of the cache key.
@@ -378,7 +379,7 @@ class Timing:
 
 
 def time_interleaved(
-    models: Mapping[str, bytes | str],
+    models: Mapping[str, bytes | str | onnx.ModelProto],
     feeds: Mapping[str, np.ndarray],
     *,
     threads: int = 2,
@@ -393,7 +394,8 @@ def time_interleaved(
     same load, and their :class:`Timing` can be compared pairwise (:meth:`Timing.minus`).
 
     Args:
-        models: name -> serialized model (or path of an ``.onnx`` file).
+        models: name -> model (an ``onnx.ModelProto`` of any size, its bytes, or the path of an
+            ``.onnx`` file).
         feeds: the timed batch, input name -> array.
         threads: onnxruntime intra-op threads.
         provider: execution provider (:data:`hawqtool.evaluate.PROVIDERS`).
@@ -539,7 +541,7 @@ def measure_latency(
 
     def session(allocation: Mapping[str, str]) -> onnxruntime.InferenceSession:
         model = exporter.quantized_model(allocation)
-        sess = make_session(model.SerializeToString(), threads=s.threads, provider=s.provider)
+        sess = make_session(model, threads=s.threads, provider=s.provider)
         for _ in range(s.warmup):
             timer.once(sess)
         return sess
@@ -594,7 +596,14 @@ def _onnxruntime_version() -> str:
 
 
 def _model_digest(exporter: QDQExporter) -> str:
-    h = hashlib.sha256(exporter.float_model.SerializeToString(deterministic=True))
+    # Piece by piece: a model past protobuf's 2 GiB limit cannot be serialized whole.
+    h = hashlib.sha256()
+    graph = exporter.float_model.graph
+    for part in (*graph.node, *graph.input, *graph.output, *exporter.float_model.opset_import):
+        h.update(part.SerializeToString(deterministic=True))
+    for init in graph.initializer:
+        h.update(init.name.encode())
+        h.update(init.raw_data if init.raw_data else init.SerializeToString(deterministic=True))
     acts = {k: asdict(v) for k, v in sorted(exporter.activations.items())}
     h.update(json.dumps(acts, sort_keys=True).encode())
     h.update(json.dumps([asdict(exporter.settings), exporter.fqns]).encode())

@@ -95,7 +95,7 @@ def retimer(exporter: QDQExporter, feeds: Mapping[str, np.ndarray], *, settings:
     of its ``latency_runs`` per round)."""
 
     def retime(allocations: Sequence[Mapping[str, str]]) -> list[Timing]:
-        models = {str(i): exporter.quantized_model(a).SerializeToString() for i, a in enumerate(allocations)}
+        models = {str(i): exporter.quantized_model(a) for i, a in enumerate(allocations)}
         runs = max(1, settings.latency_runs // 5)
         got = time_interleaved(
             models, feeds, threads=settings.threads, provider=settings.provider, rounds=5, runs=runs

@@ -201,7 +201,7 @@ def onnx_teacher(ws: Workspace, float_model: Any) -> Workspace:
     so that teacher fidelity is measured against what onnxruntime runs (the baseline scores
     exactly 1 on agreement and cosine)."""
     ev = ws.recipe.evaluate
-    session = make_session(float_model.SerializeToString(), threads=ev.threads, provider=ev.provider)
+    session = make_session(float_model, threads=ev.threads, provider=ev.provider)
 
     def retarget(batches: list[Batch]) -> list[Batch]:
         out = []

@@ -201,10 +201,11 @@ class VirtualClock:
     def session(self, real: Any) -> Any:
         clock = self
 
-        def make_session(model_bytes: bytes, **kw: Any) -> Any:
+        def make_session(model: bytes | onnx.ModelProto, **kw: Any) -> Any:
             clock.sessions += 1
-            session = real(model_bytes, **kw)
-            props = {p.key: p.value for p in onnx.ModelProto.FromString(model_bytes).metadata_props}
+            session = real(model, **kw)
+            proto = model if isinstance(model, onnx.ModelProto) else onnx.ModelProto.FromString(model)
+            props = {p.key: p.value for p in proto.metadata_props}
             allocation: Mapping[str, str] = json.loads(props[METADATA_ALLOCATION])
             seconds = 1.0 + sum(ADDS.get(f, {}).get(SAME_GRAPH.get(k, k), 0.0) for f, k in allocation.items())
 
