@@ -53,6 +53,7 @@ from hawqtool.singles import (
     single_jobs,
     weights_single_loss,
 )
+from hawqtool.tasks import get_metric
 from hawqtool.types import OptionTable, SensitivityTable
 
 RECIPES = {"resnet20": "resnet20-digits", "mnist": "small-cnn-mnist", "minilm": "minilm"}
@@ -186,6 +187,8 @@ def run(key: str, args: argparse.Namespace) -> None:
     # -- ground truth: the exported models in onnxruntime ----------------------------------------
     t0 = time.perf_counter()
     higher = r.task.higher_is_better
+    if higher is None:  # the metric's own direction (cosine: higher is better)
+        higher = get_metric(r.task.metric_name).higher_is_better
 
     def metric(model: Any) -> float:
         ev = evaluate_onnx(
