@@ -130,7 +130,7 @@ def onnx_loss(
     from hawqtool.evaluate import make_session, run_session, session_feeds
     from hawqtool.modelio import batch_size
 
-    session = make_session(model.SerializeToString(), threads=threads, provider=provider)
+    session = make_session(model, threads=threads, provider=provider)
     total, n = 0.0, 0
     for i, (x, y) in enumerate(batches):
         out = torch.from_numpy(run_session(session, session_feeds(session, x, io)))

@@ -72,7 +72,6 @@ def _recipe(tmp_path: Path, model: str, data: str = "hawqtool.zoo:digits", **ext
         ("factories:nan_weights", "hawqtool.zoo:digits", "NaN or Inf weights"),
         ("hawqtool.zoo:mlp_digits", "factories:empty_calibration", "calibration split is empty"),
         ("hawqtool.zoo:mlp_digits", "factories:nan_data", "contain NaN or Inf"),
-        ("factories:once_differentiable_mlp", "hawqtool.zoo:digits", "no double backward"),
     ],
 )
 def test_bad_input_exits_2_with_a_named_error(
@@ -90,6 +89,23 @@ def test_bad_input_exits_2_with_a_named_error(
     assert code == 2
     assert needle in caplog.text
     assert not (out / "sensitivity.csv").exists()
+
+
+def test_a_model_without_double_backward_needs_the_first_order_estimator(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Hutchinson differentiates twice and must refuse such a model by name (exit 2); Gauss-Newton
+    # (the automatic choice for cross_entropy on labels) needs one ordinary backward and runs.
+    monkeypatch.syspath_prepend(str(TESTS))
+    hutchinson = {"min_probes": 4, "max_probes": 8, "rel_tol": 0.5, "estimator": "hutchinson"}
+    recipe = _recipe(tmp_path, "factories:once_differentiable_mlp", hessian=hutchinson)
+    with caplog.at_level(logging.ERROR, logger="hawqtool"):
+        assert main(["analyze", str(recipe), "--out", str(tmp_path / "h"), "-q"]) == 2
+    assert "no double backward" in caplog.text
+    assert not (tmp_path / "h" / "sensitivity.csv").exists()
+    recipe = _recipe(tmp_path, "factories:once_differentiable_mlp")
+    assert main(["analyze", str(recipe), "--out", str(tmp_path / "gn"), "-q"]) == 0
+    assert (tmp_path / "gn" / "sensitivity.csv").exists()
 
 
 def test_bad_recipe_key_exits_2(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
