@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from hawqtool.errors import UsageError
+from hawqtool.registry import Registry
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MetricFn = Callable[[np.ndarray, np.ndarray], np.ndarray | float]
@@ -325,8 +326,8 @@ class Loss:
     teacher: bool = False
 
 
-_METRICS: dict[str, Metric] = {}
-_LOSSES: dict[str, Loss] = {}
+_METRICS = Registry[Metric]("metric")
+_LOSSES = Registry[Loss]("loss")
 
 
 def register_metric(
@@ -354,9 +355,9 @@ def register_metric(
         >>> unregister_metric("max_abs").name
         'max_abs'
     """
-    _check_name(name, _METRICS, what="metric", replace=replace)
+    _check_word(name, what="metric")
     metric = Metric(name, fn, higher_is_better, binary, teacher, chance, per_position, whole_split)
-    _METRICS[name] = metric
+    _METRICS.add(name, metric, replace=replace)
     return metric
 
 
@@ -366,9 +367,9 @@ def unregister_metric(name: str) -> Metric:
     Raises:
         UsageError: no metric of that name is registered.
     """
-    if name not in _METRICS:
-        raise UsageError(f"no metric {name!r} is registered; registered: {', '.join(_METRICS)}")
-    return _METRICS.pop(name)
+    metric = _METRICS.remove(name)
+    assert metric is not None
+    return metric
 
 
 def metric_names() -> tuple[str, ...]:
@@ -378,7 +379,7 @@ def metric_names() -> tuple[str, ...]:
         >>> metric_names()[:5]
         ('top1', 'top1_agreement', 'cosine', 'mse', 'neg_mse')
     """
-    return tuple(_METRICS)
+    return _METRICS.names()
 
 
 def get_metric(name: str) -> Metric:
@@ -421,9 +422,9 @@ def register_loss(name: str, fn: LossFn, *, teacher: bool = False, replace: bool
         >>> get_loss("l1").fn is torch.nn.functional.l1_loss, unregister_loss("l1").name
         (True, 'l1')
     """
-    _check_name(name, _LOSSES, what="loss", replace=replace)
+    _check_word(name, what="loss")
     loss = Loss(name, fn, teacher)
-    _LOSSES[name] = loss
+    _LOSSES.add(name, loss, replace=replace)
     return loss
 
 
@@ -433,9 +434,9 @@ def unregister_loss(name: str) -> Loss:
     Raises:
         UsageError: no loss of that name is registered.
     """
-    if name not in _LOSSES:
-        raise UsageError(f"no loss {name!r} is registered; registered: {', '.join(_LOSSES)}")
-    return _LOSSES.pop(name)
+    loss = _LOSSES.remove(name)
+    assert loss is not None
+    return loss
 
 
 def loss_names() -> tuple[str, ...]:
@@ -445,7 +446,7 @@ def loss_names() -> tuple[str, ...]:
         >>> loss_names()[:3]
         ('cross_entropy', 'mse', 'kl')
     """
-    return tuple(_LOSSES)
+    return _LOSSES.names()
 
 
 def get_loss(name: str) -> Loss:
@@ -484,11 +485,10 @@ def label_chance(targets: np.ndarray) -> float | None:
     return float(np.bincount(tgt.reshape(-1).astype(np.int64)).max() / tgt.size)
 
 
-def _check_name(name: str, registry: dict[str, Any], *, what: str, replace: bool) -> None:
-    if not name or ":" in name or name != name.strip():
-        raise UsageError(f"a {what} name must be a non-empty word without ':' (an import path); got {name!r}")
-    if name in registry and not replace:
-        raise UsageError(f"a {what} named {name!r} is already registered; pass replace=True to replace it")
+def _check_word(name: str, *, what: str) -> None:
+    # A recipe names a user's function by import path, so a registered name cannot hold ':'.
+    if not isinstance(name, str) or ":" in name:
+        raise UsageError(f"a {what} name must be a word without ':' (an import path); got {name!r}")
 
 
 register_loss("cross_entropy", cross_entropy)

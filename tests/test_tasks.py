@@ -138,7 +138,7 @@ def test_a_registered_metric_and_loss_are_one_registration_each() -> None:
 
         task = parse_recipe(base).task
         assert task.higher_is_better_resolved is False and task.binary_resolved is False
-        with pytest.raises(UsageError, match="a metric named 'max_abs' is already registered"):
+        with pytest.raises(UsageError, match="metric 'max_abs' is already registered"):
             register_metric("max_abs", max_abs)
         with pytest.raises(UsageError, match="without ':'"):
             register_metric("pkg.mod:f", max_abs)
