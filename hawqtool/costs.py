@@ -26,6 +26,7 @@ from typing import Protocol, runtime_checkable
 from hawqtool import formats
 from hawqtool.errors import UsageError
 from hawqtool.formats import DEFAULT_OPSET, STORAGES
+from hawqtool.registry import Registry
 from hawqtool.types import LayerInfo
 
 # --------------------------------------------------------------------------------------------
@@ -79,7 +80,7 @@ class CostSettings:
 
 
 CostFactory = Callable[[CostSettings], CostModel]
-_REGISTRY: dict[str, CostFactory] = {}
+_REGISTRY = Registry[CostFactory]("cost model")
 
 
 def register(name: str, factory: CostFactory, *, replace: bool = False) -> None:
@@ -103,19 +104,21 @@ def register(name: str, factory: CostFactory, *, replace: bool = False) -> None:
         >>> get("params").unit
         'weights'
     """
-    if not isinstance(name, str) or not name:
-        raise UsageError(f"a cost model needs a non-empty name, got {name!r}")
-    if name in _REGISTRY and not replace:
-        raise UsageError(
-            f"cost model {name!r} is already registered (registered: {', '.join(_REGISTRY)}); "
-            "pass replace=True to replace it"
-        )
-    _REGISTRY[name] = factory
+    _REGISTRY.add(name, factory, replace=replace)
+
+
+def unregister(name: str) -> None:
+    """Remove a registered cost model (tests and plug-ins).
+
+    Raises:
+        UsageError: no cost model of that name is registered.
+    """
+    _REGISTRY.remove(name)
 
 
 def names() -> tuple[str, ...]:
     """The registered cost models' names."""
-    return tuple(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get(name: str, settings: CostSettings | None = None) -> CostModel:
@@ -127,8 +130,6 @@ def get(name: str, settings: CostSettings | None = None) -> CostModel:
     Raises:
         UsageError: an unknown name, naming the registered ones.
     """
-    if name not in _REGISTRY:
-        raise UsageError(f"unknown cost model {name!r}; registered: {', '.join(_REGISTRY)}")
     model = _REGISTRY[name](settings or CostSettings())
     if not isinstance(model, CostModel):
         raise UsageError(

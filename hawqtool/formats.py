@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from hawqtool.errors import UsageError
+from hawqtool.registry import Registry
 
 if TYPE_CHECKING:
     from hawqtool.types import LayerInfo
@@ -102,7 +103,7 @@ class LayerKind:
     matrix: bool
 
 
-_KINDS: dict[str, LayerKind] = {}
+_KINDS = Registry[LayerKind]("layer kind", same_ok=True)
 
 
 def register_kind(kind: LayerKind, *, replace: bool = False) -> None:
@@ -111,17 +112,12 @@ def register_kind(kind: LayerKind, *, replace: bool = False) -> None:
     Raises:
         UsageError: an empty name, or a different record under a registered name without ``replace``.
     """
-    if not kind.name:
-        raise UsageError("a layer kind needs a non-empty name")
-    old = _KINDS.get(kind.name)
-    if old is not None and old != kind and not replace:
-        raise UsageError(f"layer kind {kind.name!r} is already registered as {old}; pass replace=True")
-    _KINDS[kind.name] = kind
+    _KINDS.add(kind.name, kind, replace=replace)
 
 
 def unregister_kind(name: str) -> None:
     """Remove a layer kind (tests; a kind still used by a handler leaves its layers unusable)."""
-    _KINDS.pop(name, None)
+    _KINDS.remove(name, missing_ok=True)
 
 
 def layer_kind(name: str) -> LayerKind:
@@ -130,8 +126,6 @@ def layer_kind(name: str) -> LayerKind:
     Raises:
         UsageError: an unknown kind, naming the registered ones.
     """
-    if name not in _KINDS:
-        raise UsageError(f"unknown layer kind {name!r}; registered: {', '.join(_KINDS)}")
     return _KINDS[name]
 
 
@@ -153,8 +147,7 @@ class KindNames(AbstractSet[str]):
         self._test = test
 
     def __contains__(self, name: object) -> bool:
-        kind = _KINDS.get(name) if isinstance(name, str) else None
-        return kind is not None and self._test(kind)
+        return isinstance(name, str) and name in _KINDS and self._test(_KINDS[name])
 
     def __iter__(self) -> Iterator[str]:
         return iter([k.name for k in _KINDS.values() if self._test(k)])
@@ -249,7 +242,7 @@ class FormatFamily:
         return Format(name, bits, self.activations, block, self.dynamic, family=self.name)
 
 
-_FAMILIES: dict[str, FormatFamily] = {}
+_FAMILIES = Registry[FormatFamily]("format family")
 #: The grammar of every registered family, for error messages (kept in step with the registry).
 FORMAT_GRAMMAR = ""
 #: Examples of every registered family, quantized ones first (kept in step with the registry).
@@ -281,9 +274,7 @@ def register_family(family: FormatFamily, *, replace: bool = False) -> None:
         ('demoB', True)
         >>> unregister_family("demoB")
     """
-    if not family.name:
-        raise UsageError("a format family needs a non-empty name")
-    if family.name in _FAMILIES and not replace:
+    if family.name in _FAMILIES and not replace:  # refused before its examples are checked
         raise UsageError(f"format family {family.name!r} is already registered; pass replace=True")
     try:
         groups = re.compile(family.pattern).groupindex
@@ -303,13 +294,13 @@ def register_family(family: FormatFamily, *, replace: bool = False) -> None:
             raise UsageError(
                 f"format family {family.name!r}: {example!r} has {fmt.bits} bits; allowed: 2..8, 32"
             )
-    _FAMILIES[family.name] = family
+    _FAMILIES.add(family.name, family, replace=True)
     _refresh()
 
 
 def unregister_family(name: str) -> None:
     """Remove a format family (tests); its names no longer parse."""
-    _FAMILIES.pop(name, None)
+    _FAMILIES.remove(name, missing_ok=True)
     _refresh()
 
 
@@ -336,8 +327,6 @@ def format_family(fmt: str | Format) -> FormatFamily:
         (True, False)
     """
     name = (fmt if isinstance(fmt, Format) else parse_format(fmt)).family
-    if name not in _FAMILIES:
-        raise UsageError(f"format family {name!r} is not registered; registered: {', '.join(_FAMILIES)}")
     return _FAMILIES[name]
 
 

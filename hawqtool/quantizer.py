@@ -27,6 +27,7 @@ import torch
 
 from hawqtool.errors import UsageError
 from hawqtool.formats import Format, families, format_family, parse_format
+from hawqtool.registry import Registry
 
 #: Candidate clipping ratios of the per-channel scale search (1.0 = no clipping).
 CLIP_RATIOS = tuple(1.0 - 0.02 * i for i in range(26))  # 1.0 down to 0.5
@@ -246,10 +247,10 @@ def asymmetric(weight: torch.Tensor, fmt: Format, *, clip_search: bool) -> Quant
     return quantize_asymmetric(weight, fmt.bits, fmt.block, clip_search=clip_search)
 
 
-_QUANTIZERS: dict[str, WeightQuantizer] = {
-    **dict.fromkeys(("intB", "intB-w", "intB-d", "intB-bK"), symmetric),
-    "uintB-bK": asymmetric,
-}
+_QUANTIZERS = Registry[WeightQuantizer]("quantizer of format family")
+for _family in ("intB", "intB-w", "intB-d", "intB-bK"):
+    _QUANTIZERS.add(_family, symmetric)
+_QUANTIZERS.add("uintB-bK", asymmetric)
 
 
 def register(family: str, quantizer: WeightQuantizer, *, replace: bool = False) -> None:
@@ -263,14 +264,12 @@ def register(family: str, quantizer: WeightQuantizer, *, replace: bool = False) 
         raise UsageError(
             f"format family {family!r} is not registered; registered: {', '.join(f.name for f in families())}"
         )
-    if family in _QUANTIZERS and not replace:
-        raise UsageError(f"format family {family!r} already has a quantizer; pass replace=True")
-    _QUANTIZERS[family] = quantizer
+    _QUANTIZERS.add(family, quantizer, replace=replace)
 
 
 def unregister(family: str) -> None:
     """Remove a family's quantizer (tests)."""
-    _QUANTIZERS.pop(family, None)
+    _QUANTIZERS.remove(family, missing_ok=True)
 
 
 def quantize_as(weight: torch.Tensor, fmt: str, *, clip_search: bool = True) -> QuantizedWeight:
@@ -283,12 +282,12 @@ def quantize_as(weight: torch.Tensor, fmt: str, *, clip_search: bool = True) -> 
     f = parse_format(fmt)
     if not f.quantized:
         raise ValueError("float is not a quantized format")
-    quantizer = _QUANTIZERS.get(format_family(f).name)
-    if quantizer is None:
+    family = format_family(f).name
+    if family not in _QUANTIZERS:
         raise UsageError(
             f"format {fmt!r}: its family {f.family!r} has no quantizer (hawqtool.quantizer.register)"
         )
-    return quantizer(weight, f, clip_search=clip_search)
+    return _QUANTIZERS[family](weight, f, clip_search=clip_search)
 
 
 def dequantize_as(weight: torch.Tensor, fmt: str, *, clip_search: bool = True) -> torch.Tensor:

@@ -16,12 +16,13 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Items of one kind by name, in registration order.
+    """Items of one kind by name, in registration order. With ``same_ok`` registering an equal item
+    under its name again does nothing (a table of facts, such as layer kinds); without, any second
+    registration of a name needs ``replace``.
 
     Example:
         >>> colours = Registry[int]("colour")
         >>> colours.add("red", 1)
-        >>> colours.add("red", 1)  # the same item again: nothing to do
         >>> colours["red"], colours.names(), "blue" in colours
         (1, ('red',), False)
         >>> colours["blue"]
@@ -30,19 +31,21 @@ class Registry(Generic[T]):
         hawqtool.errors.UsageError: unknown colour 'blue'; registered: red
     """
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, *, same_ok: bool = False) -> None:
         self.what = what
+        self.same_ok = same_ok
         self._items: dict[str, T] = {}
 
     def add(self, name: str, item: T, *, replace: bool = False) -> None:
-        """Register ``item`` as ``name``; registering an equal item again does nothing.
+        """Register ``item`` as ``name``.
 
         Raises:
             UsageError: an empty name, or a name taken by a different item without ``replace``.
         """
         if not isinstance(name, str) or not name or name != name.strip():
             raise UsageError(f"a {self.what} needs a non-empty name without surrounding spaces, got {name!r}")
-        if name in self._items and self._items[name] != item and not replace:
+        taken = name in self._items and not (self.same_ok and self._items[name] == item)
+        if taken and not replace:
             raise UsageError(
                 f"{self.what} {name!r} is already registered (registered: {', '.join(self._items)}); "
                 "pass replace=True to replace it"

@@ -35,6 +35,7 @@ from hawqtool.export import (
     quantization_plan,
     register_emitters,
     uint8_qparams,
+    unregister_emitters,
     write_model,
 )
 from hawqtool.formats import (
@@ -737,25 +738,30 @@ def test_unknown_layer_or_format_is_a_usage_error(cnn, tmp_path) -> None:  # typ
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_format_family_is_one_registration_of_its_emitters(tokens, monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_format_family_is_one_registration_of_its_emitters(tokens, tmp_path) -> None:  # type: ignore[no-untyped-def]
     block = {"mix": "int4-b16"}  # a MatMul on Wᵀ with K = 16: MatMulNBits applies
     assert set(tokens.emitters(block)["mix"].values()) == {"MatMulNBits"}
     family = parse_format("int4-b16").family
-    monkeypatch.setitem(EMITTERS, family, EMITTERS[family])  # restored after the test
-    # Registered with DequantizeLinear alone, the family's layers take it (a fresh emission cache).
-    register_emitters(family, (DequantizeLinearEmitter(),), replace=True)
-    fresh = tokens.with_int4_storage(tokens.settings.int4_storage)
-    assert set(fresh.emitters(block)["mix"].values()) == {"DequantizeLinear"}
-    assert fresh.export(block, tmp_path / "dq.onnx").exists()
-    with pytest.raises(UsageError, match=rf"format family '{family}' has emitters already"):
-        register_emitters(family, (DequantizeLinearEmitter(),))
-    # A family with no emitter is refused by name, with the families that have one.
-    monkeypatch.delitem(EMITTERS, family)
-    with pytest.raises(
-        UsageError,
-        match=rf"'mix': format 'int4-b16' \(family '{family}'\) has no ONNX emitter; families with one: ",
-    ):
-        fresh.quantized_model(block)
+    builtin = EMITTERS[family]
+    try:
+        # Registered with DequantizeLinear alone, the family's layers take it (a fresh emission cache).
+        register_emitters(family, (DequantizeLinearEmitter(),), replace=True)
+        fresh = tokens.with_int4_storage(tokens.settings.int4_storage)
+        assert set(fresh.emitters(block)["mix"].values()) == {"DequantizeLinear"}
+        assert fresh.export(block, tmp_path / "dq.onnx").exists()
+        with pytest.raises(
+            UsageError, match=rf"emitters of format family '{family}' is already registered"
+        ):
+            register_emitters(family, (DequantizeLinearEmitter(),))
+        # A family with no emitter is refused by name, with the families that have one.
+        unregister_emitters(family)
+        with pytest.raises(
+            UsageError,
+            match=rf"'mix': format 'int4-b16' \(family '{family}'\) has no ONNX emitter; families with one: ",
+        ):
+            fresh.quantized_model(block)
+    finally:
+        register_emitters(family, builtin, replace=True)
 
 
 def test_a_new_format_family_exports_with_one_emitter_registration(mlp, digits_splits, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -779,7 +785,7 @@ def test_a_new_format_family_exports_with_one_emitter_registration(mlp, digits_s
         with pytest.raises(UsageError, match=r"unknown format 'half9'; allowed: .*halfB \(toy\)"):
             mlp.quantized_model({mlp.fqns[-1]: "half9"})
     finally:
-        EMITTERS.pop("halfB", None)
+        unregister_emitters("halfB")
         quantizer.unregister("halfB")
         unregister_family("halfB")
 

@@ -160,7 +160,7 @@ def test_closed_choices_are_the_ones_their_modules_offer() -> None:
 
 
 def test_a_registered_cost_model_is_a_recipe_value_and_prices_the_frontier(
-    monkeypatch: pytest.MonkeyPatch, mlp_digits: Any, digits_splits: Any
+    request: pytest.FixtureRequest, mlp_digits: Any, digits_splits: Any
 ) -> None:
     from hawqtool import costs, pipeline
     from hawqtool.formats import parse_format
@@ -176,7 +176,8 @@ def test_a_registered_cost_model_is_a_recipe_value_and_prices_the_frontier(
 
     with pytest.raises(RecipeError, match="unknown cost model 'params'"):
         load_recipe("tiny", ["allocation.cost=params"])
-    monkeypatch.setitem(costs._REGISTRY, "params", lambda settings: Params())
+    costs.register("params", lambda settings: Params())
+    request.addfinalizer(lambda: costs.unregister("params"))
     quick = ["hessian.min_probes=2", "hessian.max_probes=2", "hessian.device=cpu"]
     ws = pipeline.load(
         "tiny", model=mlp_digits, data=digits_splits, overrides=["allocation.cost=params", *quick]

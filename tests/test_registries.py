@@ -18,7 +18,7 @@ from torch import nn
 from hawqtool import costs, quantizer
 from hawqtool.errors import UsageError
 from hawqtool.export import QDQExporter
-from hawqtool.export.emitters import EMITTERS, Emission, LayerContext, register_emitters
+from hawqtool.export.emitters import Emission, LayerContext, register_emitters, unregister_emitters
 from hawqtool.formats import (
     Format,
     FormatFamily,
@@ -143,7 +143,7 @@ def toys() -> Iterator[None]:
     try:
         yield
     finally:
-        costs._REGISTRY.pop("macbits", None)  # costs has no unregister: the one private touch
+        costs.unregister("macbits")
         unregister_handler("mix")
         quantizer.unregister("ptB")
         unregister_family("ptB")
@@ -217,7 +217,7 @@ def test_toys_run_from_prepare_to_the_frontier(toys: None) -> None:
 def test_registering_twice_is_refused(toys: None) -> None:
     with pytest.raises(UsageError, match=r"a layer handler for kind 'mix' is already registered"):
         register_handler(MIX_HANDLER)
-    with pytest.raises(UsageError, match=r"format family 'ptB' already has a quantizer"):
+    with pytest.raises(UsageError, match=r"quantizer of format family 'ptB' is already registered"):
         quantizer.register("ptB", per_tensor)
     with pytest.raises(UsageError, match=r"format family 'nope' is not registered"):
         quantizer.register("nope", per_tensor)
@@ -245,7 +245,7 @@ def toy_emitter(toys: None) -> Iterator[None]:
     try:
         yield
     finally:
-        EMITTERS.pop("ptB", None)  # the emitter registry has no unregister
+        unregister_emitters("ptB")
 
 
 @pytest.mark.slow  # the torch.onnx export: about 7 s on 2 cores

@@ -63,6 +63,7 @@ from hawqtool.export.emitters import (
     PackedEmitter,
     PackedOp,
     register_emitters,
+    unregister_emitters,
 )
 from hawqtool.export.exporter import INT4_STORAGES, METADATA_ALLOCATION, METADATA_VERSION, QDQExporter
 from hawqtool.export.locate import LayerSite, WeightUse, locate_layers
@@ -115,5 +116,6 @@ __all__ = [
     "register_emitters",
     "session_source",
     "uint8_qparams",
+    "unregister_emitters",
     "write_model",
 ]

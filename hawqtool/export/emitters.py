@@ -38,6 +38,7 @@ from hawqtool.errors import UsageError
 from hawqtool.export.locate import LayerSite, WeightUse, attribute
 from hawqtool.export.pack import PACKED_OP_BITS, offset_unsigned, pack_int2, pack_int4, pack_rows
 from hawqtool.formats import Format, parse_format
+from hawqtool.registry import Registry
 
 if TYPE_CHECKING:
     import onnx
@@ -464,7 +465,7 @@ def _emit_packed(ctx: LayerContext, ops: Sequence[PackedOp]) -> Emission:
 # The registry: format family -> emitters, most specific first
 # --------------------------------------------------------------------------------------------
 
-EMITTERS: dict[str, tuple[Emitter, ...]] = {}
+EMITTERS = Registry[tuple[Emitter, ...]]("emitters of format family")
 
 
 def register_emitters(family: str, emitters: Sequence[Emitter], *, replace: bool = False) -> None:
@@ -482,12 +483,16 @@ def register_emitters(family: str, emitters: Sequence[Emitter], *, replace: bool
     """
     if not emitters:
         raise UsageError(f"format family {family!r} needs at least one emitter")
-    if family in EMITTERS and not replace:
-        raise UsageError(
-            f"format family {family!r} has emitters already (registered: {', '.join(EMITTERS)}); "
-            "pass replace=True to replace them"
-        )
-    EMITTERS[family] = tuple(emitters)
+    EMITTERS.add(family, tuple(emitters), replace=replace)
+
+
+def unregister_emitters(family: str) -> None:
+    """Remove a format family's emitters (tests and plug-ins).
+
+    Raises:
+        UsageError: the family has no registered emitters.
+    """
+    EMITTERS.remove(family)
 
 
 def emit(ctx: LayerContext) -> Emission:
