@@ -749,9 +749,7 @@ def test_a_format_family_is_one_registration_of_its_emitters(tokens, tmp_path) -
         fresh = tokens.with_int4_storage(tokens.settings.int4_storage)
         assert set(fresh.emitters(block)["mix"].values()) == {"DequantizeLinear"}
         assert fresh.export(block, tmp_path / "dq.onnx").exists()
-        with pytest.raises(
-            UsageError, match=rf"emitters of format family '{family}' is already registered"
-        ):
+        with pytest.raises(UsageError, match=rf"emitters of format family '{family}' is already registered"):
             register_emitters(family, (DequantizeLinearEmitter(),))
         # A family with no emitter is refused by name, with the families that have one.
         unregister_emitters(family)
