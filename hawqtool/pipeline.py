@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -92,15 +93,12 @@ def analyze(
 ) -> SensitivityTable:
     """Per-layer Hessian traces by the recipe's estimator (cached by weights, data and settings)."""
     ws = load(recipe, overrides=overrides)
-    h = ws.recipe.hessian
     return estimate_traces(
         ws.prepared,
         ws.calibration,
         ws.loss_fn,
         **trace_settings(ws),
-        dtype=h.dtype,
-        sub_batch=h.sub_batch,
-        estimator=h.estimator,
+        **ws.recipe.hessian.model_dump(include={"dtype", "sub_batch", "estimator"}),
         targets=ws.recipe.task.targets,
         progress=progress,
         cache_dir=cache_dir() / "hessian",
@@ -124,8 +122,7 @@ def exporter(ws: Workspace) -> QDQExporter:
     """A QDQ exporter for the workspace's model, built with its export settings and activations
     calibrated on its calibration split (built once per workspace)."""
     if "exporter" not in ws.cache:
-        s = ws.export_settings
-        ws.cache["exporter"] = QDQExporter.build(ws.prepared, ws.calibration, settings=s)
+        ws.cache["exporter"] = QDQExporter.build(ws.prepared, ws.calibration, settings=ws.export_settings)
     return ws.cache["exporter"]  # type: ignore[no-any-return]
 
 
@@ -401,7 +398,7 @@ def quantize(
         ExportError: export or onnxruntime failure (exit 4).
     """
     timings: dict[str, float] = {}
-    clock = _clock(timings)
+    clock = functools.partial(_timed, timings)
     t0 = time.perf_counter()
     ws = load(recipe, model=model, data=data, overrides=overrides)
     r = ws.recipe
@@ -476,15 +473,13 @@ def quantize(
         latency=refined if timed else None,
         options=options,
     )
-    title = f"{r.name}: Pareto frontier ({front.cost_model} vs ΣΩ)"
-    latency = refined.latency
     plot_search(
         front,
         out / "frontier.png",
         options=options,
         result=result,
-        latency=latency,
-        title=title,
+        latency=refined.latency,
+        title=f"{r.name}: Pareto frontier ({front.cost_model} vs ΣΩ)",
         formats=offered,
     )
     write_report(report, out)
@@ -494,15 +489,11 @@ def quantize(
     return QuantizeResult(out, model_path, out / "report.json", True, report)
 
 
-def _clock(timings: dict[str, float]) -> Any:
-    """``with clock(stage):`` adds the stage's wall time to ``timings[stage]``."""
-
-    @contextlib.contextmanager
-    def clock(stage: str) -> Iterator[None]:
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t
-
-    return clock
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """``with _timed(timings, stage):`` adds the stage's wall time to ``timings[stage]``."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t
