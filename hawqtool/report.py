@@ -326,9 +326,32 @@ def sensitivity_text(table: SensitivityTable) -> str:
             f"{'yes' if r.converged else 'NO'}"
         )
     lines.append(
-        f"{len(table)} layers, {table.hvps} Hessian-vector products, {table.seconds:.1f} s on {table.device}"
+        f"{len(table)} layers, {table.estimator} estimator, {table.hvps} Hessian-vector products, "
+        f"{table.seconds:.1f} s on {table.device}"
     )
     return "\n".join(lines)
+
+
+def _hessian_cost(h: Mapping[str, Any]) -> str:
+    """What the trace stage cost, as report.md says it: the estimator, passes over the calibration
+    split, Hessian-vector products, seconds and peak memory (those a report.json has).
+
+    Example:
+        >>> _hessian_cost({"estimator": "gauss_newton", "hvps": 0, "costs": {"forward_passes": 3.0,
+        ...     "backward_passes": 3.0, "seconds": 2.5, "peak_memory_mib": 458.3}})
+        'gauss_newton: 3 forward and 3 backward passes, 0 Hessian-vector products, 2.5 s, peak 458 MiB'
+    """
+    c = h.get("costs") or {}
+    parts = [f"{h.get('hvps', '?')} Hessian-vector products"]
+    if "forward_passes" in c:
+        parts.insert(
+            0, f"{c['forward_passes']:.0f} forward and {c.get('backward_passes', 0):.0f} backward passes"
+        )
+    if "seconds" in c:
+        parts.append(f"{c['seconds']:.1f} s")
+    if c.get("peak_memory_mib"):
+        parts.append(f"peak {c['peak_memory_mib']:.0f} MiB")
+    return f"{h.get('estimator', 'hutchinson')}: " + ", ".join(parts)
 
 
 def _fmt_size(n: float) -> str:
@@ -389,14 +412,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
         "## How it was chosen",
         "",
-        f"Per-layer Hessian traces ({report.get('hessian', {}).get('hvps', '?')} Hessian-vector products) "
+        f"Per-layer Hessian traces ({_hessian_cost(report.get('hessian', {}))}) "
         f"scored each layer × format by Ω = avg trace · ‖Q(W) − W‖²; the exact Pareto frontier of "
         f"(cost, ΣΩ) has {len(report['frontier'])} points"
-        + (
-            "; inter-layer dependency terms (gᵀΔ + ½ΔᵀHΔ) re-scored it"
-            if report["search"].get("dependency")
-            else ""
-        )
+        + ("; inter-layer dependency terms re-scored it" if report["search"].get("dependency") else "")
         + f". Bisection over {report['search'].get('candidates', '?')} candidates took "
         f"{report['search']['evaluations']} onnxruntime evaluations:",
         "",
