@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from hawqtool import distributed
 from hawqtool.errors import UsageError
-from hawqtool.formats import format_bits, is_quantized
+from hawqtool.formats import allocation_key, average_bits, format_bits, is_quantized
 from hawqtool.hessian import stage_costs
 from hawqtool.hvp import SplitHessian
 from hawqtool.interactions import SKETCH_DIM, output_terms, stack_keys
@@ -58,7 +58,7 @@ from hawqtool.singles import (
 from hawqtool.singles import exported_single_loss as exported_single_loss  # re-exported: the stage's API
 from hawqtool.singles import measured_change as measured_change
 from hawqtool.singles import onnx_loss as onnx_loss
-from hawqtool.types import Frontier, FrontierPoint, OptionTable, allocation_key, average_bits
+from hawqtool.types import Frontier, FrontierPoint, OptionTable
 
 log = logging.getLogger(__name__)
 

@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 
 from hawqtool.export import QDQExporter
-from hawqtool.formats import is_quantized, parse_format, quantizes_nothing
+from hawqtool.formats import allocation_key, average_bits, is_quantized, parse_format, quantizes_nothing
 from hawqtool.latency import LatencyTable, Timing, predicted_latency, time_interleaved
 from hawqtool.recipe import EvaluateSection
 from hawqtool.search import SearchResult
-from hawqtool.types import FrontierPoint, OptionTable, Trial, allocation_key, average_bits
+from hawqtool.types import FrontierPoint, OptionTable, Trial
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def latency_moves(
 ) -> list[FrontierPoint]:
     """Up to ``k`` allocations that each change one layer of ``allocation`` to a format predicted
     faster (one per layer: the one adding the least ΣΩ per predicted millisecond saved), least ΣΩ
-    added per millisecond first; allocations in ``exclude`` (:func:`hawqtool.types.allocation_key`)
+    added per millisecond first; allocations in ``exclude`` (:func:`hawqtool.formats.allocation_key`)
     and all-float ones are skipped. A bisection ends between two frontier points, and neighbouring
     frontier points differ in many layers; the fastest model within budget can lie off the
     frontier, one layer away from the choice (on MiniLM at batch 1, one more layer on integer

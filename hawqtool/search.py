@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from hawqtool.confidence import DropEstimate, paired_drop, paired_drop_batches
 from hawqtool.errors import UsageError
-from hawqtool.types import Budget, FrontierPoint, Trial, allocation_key
+from hawqtool.formats import allocation_key
+from hawqtool.types import Budget, FrontierPoint, Trial
 
 log = logging.getLogger(__name__)
 

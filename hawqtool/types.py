@@ -14,8 +14,6 @@ from hawqtool.errors import UsageError
 from hawqtool.formats import DEFAULT_OPSET, STORAGES, check_choice
 
 # Allocation arithmetic lives in formats.py; these names stay importable from here (0.3 imports).
-from hawqtool.formats import allocation_key as allocation_key
-from hawqtool.formats import average_bits as average_bits
 
 # --------------------------------------------------------------------------------------------
 # Layers and sensitivity

@@ -51,9 +51,9 @@ from hawqtool import pipeline
 from hawqtool.confidence import TOLERANCE, is_binary, resolvable_drop
 from hawqtool.dependency import candidates_for_search, make_repair, rescore
 from hawqtool.evaluate import evaluate_onnx
-from hawqtool.formats import quantizes_nothing
+from hawqtool.formats import allocation_key, quantizes_nothing
 from hawqtool.search import Measurement, bisect
-from hawqtool.types import FrontierPoint, allocation_key
+from hawqtool.types import FrontierPoint
 
 log = logging.getLogger("bench_budget")
 

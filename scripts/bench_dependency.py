@@ -57,6 +57,7 @@ from hawqtool.dependency import (
 )
 from hawqtool.evaluate import evaluate_onnx
 from hawqtool.export import QDQExporter
+from hawqtool.formats import allocation_key
 from hawqtool.frontier import pareto_frontier
 from hawqtool.hessian import estimate_traces
 from hawqtool.hvp import SplitHessian
@@ -65,7 +66,7 @@ from hawqtool.prepare import PreparedModel, prepare_model, swapped_weights
 from hawqtool.quantizer import dequantize_as
 from hawqtool.search import bisect
 from hawqtool.tasks import top1
-from hawqtool.types import Budget, FrontierPoint, SensitivityTable, allocation_key
+from hawqtool.types import Budget, FrontierPoint, SensitivityTable
 
 
 @dataclass

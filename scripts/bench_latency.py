@@ -81,12 +81,12 @@ from hawqtool.cache import cache_dir
 from hawqtool.dependency import candidates_for_search, rescore
 from hawqtool.errors import UsageError
 from hawqtool.evaluate import evaluate_onnx
-from hawqtool.formats import parse_format
+from hawqtool.formats import allocation_key, average_bits, parse_format
 from hawqtool.frontier import pareto_frontier
 from hawqtool.latency import LatencySettings, LatencyTable, Timing, measure_latency, time_interleaved
 from hawqtool.options import build_options
 from hawqtool.search import Measurement
-from hawqtool.types import Budget, FrontierPoint, OptionTable, allocation_key, average_bits
+from hawqtool.types import Budget, FrontierPoint, OptionTable
 from hawqtool.workspace import onnx_teacher, uniform_allocation
 
 sys.path.insert(0, str(Path(__file__).parent))

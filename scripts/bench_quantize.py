@@ -30,8 +30,7 @@ import torch
 
 from hawqtool import pipeline
 from hawqtool.evaluate import evaluate_onnx
-from hawqtool.formats import format_bits
-from hawqtool.types import average_bits
+from hawqtool.formats import average_bits, format_bits
 
 OVERRIDES = ["allocation.formats=[int2, int4, int8, float]", "budget.max_drop=0.01", "budget.mode=absolute"]
 
