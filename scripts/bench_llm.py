@@ -53,7 +53,7 @@ import torch
 
 from hawqtool import pipeline
 from hawqtool.confidence import paired_drop
-from hawqtool.evaluate import evaluate_onnx, make_session, run_session
+from hawqtool.evaluate import make_session, run_session
 from hawqtool.formats import layer_cost
 from hawqtool.quantizer import quant_error
 from hawqtool.recipe import parse_recipe
@@ -141,6 +141,26 @@ def latencies(
     return {n: {b: statistics.median(v) for b, v in per.items()} for n, per in times.items()}
 
 
+def score(paths: dict[str, Path], split: Any, io: Any) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per test sequence and model: mean token NLL, and mean per-token KL to the ``float`` row.
+
+    Batch by batch with every session open, so only one batch's logits per model are ever held (a
+    whole split's (N, T, 262144) logits would be gigabytes per model).
+    """
+    sessions = {name: make_session(str(p), threads=2, provider="cpu") for name, p in paths.items()}
+    nlls: dict[str, list[np.ndarray]] = {n: [] for n in paths}
+    kls: dict[str, list[np.ndarray]] = {n: [] for n in paths}
+    for x, y in split:
+        feed = io.feeds(x)
+        target = np.asarray(y)
+        ref = run_session(sessions["float"], feed)
+        for name, s in sessions.items():
+            logits = ref if name == "float" else run_session(s, feed)
+            nlls[name].append(nll(logits, target))
+            kls[name].append(token_kl(logits, ref))
+    return {n: np.concatenate(v) for n, v in nlls.items()}, {n: np.concatenate(v) for n, v in kls.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="a local causal LM folder or .gguf file (default: packaged Gemma 3 270M)")
@@ -221,33 +241,25 @@ def main() -> None:
     wall["baseline exports"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    base = evaluate_onnx(paths["float"], data.test, nll, io=ws.io, latency_runs=1, keep_outputs=True)
+    nlls, kls = score(paths, data.test, ws.io)
     rows = []
     for name, p in paths.items():
-        # One model's (N, T, V) logits at a time besides the float model's: they are large.
-        ev = (
-            base
-            if name == "float"
-            else evaluate_onnx(p, data.test, nll, io=ws.io, latency_runs=1, keep_outputs=True)
-        )
-        assert ev.values is not None and base.values is not None and ev.outputs is not None
         # Perplexity = exp(mean NLL): its relative change is expm1 of the NLL change, bounds included.
-        drop = paired_drop(base.values, ev.values, higher_is_better=False, confidence=0.95, binary=False)
-        kls = token_kl(ev.outputs, base.outputs)
-        kl_iv = paired_drop(np.zeros_like(kls), kls, higher_is_better=False, confidence=0.95, binary=False)
+        drop = paired_drop(nlls["float"], nlls[name], higher_is_better=False, confidence=0.95, binary=False)
+        kl_iv = paired_drop(
+            np.zeros_like(kls[name]), kls[name], higher_is_better=False, confidence=0.95, binary=False
+        )
         rows.append(
             {
                 "model": name,
                 "size_bytes": file_size(p),
-                "perplexity": math.exp(ev.metric),
+                "perplexity": math.exp(float(nlls[name].mean())),
                 "ppl_change": [math.expm1(drop.lower), math.expm1(drop.drop), math.expm1(drop.upper)],
                 "kl": [kl_iv.lower, kl_iv.drop, kl_iv.upper],
                 "allocation": allocations.get(name) or (chosen if name == "hawqtool" else None),
             }
         )
-        del ev
     wall["evaluation"] = time.perf_counter() - t
-    del base
     x8 = ws.io.feeds(data.test[0][0])
     x1 = {k: v[:1] for k, v in x8.items()}
     lat = latencies(paths, {1: x1, len(next(iter(x8.values()))): x8}, args.runs)
