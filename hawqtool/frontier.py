@@ -35,7 +35,7 @@ import numpy as np
 
 from hawqtool.costs import unit
 from hawqtool.errors import UsageError
-from hawqtool.formats import format_bits
+from hawqtool.formats import average_bits, format_bits, is_quantized, parse_format
 from hawqtool.types import Frontier, FrontierPoint, OptionTable
 
 log = logging.getLogger(__name__)
@@ -513,4 +513,46 @@ def uniform_points(
                 break
         else:
             out[fmt] = (options.cost(alloc), options.omega(alloc))
+    return out
+
+
+def point_of(options: OptionTable, allocation: Mapping[str, str]) -> FrontierPoint:
+    """``allocation`` as a point of ``options``: its cost, ΣΩ and average bits.
+
+    Example:
+        >>> from hawqtool.types import LayerOption
+        >>> opts = OptionTable(("a",), {"a": (LayerOption("int4", 1.0, 0.0, 5.0),)}, "size")
+        >>> p = point_of(opts, {"a": "int4"}); (p.cost, p.omega)
+        (1.0, 5.0)
+    """
+    alloc = dict(allocation)
+    bits = average_bits(alloc, options.params) if set(options.params) >= set(alloc) else 0.0
+    return FrontierPoint(options.cost(alloc), options.omega(alloc), alloc, bits)
+
+
+def uniform_models(options: OptionTable) -> dict[str, FrontierPoint]:
+    """Per quantized format offered (most bits first), the uniform model ``"uniform F"``: every layer
+    that offers F takes it, every other layer keeps its most precise option (float where offered; a
+    pin is a layer's only option).
+
+    These are the one-line models a user would try first (onnxruntime's ``quantize_static`` is
+    ``uniform int8``): the search probes those cheaper than its choice, so it never returns a model
+    costlier than a uniform one it could have found to meet the budget (:func:`hawqtool.search.bisect`).
+
+    Example:
+        >>> from hawqtool.types import LayerOption
+        >>> row = (LayerOption("int4", 1.0, 2.0, 5.0), LayerOption("int8-w", 2.0, 1.0, 1.0),
+        ...        LayerOption("float", 4.0, 0.0, 0.0))
+        >>> opts = OptionTable(("a", "b"), {"a": row, "b": row[1:]}, "size")
+        >>> {k: dict(p.allocation) for k, p in uniform_models(opts).items()}
+        {'uniform int8-w': {'a': 'int8-w', 'b': 'int8-w'}, 'uniform int4': {'a': 'int4', 'b': 'float'}}
+    """
+    offered = {o.format for row in options.options.values() for o in row if is_quantized(o.format)}
+    out = {}
+    for fmt in sorted(offered, key=lambda f: (-parse_format(f).bits, f)):
+        alloc = {}
+        for fqn in options.layers:
+            row = options.options[fqn]
+            alloc[fqn] = fmt if any(o.format == fmt for o in row) else min(row, key=lambda o: o.omega).format
+        out[f"uniform {fmt}"] = point_of(options, alloc)
     return out

@@ -44,7 +44,7 @@ from hawqtool.evaluate import Evaluation, batchwise, evaluate_onnx
 from hawqtool.export import QDQExporter
 from hawqtool.files import write_json_atomic
 from hawqtool.formats import quantizes_nothing
-from hawqtool.frontier import pareto_frontier
+from hawqtool.frontier import pareto_frontier, uniform_models
 from hawqtool.gauss_newton import loss_kind
 from hawqtool.hessian import estimate_traces
 from hawqtool.hvp import SplitHessian
@@ -270,6 +270,8 @@ def search(
         # The uniform integer models are timed too: latency is not additive, and they share one
         # integer region with no requantize boundaries, which per-layer deltas under-credit.
         extra=uniform_quantized_points(options) if latency is not None else {},
+        # Never costlier than a one-line uniform model that meets the budget (latency: timed above).
+        uniform=uniform_models(options) if latency is None else {},
     )
     refined = Refined(result)
     if latency is not None:

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from hawqtool.export import QDQExporter
-from hawqtool.formats import allocation_key, average_bits, is_quantized, parse_format, quantizes_nothing
+from hawqtool.formats import allocation_key, is_quantized, parse_format, quantizes_nothing
+from hawqtool.frontier import point_of, uniform_models
 from hawqtool.latency import LatencyTable, Timing, predicted_latency, time_interleaved
 from hawqtool.recipe import EvaluateSection
 from hawqtool.search import SearchResult
@@ -36,12 +37,10 @@ log = logging.getLogger(__name__)
 
 
 def uniform_quantized_points(options: OptionTable) -> dict[str, FrontierPoint]:
-    """Per format that runs on integer kernels (static ``intB`` or dynamic ``intB-d`` activations)
-    among the options (most bits first), the uniform integer model: every layer that offers the
-    format takes it, every other layer keeps its most precise option (float where offered; a pin is
-    a layer's only option). These are the models onnxruntime's own static (or dynamic) quantization
-    resembles, often the fastest on integer kernels, and a frontier ordered by predicted latency
-    need not contain them: under ``cost: latency`` the search times them too.
+    """The uniform models (:func:`hawqtool.frontier.uniform_models`) of the formats that run on
+    integer kernels (static ``intB`` or dynamic ``intB-d`` activations): the models onnxruntime's own
+    static (or dynamic) quantization resembles, often the fastest on integer kernels, and a frontier
+    ordered by predicted latency need not contain them: under ``cost: latency`` the search times them too.
 
     Example:
         >>> from hawqtool.types import LayerOption
@@ -51,24 +50,12 @@ def uniform_quantized_points(options: OptionTable) -> dict[str, FrontierPoint]:
         >>> {k: dict(p.allocation) for k, p in uniform_quantized_points(opts).items()}
         {'uniform int4': {'a': 'int4', 'b': 'float'}}
     """
-    offered = {o.format for row in options.options.values() for o in row}
-    integer = [f for f in offered if parse_format(f).activations or parse_format(f).dynamic]
-    formats = sorted(integer, key=lambda f: (-parse_format(f).bits, f))
     out = {}
-    for fmt in formats:
-        alloc = {}
-        for fqn in options.layers:
-            row = options.options[fqn]
-            alloc[fqn] = fmt if any(o.format == fmt for o in row) else min(row, key=lambda o: o.omega).format
-        out[f"uniform {fmt}"] = _point(options, alloc)
+    for name, point in uniform_models(options).items():
+        fmt = parse_format(name.removeprefix("uniform "))
+        if fmt.activations or fmt.dynamic:
+            out[name] = point
     return out
-
-
-def _point(options: OptionTable, allocation: Mapping[str, str]) -> FrontierPoint:
-    """``allocation`` as a point of ``options`` (its cost, ΣΩ and average bits)."""
-    alloc = dict(allocation)
-    bits = average_bits(alloc, options.params) if set(options.params) >= set(alloc) else 0.0
-    return FrontierPoint(options.cost(alloc), options.omega(alloc), alloc, bits)
 
 
 #: Times allocations together in interleaved rounds ({} is the float model), one Timing each.
@@ -141,7 +128,7 @@ def latency_moves(
             if fqn not in best or ratio < best[fqn][0]:
                 best[fqn] = (ratio, o.format)
     order = sorted(best, key=lambda f: best[f][0])[: max(k, 0)]
-    return [_point(options, {**allocation, f: best[f][1]}) for f in order]
+    return [point_of(options, {**allocation, f: best[f][1]}) for f in order]
 
 
 def format_swaps(
@@ -205,7 +192,7 @@ def format_swaps(
                 continue  # resolvably slower, probed already, or float (no quantization result)
             ranked.append((saved, moved))
     ranked.sort(key=lambda r: -r[0])
-    return [_point(options, moved) for _, moved in ranked[: max(k, 0)]]
+    return [point_of(options, moved) for _, moved in ranked[: max(k, 0)]]
 
 
 def nearest_float(options: OptionTable) -> FrontierPoint | None:
@@ -229,7 +216,7 @@ def nearest_float(options: OptionTable) -> FrontierPoint | None:
     closest = {f: min(options.options[f], key=lambda o: (o.omega, o.cost)) for f in options.layers}
     allocation = {f: o.format for f, o in closest.items()}
     if not quantizes_nothing(allocation):
-        return _point(options, allocation)  # a layer pinned to a quantized format
+        return point_of(options, allocation)  # a layer pinned to a quantized format
     steps = [
         (o.cost - closest[f].cost, o.omega, f, o.format)
         for f in options.layers
@@ -239,7 +226,7 @@ def nearest_float(options: OptionTable) -> FrontierPoint | None:
     if not steps:
         return None
     _, _, fqn, fmt = min(steps)
-    return _point(options, {**allocation, fqn: fmt})
+    return point_of(options, {**allocation, fqn: fmt})
 
 
 def latency_shortlist(

@@ -96,7 +96,8 @@ class SearchResult:
         baseline: the reference metric the drops are measured from.
         reason: why the search stopped: ``impossible`` (the most precise candidate fails),
             ``in_range`` (a probe fell inside ``[min_drop, max_drop]``), ``converged`` or
-            ``repaired`` (the repair probe passed and is cheaper).
+            ``repaired`` (the repair probe passed and is cheaper) or ``uniform`` (a uniform model
+            cheaper than the search's choice met the budget; see :func:`bisect`).
     """
 
     chosen: FrontierPoint | None
@@ -214,6 +215,7 @@ def bisect(
     gap_points: Sequence[FrontierPoint] = (),
     seed: int = 0,
     extra: Mapping[str, FrontierPoint] = MappingProxyType({}),
+    uniform: Mapping[str, FrontierPoint] = MappingProxyType({}),
 ) -> SearchResult:
     """Find the cheapest candidate whose measured metric meets ``budget``, by bisection.
 
@@ -246,6 +248,11 @@ def bisect(
             cost, the fastest measured model within budget). A point already probed is not
             evaluated again. Their trials say ``source="extra"``, the name in ``note`` and their
             position in ``extra`` in ``index``.
+        uniform: named models the choice must never be costlier than when they meet the budget
+            (:func:`hawqtool.frontier.uniform_models`): after the search, those cheaper than its
+            choice are probed from the most expensive down while they meet, and the cheapest that
+            meets becomes the choice (``reason`` ``uniform``; trials ``source="uniform"``). The
+            candidates come from predictions, which can be wrong where a one-line model is right.
 
     Returns:
         A :class:`SearchResult` with every trial.
@@ -276,7 +283,7 @@ def bisect(
     trials: list[Trial] = []
     memo: dict[tuple[tuple[str, str], ...], Trial] = {}
     bar = tqdm(
-        total=max_evaluations(n, repair=repair is not None) + len(extra),
+        total=max_evaluations(n, repair=repair is not None) + len(extra) + len(uniform),
         desc="search",
         unit="eval",
         disable=not progress,
@@ -368,8 +375,25 @@ def bisect(
                     return done(None, "repaired", fixed)
         return done(hi, "converged")
 
+    def at_most_uniform(result: SearchResult) -> SearchResult:
+        if result.chosen is None:
+            return result
+        limit = result.chosen.cost * (1 - 1e-12)
+        cheaper = sorted(
+            ((name, p) for name, p in uniform.items() if p.cost < limit), key=lambda item: -item[1].cost
+        )
+        best = None
+        for i, (name, point) in enumerate(cheaper):
+            if not probe(i, point, name, source="uniform").met:
+                break  # a cheaper uniform model drops at least as much, as the search assumes
+            best = point
+        if best is None:
+            return replace(result, trials=tuple(trials))
+        log.info("a uniform model meets the budget for less than the search's choice: taking it")
+        return done(None, "uniform", best)
+
     try:
-        result = search()
+        result = at_most_uniform(search())
         if not extra or result.reason == "impossible":
             return result
         for i, (name, point) in enumerate(extra.items()):

@@ -298,3 +298,39 @@ def test_a_declared_continuous_metric_bounds_exact_agreement_at_zero() -> None:
     # Declared binary, values that are not 0/1 are a usage error naming the key.
     with pytest.raises(UsageError, match=r"task\.binary"):
         trial(replace(inferred, binary=True), other)
+
+
+def test_a_cheaper_uniform_model_that_meets_the_budget_replaces_the_choice() -> None:
+    # Candidates 0-7 (costs 1-8): bisection's choice is #5 (cost 6). The uniform models: cost 5.5
+    # meets, 4.5 meets, 3.5 misses, 2.5 would meet (not monotone: never probed), 9 is costlier.
+    curve = curve_from_threshold(8, first_ok=5)
+    metric = {"u5.5": 0.895, "u4.5": 0.894, "u3.5": 0.85, "u2.5": 0.9, "u9": 0.9}
+    uniform = {
+        name: FrontierPoint(cost=float(name[1:]), omega=0.0, allocation={"fc": name}) for name in metric
+    }
+
+    def evaluate(p: FrontierPoint) -> float:
+        fc = p.allocation["fc"]
+        return metric[fc] if fc.startswith("u") else curve[int(p.cost) - 1]
+
+    plain = bisect(points(8), evaluate, baseline=0.9, budget=Budget(0.01), progress=False)
+    assert plain.chosen is not None and plain.chosen.cost == 6.0
+    r = bisect(points(8), evaluate, baseline=0.9, budget=Budget(0.01), progress=False, uniform=uniform)
+    assert r.chosen is not None and r.chosen.allocation == {"fc": "u4.5"}
+    assert (r.reason, r.chosen_index, r.budget_met) == ("uniform", None, True)
+    probed = [(t.note, t.met) for t in r.trials if t.source == "uniform"]
+    assert probed == [("u5.5", True), ("u4.5", True), ("u3.5", False)]
+
+    def same(trials: tuple[Trial, ...]) -> list[Trial]:
+        return [replace(t, seconds=0.0) for t in trials]
+
+    assert same(r.trials[: plain.evaluations]) == same(plain.trials)
+    assert SearchResult.from_dict(r.to_dict()).reason == "uniform"
+    # The first uniform model below the choice misses: the choice stands, one probe more.
+    metric["u5.5"] = 0.85
+    r = bisect(points(8), evaluate, baseline=0.9, budget=Budget(0.01), progress=False, uniform=uniform)
+    assert (r.chosen, r.reason, r.evaluations) == (plain.chosen, plain.reason, plain.evaluations + 1)
+    # No uniform model is cheaper than the choice: nothing more is probed.
+    costly = {"u9": uniform["u9"]}
+    r = bisect(points(8), evaluate, baseline=0.9, budget=Budget(0.01), progress=False, uniform=costly)
+    assert same(r.trials) == same(plain.trials)
