@@ -237,6 +237,10 @@ def build_report(
             "fingerprint": table.fingerprint,
             "rel_tol": table.rel_tol,
             "estimator": table.estimator,
+            "estimator_setting": r.hessian.estimator,
+            "estimator_reason": estimator_reason(
+                r.hessian.estimator, table.estimator, loss=r.task.loss_name, targets=r.task.targets
+            ),
             "costs": dict(table.costs),
         },
         "layers": {
@@ -332,6 +336,33 @@ def sensitivity_text(table: SensitivityTable) -> str:
     return "\n".join(lines)
 
 
+def estimator_reason(setting: str, ran: str, *, loss: str, targets: str) -> str:
+    """Why the trace stage ran ``ran`` when the recipe said ``setting`` (report.json
+    ``hessian.estimator_reason``; the rule is :func:`hawqtool.gauss_newton.resolve_estimator`'s).
+
+    Example:
+        >>> estimator_reason("auto", "gauss_newton", loss="kl", targets="model")[:60]
+        'auto: with teacher targets and the kl loss the loss Hessian '
+    """
+    if setting != "auto":
+        return f"hessian.estimator: {setting} in the recipe"
+    if ran == "gauss_newton" and targets == "model":
+        return (
+            f"auto: with teacher targets and the {loss} loss the loss Hessian at the float weights is "
+            "exactly the Gauss–Newton matrix, whose traces one ordinary backward per probe samples"
+        )
+    if ran == "gauss_newton":
+        return (
+            f"auto: for {loss} on labels the Gauss–Newton matrix (the Fisher of the model's own "
+            "predictions) ranked allocations as well as Hutchinson's traces for a fraction of the cost "
+            "(docs/benchmarks.md, scripts/bench_sensitivity.py)"
+        )
+    return (
+        f"auto: the {loss} loss on {targets} has no Gauss–Newton form that hawqtool knows, so "
+        "Hutchinson's estimator (Hessian-vector products) ran"
+    )
+
+
 def _hessian_cost(h: Mapping[str, Any]) -> str:
     """What the trace stage cost, as report.md says it: the estimator, passes over the calibration
     split, Hessian-vector products, seconds and peak memory (those a report.json has).
@@ -413,8 +444,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "## How it was chosen",
         "",
         f"Per-layer Hessian traces ({_hessian_cost(report.get('hessian', {}))}) "
-        f"scored each layer × format by Ω = avg trace · ‖Q(W) − W‖²; the exact Pareto frontier of "
-        f"(cost, ΣΩ) has {len(report['frontier'])} points"
+        f"scored each layer × format by Ω = avg trace · ‖Q(W) − W‖²"
+        + (f" ({why})" if (why := report.get("hessian", {}).get("estimator_reason")) else "")
+        + f"; the exact Pareto frontier of (cost, ΣΩ) has {len(report['frontier'])} points"
         + ("; inter-layer dependency terms re-scored it" if report["search"].get("dependency") else "")
         + f". Bisection over {report['search'].get('candidates', '?')} candidates took "
         f"{report['search']['evaluations']} onnxruntime evaluations:",
@@ -447,6 +479,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             "",
             f"A candidate meets the budget when the one-sided {100 * conf:g} % upper bound of its drop, "
             "paired against the float model on the same evaluation samples, is within max_drop" + resolution,
+        ]
+    if report["search"].get("reason") == "uniform":
+        lines += [
+            "",
+            "The uniform models cheaper than the search's choice were probed after it, and one met the "
+            "budget: it is the result (a one-line model beat the predicted frontier here).",
         ]
     for key, split in (("drop_interval", "evaluation"), ("test_drop_interval", "test")):
         iv = r.get(key)
@@ -542,7 +580,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 def _candidate(row: Mapping[str, Any]) -> str:
     """A probe's candidate index; the name of an extra point (``uniform int8``); ``move`` for a
     one-layer change of the latency choice (its note says which)."""
-    if row.get("source") == "extra":
+    if row.get("source") in ("extra", "uniform"):
         return str(row["note"])
     return "move" if row.get("source") == "move" else str(row["index"])
 
