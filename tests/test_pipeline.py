@@ -34,6 +34,15 @@ def test_quantize_writes_the_contract(tiny_run: Path) -> None:
     assert rep["search"]["evaluations"] == len(rep["search"]["trials"]) >= 1
     assert set(rep["result"]["allocation"]) == {row["layer"] for row in rep["sensitivity"]}
     assert "Budget met" in (tiny_run / "report.md").read_text()
+    # tiny: cross_entropy on labels, estimator left at auto -> Gauss–Newton (the Fisher), said why.
+    h = rep["hessian"]
+    assert (h["estimator"], h["estimator_setting"]) == ("gauss_newton", "auto")
+    assert h["estimator_reason"].startswith("auto: for cross_entropy on labels")
+    assert h["estimator_reason"] in (tiny_run / "report.md").read_text()
+    # The search is never costlier than a uniform model that met the budget.
+    for t in rep["search"]["trials"]:
+        if t["source"] == "uniform" and t["met"]:
+            assert rep["result"]["cost"] <= t["cost"] + 1e-9
 
 
 def test_output_passes_the_contract_checker(tiny_run: Path) -> None:
