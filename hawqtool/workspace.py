@@ -22,7 +22,7 @@ from torch import nn
 from hawqtool import modelio
 from hawqtool.confidence import TOLERANCE, is_binary, resolvable_drop, samples_needed
 from hawqtool.errors import ExportError, UsageError
-from hawqtool.evaluate import make_session
+from hawqtool.evaluate import batchwise, make_session
 from hawqtool.formats import parse_format, supports
 from hawqtool.modelio import Batch, ModelIO
 from hawqtool.prepare import PreparedModel, prepare_model
@@ -296,8 +296,17 @@ def check_task(ws: Workspace) -> tuple[float, np.ndarray | None]:
 
 @torch.no_grad()
 def _check_task(ws: Workspace) -> tuple[float, np.ndarray | None, int]:
-    """:func:`check_task`, and the number of axes of the model's outputs (batch axis included)."""
-    outputs, targets = [], []
+    """:func:`check_task`, and the number of axes of the model's outputs (batch axis included).
+
+    A metric scored batch by batch (:func:`hawqtool.evaluate.batchwise`) keeps only its per-sample
+    values and the first batch's outputs (an LM's logits are vocabulary × tokens per sample: a whole
+    split's would be gigabytes); any other metric needs the whole split's outputs at once.
+    """
+    task = ws.recipe.task
+    stream = batchwise(task.metric_name)
+    outputs: list[np.ndarray] = []
+    targets: list[np.ndarray] = []
+    parts: list[np.ndarray] = []
     for i, (x, y) in enumerate(ws.evaluation):
         out = ws.prepared.forward(x)
         if not torch.isfinite(out).all():
@@ -308,38 +317,75 @@ def _check_task(ws: Workspace) -> tuple[float, np.ndarray | None, int]:
                 f"evaluation batch {i}: {yt.shape[0] if yt.ndim else 'scalar'} targets for "
                 f"{out.shape[0]} outputs; targets need one row per sample"
             )
-        outputs.append(out.float().cpu().numpy())
-        targets.append(yt.cpu().numpy())
+        o, t = out.float().cpu().numpy(), yt.cpu().numpy()
+        _check_label_range(ws, o, t)
+        if stream:
+            got = per_sample(ws.metric_fn(o, t), len(o), name=task.metric_name)
+            if got is None and parts:
+                raise UsageError("the metric gave per-sample values on one batch and one number on another")
+            stream = got is not None  # one number per batch: score the whole split at once
+            if got is not None:
+                parts.append(got)
+        if not outputs or not stream:
+            outputs.append(o)
+        targets.append(t)
+    if stream:
+        try:
+            every: np.ndarray | None = np.concatenate(targets)
+        except ValueError:  # ragged token targets: no class shares to compare with
+            every = None
+        return _judge_float_metric(ws, outputs[0], targets[0], np.concatenate(parts), all_targets=every)
     try:
         out_np, tgt_np = np.concatenate(outputs), np.concatenate(targets)
     except ValueError:
         # Ragged token outputs: the ONNX evaluation pads and checks them.
         return float("nan"), None, outputs[0].ndim
-    task = ws.recipe.task
-    if task.targets == "labels" and np.issubdtype(tgt_np.dtype, np.integer) and out_np.ndim >= 2:
-        classes = out_np.shape[-1]
-        lo, hi = int(tgt_np.min()), int(tgt_np.max())
+    values = ws.metric_fn(out_np, tgt_np)
+    per = per_sample(values, len(out_np), name=task.metric_name)
+    return _judge_float_metric(
+        ws, out_np, tgt_np, per, all_targets=tgt_np, split_value=None if per is not None else values
+    )
+
+
+def _check_label_range(ws: Workspace, outputs: np.ndarray, targets: np.ndarray) -> None:
+    """Integer labels must index the model's classes (its last output axis)."""
+    if ws.recipe.task.targets == "labels" and np.issubdtype(targets.dtype, np.integer) and outputs.ndim >= 2:
+        classes = outputs.shape[-1]
+        lo, hi = int(targets.min()), int(targets.max())
         if lo < 0 or hi >= classes:
             raise UsageError(
                 f"targets range over [{lo}, {hi}] but the model's output has {classes} classes "
                 f"(targets must lie in [0, {classes - 1}]); check the data factory's labels"
             )
-    values = ws.metric_fn(out_np, tgt_np)
-    per = per_sample(values, len(out_np), name=task.metric_name)
-    metric = float(np.mean(per)) if per is not None else float(values)  # type: ignore[arg-type]
+
+
+def _judge_float_metric(
+    ws: Workspace,
+    outputs: np.ndarray,
+    targets: np.ndarray,
+    per: np.ndarray | None,
+    *,
+    all_targets: np.ndarray | None,
+    split_value: Any = None,
+) -> tuple[float, np.ndarray | None, int]:
+    """The float model's metric (the mean of its per-sample values ``per``, else ``split_value``),
+    checked finite, of its declared kind (on ``outputs`` and their ``targets``: the whole split's or
+    the first batch's) and above chance (on ``all_targets``, the split's; ``None``: not checked)."""
+    task = ws.recipe.task
+    metric = float(np.mean(per)) if per is not None else float(split_value)
     if not np.isfinite(metric):
         raise UsageError(
             f"the metric {task.metric_name!r} of the float model is {metric} on the evaluation split"
         )
-    if per is not None and declared_binary(ws, out_np.ndim):
-        _check_binary(ws, out_np, tgt_np, per)
-    chance = chance_level(ws, tgt_np)
+    if per is not None and declared_binary(ws, outputs.ndim):
+        _check_binary(ws, outputs, targets, per)
+    chance = chance_level(ws, all_targets) if all_targets is not None else None
     if chance is not None and metric <= chance + 1e-12:
         raise UsageError(
             f"the float model's {task.metric_name} on the evaluation split is {metric:.4f}, at or below "
             f"chance ({chance:.4f}, the most frequent class's share): the targets do not match the model"
         )
-    return metric, per, out_np.ndim
+    return metric, per, outputs.ndim
 
 
 def budget_for(ws: Workspace, values: np.ndarray | None, *, output_ndim: int | None = None) -> Budget:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,25 @@ def test_per_token_top1_on_labels_is_a_fraction_per_sequence() -> None:
     assert check_float_model(ws).budget.binary is False
     with pytest.raises(UsageError, match="declared binary"):
         check_task(load(_recipe(binary=True), model=TinyLM(), data=_tokens(labels=True)))
+
+
+def test_a_batchwise_metric_is_checked_batch_by_batch_with_the_whole_splits_values() -> None:
+    # nll is scored batch by batch: the float model's check keeps one batch's logits, not the split's,
+    # and gets exactly the values of the whole split scored at once.
+    data = _tokens(labels=True)
+    ws = load(_recipe(metric="nll"), model=TinyLM(), data=data)
+    seen: list[int] = []
+    metric_fn = ws.metric_fn
+    metric, values = check_task(
+        dataclasses.replace(ws, metric_fn=lambda o, t: (seen.append(len(o)), metric_fn(o, t))[1])
+    )
+    assert seen[:2] == [8, 8]  # one call per evaluation batch (then the binary probe's)
+    with torch.no_grad():
+        logits = torch.cat([TinyLM()(x) for x, _ in data["evaluation"]]).numpy()
+    whole = metric_fn(logits, torch.cat([y for _, y in data["evaluation"]]).numpy())
+    assert (
+        values is not None and np.allclose(values, whole, rtol=1e-6) and metric == pytest.approx(whole.mean())
+    )
 
 
 @pytest.mark.parametrize(
