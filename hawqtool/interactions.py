@@ -12,15 +12,21 @@ random bucket and sign per output element, fresh per batch: inner products are k
 an error ~ ‖a‖‖b‖/√sketch_dim per batch), and the Gram matrix of the keys' sketches is summed over the
 batches. A batch with at most ``sketch_dim`` output elements is kept whole (exact). Memory: the keys ×
 ``sketch_dim`` sketches of one batch, and the keys × keys matrix.
+
+Each key's pass replays the part of the model that cannot depend on its layer (:mod:`hawqtool.replay`):
+the float pass of a batch is recorded, and every module whose call ended before the layer's weight was
+first read returns its recorded output instead of running. The results are those of full passes; a
+model whose replayed pass departs from the recorded one falls back to full passes (with a warning).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,6 +37,7 @@ from hawqtool.errors import UsageError
 from hawqtool.gauss_newton import OutputCurvature, loss_kind
 from hawqtool.hvp import SplitHessian
 from hawqtool.probes import seed_of
+from hawqtool.replay import ReplayError, record
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +77,12 @@ class CountSketch:
 class OutputTerms:
     """First- and second-order terms of the keys' output changes over the calibration split.
 
-    ``linear[k] = E⟨∂ℓ/∂f, δ_k⟩``; ``gram[k, k'] = E[c⟨Bδ_k, Bδ_k'⟩]`` (sketched); ``forward_passes``
-    passes over the split (the float one and one per key)."""
+    ``linear[k] = E⟨∂ℓ/∂f, δ_k⟩``; ``gram[k, k'] = E[c⟨Bδ_k, Bδ_k'⟩]`` (sketched); ``own_loss[k]`` the
+    measured change of the mean loss with only key k's weight error (out of context, activations
+    float), from the same passes; ``forward_passes`` passes over the split (the float one and one per
+    key); ``replayed_fraction`` the mean share of the recorded module calls (the children of the
+    quantized layers' ancestors, :mod:`hawqtool.replay`) that the keys' passes replayed instead of
+    running (0: every pass ran in full)."""
 
     keys: tuple[Key, ...]
     linear: np.ndarray
@@ -79,6 +90,8 @@ class OutputTerms:
     forward_passes: int
     sketched: bool
     seconds: float
+    own_loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    replayed_fraction: float = 0.0
 
 
 def output_terms(
@@ -88,6 +101,7 @@ def output_terms(
     sketch_dim: int = SKETCH_DIM,
     seed: int = 0,
     progress: bool = True,
+    replay: bool = True,
 ) -> OutputTerms:
     """The output-space dependency terms of every key of ``deltas`` (module doc).
 
@@ -97,6 +111,8 @@ def output_terms(
         sketch_dim: coordinates per batch sketch (a batch with fewer output elements stays exact).
         seed: seeds the sketches, per batch.
         progress: show a tqdm bar over the batches.
+        replay: replay the part of the model before each key's layer (module doc); off: every
+            key's pass runs the whole model (same results, for checking).
 
     Raises:
         UsageError: a loss with no known output curvature (:func:`hawqtool.gauss_newton.loss_kind`),
@@ -116,6 +132,9 @@ def output_terms(
     moved = {k: hessian._to_param(k[0], d) for k, d in deltas.items()}
     gram = torch.zeros(len(keys), len(keys), dtype=torch.float64, device=hessian.device)
     linear = torch.zeros(len(keys), dtype=torch.float64, device=hessian.device)
+    own = torch.zeros(len(keys), dtype=torch.float64, device=hessian.device)
+    watched = list({id(p): p for p in params.values()}.values())
+    replayed = 0.0
     sketched = False
     mine = distributed.shard(len(hessian.batches))
     bar = tqdm(
@@ -128,7 +147,14 @@ def output_terms(
         for b in mine:
             x, y = hessian.batches[b]
             weight = hessian.sizes[b] / hessian.n
-            base = _finite(hessian.outputs(x))
+            yd = modelio.to_device(y, hessian.device)
+            recording = None
+            if replay:
+                recording = record(hessian.model, functools.partial(hessian.outputs, x), params=watched)
+                base = _finite(recording.result)
+            else:
+                base = _finite(hessian.outputs(x))
+            base_loss = hessian.loss_fn(base, yd).double()
             curv = OutputCurvature.of(kind, base, y)
             grad_out = _output_grad(hessian, base, y) * weight
             root = math.sqrt(curv.scale * weight)
@@ -144,17 +170,30 @@ def output_terms(
                 saved = p.data
                 try:
                     p.data = saved + moved[keys[i]]
-                    delta = _finite(hessian.outputs(x)) - base
+                    out = None
+                    if recording is not None:
+                        try:
+                            with recording.replaying(p) as plan:
+                                out = hessian.outputs(x)
+                            replayed += plan.skipped
+                        except ReplayError as e:
+                            log.warning("prefix replay fell back to full forward passes: %s", e)
+                            replay, recording, out = False, None, None
+                    if out is None:
+                        out = hessian.outputs(x)
+                    delta = _finite(out) - base
                 finally:
                     p.data = saved
                 linear[i] += (grad_out.double() * delta.double()).sum()
+                own[i] += (hessian.loss_fn(out, yd).double() - base_loss) * weight
                 v = curv.apply(delta).reshape(-1).double() * root
                 rows.append(v if sketch is None else sketch(v))
                 bar.update(1)
             stacked = torch.stack(rows)
             gram += stacked @ stacked.T
+            del recording  # one batch's recorded outputs at a time
     bar.close()
-    distributed.all_reduce_sum([gram, linear], what="the output-space dependency terms")
+    distributed.all_reduce_sum([gram, linear, own], what="the output-space dependency terms")
     g = gram.cpu().numpy()
     return OutputTerms(
         keys=keys,
@@ -163,6 +202,8 @@ def output_terms(
         forward_passes=1 + len(keys),
         sketched=sketched,
         seconds=time.perf_counter() - t0,
+        own_loss=own.cpu().numpy(),
+        replayed_fraction=replayed / (len(mine) * len(keys)) if mine and keys else 0.0,
     )
 
 
