@@ -415,6 +415,25 @@ def build_dependency_model(
     return dep
 
 
+def planned_passes(options: OptionTable, *, method: str, exported: bool, measure_singles: bool = True) -> int:
+    """The passes over the calibration split :func:`build_dependency_model` will take, a backward
+    counted as two forwards (for :mod:`hawqtool.forecast`): the terms (``output``: one forward per
+    quantized key and the base; ``hvp``: a gradient and per key one HVP), the singles (one job per
+    layer and per quantized key; twice under ``exported`` numerics) and the base loss.
+
+    Example:
+        >>> from hawqtool.types import LayerOption
+        >>> row = (LayerOption("int4", 1.0, 2.0, 2.0), LayerOption("float", 4.0, 0.0, 0.0))
+        >>> planned_passes(OptionTable(("a", "b"), {"a": row, "b": row}, "size"), method="output",
+        ...                exported=True)
+        12
+    """
+    keys = sum(1 for row in options.options.values() for o in row if is_quantized(o.format))
+    terms = 1 + keys if method == "output" else keys + 1 + 2 * (1 + 2 * keys)
+    jobs = len(options.layers) + keys if measure_singles else 0
+    return terms + jobs * (2 if exported else 1) + 1
+
+
 def _hvp_terms(
     hessian: SplitHessian,
     layers: Sequence[str],

@@ -17,6 +17,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -35,6 +36,7 @@ from hawqtool.dependency import (
     candidates_for_search,
     exported_single_loss,
     make_repair,
+    planned_passes,
     rescore,
 )
 from hawqtool.distributed import is_main
@@ -43,12 +45,14 @@ from hawqtool.errors import BudgetNotMetError, UsageError
 from hawqtool.evaluate import Evaluation, batchwise, evaluate_onnx
 from hawqtool.export import QDQExporter
 from hawqtool.files import write_json_atomic
+from hawqtool.forecast import Forecast, forecast
 from hawqtool.formats import quantizes_nothing
 from hawqtool.frontier import pareto_frontier, uniform_models
 from hawqtool.gauss_newton import loss_kind
 from hawqtool.hessian import estimate_traces
 from hawqtool.hvp import SplitHessian
 from hawqtool.latency import LatencySettings, LatencyTable, measure_latency
+from hawqtool.modelio import batch_size
 from hawqtool.options import build_options, offered_formats
 from hawqtool.plots import plot_search
 from hawqtool.recipe import MEASURED_COST, Recipe
@@ -68,9 +72,9 @@ from hawqtool.report import (
     write_report,
     write_sensitivity,
 )
-from hawqtool.search import Evaluate, Measurement, bisect, measure_trial
+from hawqtool.search import Evaluate, Measurement, bisect, max_evaluations, measure_trial
 from hawqtool.types import Budget, DataSplits, Frontier, FrontierPoint, OptionTable, SensitivityTable
-from hawqtool.workspace import Workspace, check_float_model, load, onnx_teacher
+from hawqtool.workspace import SPLITS, Workspace, check_float_model, load, onnx_teacher
 from hawqtool.workspace import uniform_allocation as uniform_allocation  # a stage of the CLI's export
 
 log = logging.getLogger(__name__)
@@ -177,19 +181,32 @@ def frontier(
     return options, pareto_frontier(options, cost_grid=a.cost_grid, omega_grid=a.omega_grid)
 
 
+def dependency_method(ws: Workspace) -> str:
+    """The dependency terms' method the recipe runs: ``auto`` is ``output`` for a loss with a known
+    output curvature (mse, kl, cross_entropy), else ``hvp``."""
+    method = ws.recipe.search.dependency_method
+    if method == "auto":
+        method = "output" if loss_kind(ws.loss_fn) is not None else "hvp"
+    return method
+
+
+def _dependency_cache(ws: Workspace, options: OptionTable, table: SensitivityTable) -> Path:
+    """Where the dependency terms of these options are cached (:func:`hawqtool.environment.dependency_key`)."""
+    method = dependency_method(ws)
+    key = dependency_key(ws.recipe, options, table, settings=ws.export_settings)
+    if method != "hvp":  # hvp keeps the key of the caches written before the setting
+        key = settings_key(key, {"dependency_method": method})
+    return cache_dir() / "dependency" / f"{key}.json"
+
+
 def dependencies(
     ws: Workspace, options: OptionTable, table: SensitivityTable, *, progress: bool = True
 ) -> DependencyModel:
     """Inter-layer second-order terms of the options (cached by :func:`hawqtool.environment.dependency_key`),
     built with the workspace's export settings, as the options and the exporter are."""
     settings = ws.export_settings
-    method = ws.recipe.search.dependency_method
-    if method == "auto":
-        method = "output" if loss_kind(ws.loss_fn) is not None else "hvp"
-    key = dependency_key(ws.recipe, options, table, settings=settings)
-    if method != "hvp":  # hvp keeps the key of the caches written before the setting
-        key = settings_key(key, {"dependency_method": method})
-    path = cache_dir() / "dependency" / f"{key}.json"
+    method = dependency_method(ws)
+    path = _dependency_cache(ws, options, table)
     # Every rank must take the same branch: one computing alone would wait in its collectives.
     if distributed.all_agree(path.is_file(), what="the dependency cache check"):
         log.info("dependency terms: cached (%s)", path)
@@ -414,6 +431,11 @@ def quantize(
         options, front = frontier(ws, table=table, progress=progress)
     if is_main():
         write_frontier_csv(front, out)
+    fc = _forecast(ws, table, options, front)
+    if fc is not None and is_main():
+        log.info(
+            "forecast from the trace stage's %.3g s per calibration pass: %s", fc.pass_seconds, fc.describe()
+        )
     dep, candidates = None, front.points
     if r.search.dependency:
         with clock("dependency"):
@@ -484,11 +506,38 @@ def quantize(
         title=f"{r.name}: Pareto frontier ({front.cost_model} vs ΣΩ)",
         formats=offered,
     )
+    if fc is not None:
+        report["forecast_s"] = fc.to_dict()
     write_report(report, out)
     if not result.budget_met:
         raise BudgetNotMetError(budget_not_met_message(report, out / "report.md"))
     assert model_path is not None
     return QuantizeResult(out, model_path, out / "report.json", True, report)
+
+
+def _forecast(
+    ws: Workspace, table: SensitivityTable, options: OptionTable, front: Frontier
+) -> Forecast | None:
+    """The rest of the run forecast from the trace stage's pass time (:mod:`hawqtool.forecast`)."""
+    r = ws.recipe
+    dependency = r.search.dependency
+    cached = dependency and _dependency_cache(ws, options, table).is_file()
+    samples = {name: sum(batch_size(x) for x, _ in ws.split(name)) for name in SPLITS}
+    return forecast(
+        table.costs,
+        calibration=samples["calibration"],
+        evaluation=samples["evaluation"],
+        test=samples["test"],
+        dependency_passes=planned_passes(
+            options, method=dependency_method(ws), exported=r.search.dependency_numerics == "exported"
+        )
+        if dependency and not cached
+        else 0,
+        # Bisection (and repair), a frontier gap's own bisection, the uniform models below the choice.
+        evaluations=max_evaluations(len(front.points), repair=dependency and r.search.repair)
+        + math.ceil(math.log2(len(front.points) + 1))
+        + len(uniform_models(options)),
+    )
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from hawqtool.dependency import (
     make_repair,
     measured_change,
     nondominated,
+    planned_passes,
     repair,
     rescore,
 )
@@ -131,6 +132,9 @@ def test_prediction_is_exact_on_a_quadratic_loss(planted) -> None:
     else:
         assert dep.hvps == 0 and dep.costs["backward_passes"] == 0
         assert dep.costs["term_forward_passes"] == 1 + 9
+    # The forecast's count (hawqtool.forecast) is what the stage spends, a backward as two forwards.
+    spent = dep.costs["forward_passes"] + 2 * dep.costs["backward_passes"]
+    assert planned_passes(options, method=dep.method, exported=False) == spent
 
 
 def test_measured_singles_hold_the_context_interaction(planted) -> None:

@@ -39,6 +39,9 @@ def test_quantize_writes_the_contract(tiny_run: Path) -> None:
     assert (h["estimator"], h["estimator_setting"]) == ("gauss_newton", "auto")
     assert h["estimator_reason"].startswith("auto: for cross_entropy on labels")
     assert h["estimator_reason"] in (tiny_run / "report.md").read_text()
+    # The forecast made after the traces bounds the search's evaluations (cost: size).
+    assert rep["search"]["evaluations"] <= rep["forecast_s"]["evaluations"]
+    assert rep["forecast_s"]["pass_seconds"] > 0
     # The search is never costlier than a uniform model that met the budget.
     for t in rep["search"]["trials"]:
         if t["source"] == "uniform" and t["met"]:
