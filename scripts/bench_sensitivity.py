@@ -40,12 +40,13 @@ import torch
 from scipy.stats import spearmanr
 
 from hawqtool import pipeline
-from hawqtool.dependency import DependencyModel, build_dependency_model
+from hawqtool.dependency import DependencyModel, build_dependency_model, candidates_for_search, rescore
 from hawqtool.evaluate import evaluate_onnx
 from hawqtool.export import QDQExporter
 from hawqtool.hessian import estimate_traces
 from hawqtool.hvp import SplitHessian
 from hawqtool.quantizer import quant_error
+from hawqtool.search import Measurement
 from hawqtool.singles import (
     exported_single_loss,
     measure_jobs,
@@ -55,6 +56,7 @@ from hawqtool.singles import (
 )
 from hawqtool.tasks import get_metric
 from hawqtool.types import OptionTable, SensitivityTable
+from hawqtool.workspace import check_float_model, onnx_teacher
 
 RECIPES = {"resnet20": "resnet20-digits", "mnist": "small-cnn-mnist", "minilm": "minilm"}
 
@@ -125,6 +127,67 @@ def measured_singles(
     return exported, weights, context, 2 * len(jobs)
 
 
+def choices(
+    ws: Any, exp: QDQExporter, front: tuple[OptionTable, Any], dep: DependencyModel, args: Any
+) -> None:
+    """The search's choice at the recipe's budget (cost: size) with the dependency terms off (the
+    HAWQ-V2 diagonal: candidates ranked by ΣΩ, no repair) and on (re-scored, repaired), each probe
+    evaluated in onnxruntime as the pipeline does; both end on the uniform-model check."""
+    options, frontier = front
+    checked = check_float_model(ws)
+    kept = onnx_teacher(ws, exp.float_model) if ws.recipe.task.targets == "model" else ws
+
+    def evaluation(model: Any) -> Any:
+        return evaluate_onnx(
+            model, kept.evaluation, kept.metric_fn, io=kept.io, threads=args.threads, latency_runs=1, warmup=0
+        )
+
+    base = evaluation(exp.float_model)
+
+    def measure(point: Any) -> Measurement:
+        return Measurement.of(evaluation(exp.quantized_model(point.allocation)))
+
+    rescored = rescore(frontier, dep)
+    runs = {
+        "diagonal (ΣΩ)": dict(candidates=frontier.points, dependency=None, gap_points=frontier.points),
+        "dependency": dict(
+            candidates=candidates_for_search(rescored, dep, options),
+            dependency=dep,
+            gap_points=rescored.points,
+        ),
+    }
+    float_size = options.cost({f: "float" for f in options.layers})
+    for name, kw in runs.items():
+        t0 = time.perf_counter()
+        found = pipeline.search(
+            kw["candidates"],
+            measure,
+            options=options,
+            budget=checked.budget,
+            baseline=base.metric,
+            reference=Measurement.of(base),
+            dependency=kw["dependency"],
+            gap_points=kw["gap_points"],
+            seed=ws.recipe.hessian.seed,
+            progress=False,
+        ).result
+        c = found.chosen
+        last = next(
+            (t for t in reversed(found.trials) if c is not None and dict(t.allocation) == dict(c.allocation)),
+            None,
+        )
+        print(
+            f"choice, {name:14s}: "
+            + (
+                f"{c.cost / 1024:.1f} KiB of {float_size / 1024:.1f} ({c.avg_bits:.2f} bits), drop "
+                f"{last.drop:.4f} (bound {last.drop_upper:.4f}, budget {checked.budget.max_drop:.4f}), "
+                if c is not None and last is not None
+                else "budget not met, "
+            )
+            + f"{found.evaluations} evaluations, {found.reason}, {time.perf_counter() - t0:.0f} s"
+        )
+
+
 def run(key: str, args: argparse.Namespace) -> None:
     t_model = time.perf_counter()
     ws = workspace(key, args)
@@ -138,7 +201,8 @@ def run(key: str, args: argparse.Namespace) -> None:
         f"{r.task.loss_name} on {r.task.targets}, {n_calib} calibration samples"
     )
     tables = {e: traces(ws, e) for e in ("hutchinson", "gauss_newton")}
-    options = {e: pipeline.frontier(ws, table=t, progress=False)[0] for e, t in tables.items()}
+    fronts = {e: pipeline.frontier(ws, table=t, progress=False) for e, t in tables.items()}
+    options = {e: f[0] for e, f in fronts.items()}
     hessian = SplitHessian(ws.prepared, ws.calibration, ws.loss_fn, device="cpu")
     clip = ws.export_settings.clip_search
     terms = {
@@ -205,8 +269,8 @@ def run(key: str, args: argparse.Namespace) -> None:
     ]
     drops = []
     for a in allocs:
-        m = metric(exp.quantized_model(a))
-        drops.append(base - m if higher else m - base)
+        got = metric(exp.quantized_model(a))
+        drops.append(base - got if higher else got - base)
     t_truth = time.perf_counter() - t0
     scores = {
         "ΣΩ hutchinson": [options["hutchinson"].omega(a) for a in allocs],
@@ -222,6 +286,7 @@ def run(key: str, args: argparse.Namespace) -> None:
         f"{np.median(drops):.4f})"
     )
     print("Spearman vs measured drop: " + ", ".join(f"{k} {rho(v, drops):.3f}" for k, v in scores.items()))
+    choices(ws, exp, fronts["gauss_newton"], full["output"], args)
     tr = {e: [row.avg_trace for row in t] for e, t in tables.items()}
     print(
         f"traces: Spearman of the layers' average traces, hutchinson vs gauss_newton "
