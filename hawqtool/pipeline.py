@@ -360,10 +360,14 @@ def _baseline(ws: Workspace, exp: QDQExporter) -> tuple[Workspace, Evaluation, E
     return ws, _run(ws, exp.float_model, "evaluation", timed=True), _run(ws, exp.float_model, "test")
 
 
-def _measure(ws: Workspace, exp: QDQExporter, *, timed: bool) -> Evaluate:
-    """A probe's measurement: its QDQ model scored on the evaluation split (and timed, if ``timed``)."""
+def _measure(ws: Workspace, exp: QDQExporter, *, timed: bool, float_model: Evaluation) -> Evaluate:
+    """A probe's measurement: its QDQ model scored on the evaluation split (and timed, if ``timed``).
+    A point that quantizes nothing is the float model, already measured (``float_model``): on a large
+    model the search's first probe is often that, and an evaluation can take minutes."""
 
     def measure(point: FrontierPoint) -> Measurement:
+        if quantizes_nothing(point.allocation) and not timed:
+            return Measurement.of(float_model)
         e = _run(ws, exp.quantized_model(point.allocation), "evaluation", timed=timed)
         return replace(Measurement.of(e), latency_ms=e.latency_ms if timed else None)
 
@@ -458,7 +462,7 @@ def quantize(
     with clock("search"):
         refined = search(
             candidates,
-            _measure(ws, exp, timed=timed),
+            _measure(ws, exp, timed=timed, float_model=base_eval),
             options=options,
             budget=checked.budget,
             baseline=base_eval.metric,

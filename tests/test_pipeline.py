@@ -147,3 +147,24 @@ def test_report_md_says_what_the_split_resolves_by_the_metric_kind(tiny_run: Pat
     assert "resolves drops down to" in render_markdown(rep)
     continuous = render_markdown({**rep, "budget": {**rep["budget"], "binary": False}})
     assert "the metric is continuous" in continuous and "resolves drops down to" not in continuous
+
+
+def test_a_probe_of_the_float_model_reuses_the_baseline(
+    tmp_path: Path, hawqtool_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hawqtool import pipeline
+    from hawqtool.formats import quantizes_nothing
+
+    runs: list[str] = []
+    real = pipeline._run
+    monkeypatch.setattr(
+        pipeline, "_run", lambda ws, model, split, **kw: (runs.append(split), real(ws, model, split, **kw))[1]
+    )
+    out = tmp_path / "out"
+    assert main(["quantize", "tiny", "--out", str(out), "-q"]) == 0
+    trials = json.loads((out / "report.json").read_text())["search"]["trials"]
+    floats = [t for t in trials if quantizes_nothing(t["allocation"])]
+    assert floats, "tiny's most precise candidate keeps every layer float"
+    # Baseline (evaluation, test), each quantized probe, the final model (evaluation, test).
+    assert len(runs) == 2 + len(trials) - len(floats) + 2
+    assert all(t["drop"] == 0.0 for t in floats)
