@@ -207,6 +207,20 @@ def main() -> None:
         help="also export every layer in each of these formats (layers that cannot take one get its "
         "weight-only twin), no search",
     )
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe override for hawqtool's run, e.g. allocation.formats=auto (repeatable)",
+    )
+    ap.add_argument(
+        "--match-dynamic",
+        action="store_true",
+        help="hawqtool's budget is the fidelity drop of onnxruntime's quantize_dynamic model on the "
+        "evaluation split (relative cosine, hawqtool's metric), so the two compare at the same fidelity",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -227,18 +241,7 @@ def main() -> None:
     print(f"# all-MiniLM-L6-v2 · {len(test) * recipe.data.kwargs['batch_size']} test sentences · out {out}\n")
 
     rows: dict[str, dict[str, Any]] = {}
-    # -- hawqtool ---------------------------------------------------------------------------------
     report: dict[str, Any] | None = None
-    if not args.skip_hawqtool:
-        try:
-            result, wall = timed(
-                lambda: hawqtool.quantize(recipe=RECIPE, out=out / "hawqtool", progress=False)
-            )
-            report = dict(result.report)
-            rows["hawqtool"] = {"path": result.model_path, "seconds": wall}
-        except Exception:  # noqa: BLE001  (any failure of the tool under test is the finding)
-            print("## hawqtool FAILED\n\n```\n" + traceback.format_exc() + "```\n")
-
     # -- onnxruntime baselines ----------------------------------------------------------------------
     model = hf.minilm()
     fp = out / "float.onnx"
@@ -257,6 +260,30 @@ def main() -> None:
             rows[name] = {"path": path, "seconds": s}
         except Exception:  # noqa: BLE001  (a failing baseline is reported; the others still run)
             print(f"## {name} FAILED\n\n```\n{traceback.format_exc()}```\n")
+
+    # -- hawqtool (after the baselines: --match-dynamic sets its budget from quantize_dynamic's) -------
+    overrides = list(args.overrides)
+    if args.match_dynamic and "ort quantize_dynamic int8" in rows:
+        evaluation = [x for x, _ in splits.evaluation]
+        ref_eval = outputs(session(fp, args.threads), evaluation)
+        dyn = session(rows["ort quantize_dynamic int8"]["path"], args.threads)
+        cos = fidelity(outputs(dyn, evaluation), ref_eval, evaluation)["flat_mean"]
+        matched = 1.0 - cos  # teacher cosine: the float model scores exactly 1
+        print(
+            f"quantize_dynamic on the evaluation split: flat cosine {cos:.5f}; hawqtool's budget {matched:.5f}\n"
+        )
+        overrides += [f"budget.max_drop={matched:.6f}", "budget.mode=relative"]
+    if not args.skip_hawqtool:
+        try:
+            result, wall = timed(
+                lambda: hawqtool.quantize(
+                    recipe=RECIPE, out=out / "hawqtool", overrides=overrides, progress=False
+                )
+            )
+            report = dict(result.report)
+            rows["hawqtool"] = {"path": result.model_path, "seconds": wall}
+        except Exception:  # noqa: BLE001  (any failure of the tool under test is the finding)
+            print("## hawqtool FAILED\n\n```\n" + traceback.format_exc() + "```\n")
 
     # -- hawqtool's uniform formats, no search (what each format costs on this model) ---------------
     if args.uniform:
