@@ -134,7 +134,7 @@ def output_terms(
     linear = torch.zeros(len(keys), dtype=torch.float64, device=hessian.device)
     own = torch.zeros(len(keys), dtype=torch.float64, device=hessian.device)
     watched = list({id(p): p for p in params.values()}.values())
-    replayed = 0.0
+    replayed = torch.zeros(1, dtype=torch.float64, device=hessian.device)  # summed replayed shares
     sketched = False
     mine = distributed.shard(len(hessian.batches))
     bar = tqdm(
@@ -193,7 +193,7 @@ def output_terms(
             gram += stacked @ stacked.T
             del recording  # one batch's recorded outputs at a time
     bar.close()
-    distributed.all_reduce_sum([gram, linear, own], what="the output-space dependency terms")
+    distributed.all_reduce_sum([gram, linear, own, replayed], what="the output-space dependency terms")
     g = gram.cpu().numpy()
     return OutputTerms(
         keys=keys,
@@ -203,7 +203,7 @@ def output_terms(
         sketched=sketched,
         seconds=time.perf_counter() - t0,
         own_loss=own.cpu().numpy(),
-        replayed_fraction=replayed / (len(mine) * len(keys)) if mine and keys else 0.0,
+        replayed_fraction=float(replayed) / (len(hessian.batches) * len(keys)) if keys else 0.0,
     )
 
 

@@ -20,7 +20,7 @@ During a replayed pass every patched module must be called exactly once, with in
 recorded shapes, and the recorded outputs must come out untouched; anything else raises
 :class:`ReplayError` (callers fall back to the full forward). Side effects kept in plain Python
 attributes cannot be seen: a module that hands state to a later module that way must not be used
-with replay.
+with replay; nor is randomness drawn inside a replayed module drawn again (run models in eval mode).
 
 Memory: while recording, the outputs of the candidate modules (the children of every ancestor of
 an owner of a watched parameter, owners included) of one batch; afterwards only the outputs of the
