@@ -24,7 +24,8 @@ with replay; nor is randomness drawn inside a replayed module drawn again (run m
 
 Memory: while recording, the outputs of the candidate modules (the children of every ancestor of
 an owner of a watched parameter, owners included) of one batch; afterwards only the outputs of the
-modules some watched parameter replays.
+modules some watched parameter replays. That is at most the module outputs one pass produces, less
+than what a backward pass over the same batch keeps (autograd saves every op's inputs).
 """
 
 from __future__ import annotations

@@ -227,3 +227,39 @@ def test_output_terms_with_replay_equal_the_full_passes_and_own_loss_is_the_loss
     direct = [hessian.loss({f: prepared.weight(f) + d}) - base for (f, _), d in deltas.items()]
     np.testing.assert_allclose(fast.own_loss, direct, rtol=1e-5, atol=1e-9)
     assert (fast.own_loss > 0).all()  # teacher targets: every weight error raises the loss
+
+
+class Branchy(nn.Module):
+    """Calls ``a`` a second time only when ``b``'s weight differs from the float one: a replayed
+    pass for ``b`` departs from the recorded pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.register_buffer("w0", self.b.weight.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.b(self.a(x))
+        if not torch.equal(self.b.weight, self.w0):
+            h = h + self.a(x)[:, :3]
+        return h
+
+
+def test_output_terms_fall_back_to_full_passes_when_a_replay_departs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    torch.manual_seed(0)
+    model = Branchy().eval()
+    x = torch.randn(8, 4)
+    with torch.no_grad():
+        batches = [(x, model(x))]
+    prepared = prepare_model(model, x[:2])
+    hessian = SplitHessian(prepared, batches, F.mse_loss, device="cpu")
+    deltas = {(f, "int2"): quant_error(prepared.weight(f), "int2") for f in prepared.fqns}
+    with caplog.at_level("WARNING", logger="hawqtool.interactions"):
+        fast = output_terms(hessian, deltas, progress=False)
+    assert "fell back to full forward passes" in caplog.text
+    full = output_terms(hessian, deltas, progress=False, replay=False)
+    np.testing.assert_allclose(fast.gram, full.gram, rtol=1e-6)
+    np.testing.assert_allclose(fast.own_loss, full.own_loss, rtol=1e-6)
+    assert fast.replayed_fraction == 0  # a's key replays nothing; b's fell back
