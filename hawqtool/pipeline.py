@@ -253,6 +253,7 @@ def search(
     latency: LatencyTable | None = None,
     retime: Retime | None = None,
     progress: bool = True,
+    cost_tolerance: float = 0.0,
 ) -> Refined:
     """The cheapest candidate whose metric, ``evaluate``\\ d (a QDQ export scored in onnxruntime), meets
     ``budget``: bisection along ``candidates`` (failing probes repaired with the ``dependency``
@@ -289,6 +290,7 @@ def search(
         extra=uniform_quantized_points(options) if latency is not None else {},
         # Never costlier than a one-line uniform model that meets the budget (latency: timed above).
         uniform=uniform_models(options) if latency is None else {},
+        cost_tolerance=cost_tolerance,
     )
     refined = Refined(result)
     if latency is not None:
@@ -474,6 +476,7 @@ def quantize(
             latency=latency_table(ws) if timed else None,
             retime=retimer(exp, ws.io.feeds(ws.evaluation[0][0]), settings=r.evaluate),
             progress=progress,
+            cost_tolerance=r.search.cost_tolerance,
         )
     result, chosen = refined.result, refined.result.chosen
     final = model_path = None

@@ -216,6 +216,7 @@ def bisect(
     seed: int = 0,
     extra: Mapping[str, FrontierPoint] = MappingProxyType({}),
     uniform: Mapping[str, FrontierPoint] = MappingProxyType({}),
+    cost_tolerance: float = 0.0,
 ) -> SearchResult:
     """Find the cheapest candidate whose measured metric meets ``budget``, by bisection.
 
@@ -253,6 +254,10 @@ def bisect(
             choice are probed from the most expensive down while they meet, and the cheapest that
             meets becomes the choice (``reason`` ``uniform``; trials ``source="uniform"``). The
             candidates come from predictions, which can be wrong where a one-line model is right.
+        cost_tolerance: stop once the meeting candidate costs at most this fraction more than the
+            missing one below it (or than the cheapest candidate, before any miss): the last
+            bisection steps between points a fraction of a percent apart cost an evaluation each
+            and buy nothing the metric can resolve. Gap filling and repair are skipped then too.
 
     Returns:
         A :class:`SearchResult` with every trial.
@@ -340,7 +345,14 @@ def bisect(
             return done(n - 1, "in_range")
 
         lo, hi = -1, n - 1  # candidates[hi] passes; candidates[lo] fails (-1: nothing cheaper is known)
-        while hi - lo > 1:
+
+        def resolved(below: float, above: float) -> bool:
+            return above <= below * (1 + cost_tolerance) if cost_tolerance > 0 else False
+
+        def close(lo: int, hi: int) -> bool:
+            return resolved(candidates[max(lo, 0)].cost, candidates[hi].cost)
+
+        while hi - lo > 1 and not close(lo, hi):
             mid = (lo + hi) // 2
             t = probe(mid, candidates[mid], "bisect")
             if t.met:
@@ -350,12 +362,15 @@ def bisect(
             else:
                 lo = mid
 
-        if lo >= 0 and gap_points:
+        if lo >= 0 and gap_points and not close(lo, hi):
             # The filtered candidates leave nothing between a miss and a meet; the frontier may.
             c_lo, c_hi = candidates[lo].cost, candidates[hi].cost
             gap = sorted((p for p in gap_points if c_lo < p.cost < c_hi), key=lambda p: p.cost)
             g_lo, g_hi = -1, len(gap)
             while g_hi - g_lo > 1:
+                below = gap[g_lo].cost if g_lo >= 0 else c_lo
+                if resolved(below, gap[g_hi].cost if g_hi < len(gap) else c_hi):
+                    break
                 mid = (g_lo + g_hi) // 2
                 t = probe(mid, gap[mid], "gap fill", source="frontier")
                 if t.met:
@@ -367,7 +382,7 @@ def bisect(
             if g_hi < len(gap):
                 return done(None, "gap", gap[g_hi])
 
-        if repair is not None and lo >= 0:
+        if repair is not None and lo >= 0 and not close(lo, hi):
             fixed = repair(candidates[lo])
             if fixed is not None and fixed.cost < candidates[hi].cost:
                 t = probe(lo, fixed, f"repair of #{lo}")

@@ -57,6 +57,27 @@ def test_bisection_finds_cheapest_feasible_point(n: int, data: st.DataObject) ->
     assert all(t.met == (t.index >= first_ok) for t in r.trials)
 
 
+@seed(4321)
+@settings(max_examples=200, deadline=None)
+@given(st.integers(2, 3000), st.data())
+def test_a_cost_tolerance_stops_within_it_of_the_cheapest_feasible_point(n: int, data: st.DataObject) -> None:
+    first_ok = data.draw(st.integers(0, n - 1))
+    tol = data.draw(st.sampled_from([0.001, 0.01, 0.05]))
+    curve = curve_from_threshold(n, first_ok)
+
+    def ev(p: FrontierPoint) -> float:
+        return curve[int(p.allocation["fc"][1:])]
+
+    pts = [replace(p, cost=100.0 + p.cost) for p in points(n)]  # costs 101 … 100 + n, 1 apart
+    exact = bisect(pts, ev, baseline=0.9, budget=Budget(0.01), progress=False)
+    r = bisect(pts, ev, baseline=0.9, budget=Budget(0.01), progress=False, cost_tolerance=tol)
+    assert exact.chosen is not None and r.chosen is not None and r.budget_met
+    assert exact.chosen.cost <= r.chosen.cost <= exact.chosen.cost * (1 + tol)
+    assert r.evaluations <= exact.evaluations
+    if tol * exact.chosen.cost >= 4:  # the tolerance spans 4+ candidates there: a step is saved
+        assert r.evaluations < exact.evaluations
+
+
 @seed(99)
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 100))
