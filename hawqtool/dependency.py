@@ -15,7 +15,8 @@ errors are far outside the region where the expansion holds, so each key's own t
 candidate format, one pass each; in onnxruntime under ``exported`` numerics) and its cross terms are
 scaled by how strongly its error acts, s_k = √(m_k / ½M_kk) (from a torch weight-only measurement,
 ``scale_measured``, when the own terms are exported: activation or kernel error the weight terms never
-saw must not inflate them):
+saw must not inflate them; under ``output`` that measurement is the key's own loss change on the term
+passes, ``own_loss``, so it costs no pass of its own):
 
     score(a) = Σ_l m_(l,a_l) + ½ Σ_(l≠j) s_(l,a_l) s_(j,a_j) M[(l,a_l), (j,a_j)]
 
@@ -85,6 +86,9 @@ class DependencyModel:
         measured: measured single-layer loss changes in context, shape ``(K,)``, or ``None``.
         scale_measured: the same with weights alone fake-quantized in torch, when ``measured`` was
             taken on other numerics (``exported``); the cross terms' strengths s_k come from it.
+        own_loss: ``output`` method: each key's calibration-loss change with only its weight error
+            (torch, other layers float), from the term passes; ``scale_measured`` under exported
+            numerics.
         context: the format every other layer held while ``measured`` was taken, per layer.
         base_loss: calibration loss of the float model.
         hvps: Hessian-vector products spent building it.
@@ -107,6 +111,7 @@ class DependencyModel:
     matrix: np.ndarray
     measured: np.ndarray | None = None
     scale_measured: np.ndarray | None = None
+    own_loss: np.ndarray | None = None
     context: Mapping[str, str] = field(default_factory=dict)
     base_loss: float = 0.0
     hvps: int = 0
@@ -235,6 +240,7 @@ class DependencyModel:
             "matrix": self.matrix.tolist(),
             "measured": None if self.measured is None else self.measured.tolist(),
             "scale_measured": None if self.scale_measured is None else self.scale_measured.tolist(),
+            "own_loss": None if self.own_loss is None else np.asarray(self.own_loss).tolist(),
             "context": dict(self.context),
             "base_loss": self.base_loss,
             "hvps": self.hvps,
@@ -257,6 +263,7 @@ class DependencyModel:
             scale_measured=None
             if d.get("scale_measured") is None
             else np.asarray(d["scale_measured"], dtype=np.float64),
+            own_loss=None if d.get("own_loss") is None else np.asarray(d["own_loss"], dtype=np.float64),
             context=dict(d.get("context") or {}),
             base_loss=float(d.get("base_loss", 0.0)),
             hvps=int(d.get("hvps", 0)),
@@ -339,10 +346,15 @@ def build_dependency_model(
     # A rank-local single_loss runs this rank's share of the jobs; hessian.loss runs on every rank.
     mine = distributed.shard(len(jobs)) if single_loss is not None else list(range(len(jobs)))
     hvps = term_passes = 0
+    own = replayed = None
     if method == "output":
         terms = output_terms(hessian, deltas, sketch_dim=sketch_dim, seed=seed, progress=progress)
         linear, matrix = stack_keys(keys, terms)
         term_passes = terms.forward_passes
+        own = np.zeros(len(keys))
+        for k, loss_change in zip(terms.keys, terms.own_loss, strict=True):
+            own[index[k]] = loss_change
+        replayed = terms.replayed_fraction
     bar = tqdm(
         total=(len(deltas) if method == "hvp" else 0) + len(mine),
         desc="dependency terms",
@@ -369,11 +381,16 @@ def build_dependency_model(
             # The cross terms Δ_kᵀH_kjΔ_j are weight-error interactions: their strength is calibrated
             # on how the weight error alone acts (torch, activations float), not on activation or
             # kernel error the Hessian never saw (e.g. int8 saturation on a CPU without VNNI, which
-            # would blow up every cross term of that layer). The own terms stay exported.
-            scale_measured = measure_jobs(
-                jobs, slots, torch_loss, len(keys), local=False, device=hessian.device
+            # would blow up every cross term of that layer). The own terms stay exported. The output
+            # terms measured it already (out of context); the HVP terms need passes of their own.
+            scale_measured = (
+                own
+                if own is not None
+                else measure_jobs(jobs, slots, torch_loss, len(keys), local=False, device=hessian.device)
             )
     bar.close()
+    # Each job's passes: one, and a torch one more where the scale needed its own (HVP terms, exported).
+    job_passes = 2 if scale_measured is not None and own is None else 1
     dep = DependencyModel(
         layers=layers,
         keys=keys,
@@ -381,10 +398,11 @@ def build_dependency_model(
         matrix=matrix,
         measured=measured,
         scale_measured=scale_measured,
+        own_loss=own,
         context=context if measure_singles else {},
         base_loss=hessian.loss(),
         hvps=hvps,
-        forward_passes=len(jobs) * (2 if scale_measured is not None else 1),
+        forward_passes=len(jobs) * job_passes,
         seconds=time.perf_counter() - t0,
         clip_search=clip_search,
         numerics=numerics or ("weights" if single_loss is None else "custom"),
@@ -393,14 +411,14 @@ def build_dependency_model(
             # The terms' passes (a gradient, and per HVP one first and one second backward that stop
             # early; or the output changes), the singles' passes, and the base loss.
             **stage_costs(
-                len(jobs) * (2 if scale_measured is not None else 1)
-                + 1
-                + (hvps + 1 if hvps else term_passes),
+                len(jobs) * job_passes + 1 + (hvps + 1 if hvps else term_passes),
                 1 + 2 * hvps if hvps else 0,
                 time.perf_counter() - t0,
                 device=hessian.device,
             ),
             "term_forward_passes": float(hvps + 1 if hvps else term_passes),
+            # Output terms: the share of each key's pass replayed from the float pass (hawqtool.replay).
+            **({"term_replayed_fraction": float(replayed)} if replayed is not None else {}),
         },
     )
     log.info(
@@ -418,20 +436,21 @@ def build_dependency_model(
 def planned_passes(options: OptionTable, *, method: str, exported: bool, measure_singles: bool = True) -> int:
     """The passes over the calibration split :func:`build_dependency_model` will take, a backward
     counted as two forwards (for :mod:`hawqtool.forecast`): the terms (``output``: one forward per
-    quantized key and the base; ``hvp``: a gradient and per key one HVP), the singles (one job per
-    layer and per quantized key; twice under ``exported`` numerics) and the base loss.
+    quantized key and the base, some of it replayed; ``hvp``: a gradient and per key one HVP), the
+    singles (one job per layer and per quantized key; twice for ``hvp`` under ``exported`` numerics)
+    and the base loss.
 
     Example:
         >>> from hawqtool.types import LayerOption
         >>> row = (LayerOption("int4", 1.0, 2.0, 2.0), LayerOption("float", 4.0, 0.0, 0.0))
         >>> planned_passes(OptionTable(("a", "b"), {"a": row, "b": row}, "size"), method="output",
         ...                exported=True)
-        12
+        8
     """
     keys = sum(1 for row in options.options.values() for o in row if is_quantized(o.format))
     terms = 1 + keys if method == "output" else keys + 1 + 2 * (1 + 2 * keys)
     jobs = len(options.layers) + keys if measure_singles else 0
-    return terms + jobs * (2 if exported else 1) + 1
+    return terms + jobs * (2 if exported and method == "hvp" else 1) + 1
 
 
 def _hvp_terms(

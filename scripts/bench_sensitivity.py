@@ -224,7 +224,15 @@ def run(key: str, args: argparse.Namespace) -> None:
     )
     t_singles = time.perf_counter() - t0
     full: dict[str, DependencyModel] = {
-        m: replace(d, measured=measured, scale_measured=scale, context=context) for m, d in terms.items()
+        # Exported numerics: the HVP terms take their scale from the torch singles, the output terms
+        # from their own passes (as the dependency stage does).
+        m: replace(
+            d,
+            measured=measured,
+            scale_measured=d.own_loss if m == "output" and scale is not None else scale,
+            context=context,
+        )
+        for m, d in terms.items()
     }
 
     print(

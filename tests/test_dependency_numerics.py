@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from hawqtool import distributed, pipeline
 from hawqtool.cache import settings_key
-from hawqtool.dependency import DependencyModel, build_dependency_model, exported_single_loss
+from hawqtool.dependency import DependencyModel, build_dependency_model, exported_single_loss, measured_change
 from hawqtool.environment import dependency_key
 from hawqtool.errors import RecipeError
 from hawqtool.export import QDQExporter
@@ -107,14 +107,20 @@ def test_activation_formats_measure_the_exported_model(tiny) -> None:
 
 def test_exported_own_terms_with_cross_terms_scaled_by_the_weight_only_measurement(tiny) -> None:
     # With exported numerics the score's own terms are the exported m_k, but the cross terms are
-    # weight-error interactions: their strengths come from the weight-only measurement, which is
-    # exactly the weights-numerics model's m_k. Known answer: the exported score equals the sum of
-    # the exported own terms and the weights model's cross terms.
+    # weight-error interactions: their strengths come from a weight-only measurement. The output
+    # terms' passes give it: each key's loss change with its weight error alone (out of context).
+    # Known answers: that equals the direct torch measurement, and the exported score is the sum of
+    # the exported own terms and the cross terms of the weights model scaled the same way.
     formats = "[int4, int8, float]"
-    _, options, exported = dependency(tiny, "exported", formats)
+    ws, options, exported = dependency(tiny, "exported", formats)
     _, _, weights = dependency(tiny, "weights", formats)
-    assert exported.scale_measured is not None and weights.scale_measured is None
-    np.testing.assert_allclose(exported.scale_measured, weights.measured, rtol=1e-9, atol=1e-12)
+    assert exported.method == "output" and exported.own_loss is not None and weights.scale_measured is None
+    np.testing.assert_array_equal(exported.scale_measured, exported.own_loss)
+    hessian = SplitHessian(ws.prepared, ws.calibration, ws.loss_fn, device="cpu")
+    for f, fmt in exported.keys[:4]:
+        direct = measured_change(hessian, ws.prepared, {f: fmt}) if is_quantized(fmt) else 0.0
+        assert exported.own_loss[exported.index(f, fmt)] == pytest.approx(direct, rel=1e-5, abs=1e-9)
+    weights = replace(weights, scale_measured=exported.own_loss)
 
     def own(d: DependencyModel, alloc: dict[str, str]) -> float:
         assert d.measured is not None
@@ -217,7 +223,7 @@ try:
                     "measured": dep.measured.tolist(),
                     "scale_measured": dep.scale_measured.tolist(),
                     "calls": calls,
-                    "jobs": dep.forward_passes // 2,
+                    "jobs": dep.forward_passes,
                 },
                 fh,
             )
@@ -252,7 +258,8 @@ def test_two_ranks_share_the_measurements_and_agree_with_one(dep_worker, tmp_pat
     two = json.loads((tmp_path / "two.json").read_text())
     one, calls = exported_dependency(model, calib)
     assert calls == two["jobs"] == 9  # 3 layers × (reference + int4 + int8)
-    assert one.forward_passes == 2 * 9  # and the weight-only passes for the cross terms' scale
+    # The cross terms' weight-only scale comes from the output terms' own passes (own_loss).
+    assert one.forward_passes == 9 and one.own_loss is not None
     assert two["calls"] == 5  # rank 0's share: jobs 0, 2, 4, 6, 8
     np.testing.assert_allclose(two["measured"], one.measured, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(two["scale_measured"], one.scale_measured, rtol=1e-9, atol=1e-12)
