@@ -55,6 +55,7 @@ from hawqtool import pipeline
 from hawqtool.confidence import paired_drop
 from hawqtool.evaluate import make_session, run_session
 from hawqtool.formats import layer_cost
+from hawqtool.modelio import ModelIO
 from hawqtool.quantizer import quant_error
 from hawqtool.recipe import parse_recipe
 from hawqtool.tasks import nll, token_kl
@@ -141,54 +142,62 @@ def latencies(
     return {n: {b: statistics.median(v) for b, v in per.items()} for n, per in times.items()}
 
 
-def score(paths: dict[str, Path], split: Any, io: Any) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def score(
+    paths: dict[str, Path], split: Any, io: Any, scratch: Path
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per test sequence and model: mean token NLL, and mean per-token KL to the ``float`` row.
 
-    Batch by batch with every session open, so only one batch's logits per model are ever held (a
-    whole split's (N, T, 262144) logits would be gigabytes per model).
+    One onnxruntime session at a time (an int8 weight-only model's session holds float weights: seven
+    open at once, with the float model's logits, ran a 23 GB machine out of memory), batch by batch;
+    the float model's logits go to a memory-mapped file in ``scratch`` for the KL of the others.
     """
-    sessions = {name: make_session(str(p), threads=2, provider="cpu") for name, p in paths.items()}
-    nlls: dict[str, list[np.ndarray]] = {n: [] for n in paths}
-    kls: dict[str, list[np.ndarray]] = {n: [] for n in paths}
-    for x, y in split:
-        feed = io.feeds(x)
-        target = np.asarray(y)
-        ref = run_session(sessions["float"], feed)
-        for name, s in sessions.items():
-            logits = ref if name == "float" else run_session(s, feed)
-            nlls[name].append(nll(logits, target))
-            kls[name].append(token_kl(logits, ref))
-    return {n: np.concatenate(v) for n, v in nlls.items()}, {n: np.concatenate(v) for n, v in kls.items()}
+    nlls: dict[str, np.ndarray] = {}
+    kls: dict[str, np.ndarray] = {}
+    batches = list(split)
+    ref: np.ndarray | None = None
+    start = [0]
+    for x, _ in batches:
+        start.append(start[-1] + len(next(iter(io.feeds(x).values()))))
+    for name in ["float", *(n for n in paths if n != "float")]:
+        session = make_session(str(paths[name]), threads=2, provider="cpu")
+        per_nll, per_kl = [], []
+        for i, (x, y) in enumerate(batches):
+            logits = run_session(session, io.feeds(x))
+            if ref is None:
+                ref = np.lib.format.open_memmap(
+                    scratch / "float-logits.npy",
+                    mode="w+",
+                    dtype=np.float32,
+                    shape=(start[-1], *logits.shape[1:]),
+                )
+            if name == "float":
+                ref[start[i] : start[i + 1]] = logits
+            per_nll.append(nll(logits, np.asarray(y)))
+            per_kl.append(token_kl(logits, np.asarray(ref[start[i] : start[i + 1]])))
+        nlls[name], kls[name] = np.concatenate(per_nll), np.concatenate(per_kl)
+        del session
+    del ref
+    (scratch / "float-logits.npy").unlink(missing_ok=True)
+    return nlls, kls
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", help="a local causal LM folder or .gguf file (default: packaged Gemma 3 270M)")
-    ap.add_argument("--tokenizer", help="default: the model's own")
-    ap.add_argument("--text", help="a UTF-8 text file (default: the Lee corpus inside gensim)")
-    ap.add_argument("--block", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--calibration", type=int, default=8)
-    ap.add_argument("--evaluation", type=int, default=32)
-    ap.add_argument("--test", type=int, default=32)
-    ap.add_argument("--budget", type=float, default=0.03, help="relative perplexity increase allowed")
-    ap.add_argument("--probes", type=int, default=16, help="hessian.max_probes")
-    ap.add_argument("--runs", type=int, default=5, help="timed runs per model and batch")
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("onnxruntime").setLevel(logging.WARNING)  # one line per node otherwise
-    out = args.out or Path(tempfile.mkdtemp(prefix="bench-llm-"))
-    out.mkdir(parents=True, exist_ok=True)
-    wall: dict[str, float] = {}
+ROWS = {  # row name → file name in the output folder
+    "float": "float.onnx",
+    f"uniform {INT8}": f"uniform-{INT8}.onnx",
+    f"uniform {INT4}": f"uniform-{INT4}.onnx",
+    "llama.cpp Q4_K_M-style": "llama-cpp-q4-k-m-style.onnx",
+    "NNCF-style ratio": "nncf-style-ratio.onnx",
+    "ort MatMulNBits int4 b32": "ort-matmulnbits-int4.onnx",
+    "hawqtool": "hawqtool/model.onnx",
+}
 
+
+def build(
+    args: Any, data: Any, out: Path, wall: dict[str, float]
+) -> tuple[dict[str, Any], dict[str, Path], dict[str, Any], int]:
+    """hawqtool's run and every other row's ONNX model: (hawqtool's report, paths, allocations, params)."""
     t = time.perf_counter()
     model = lm.gemma3_270m() if args.model is None else lm.causal_lm(args.model)
-    tokenizer = args.tokenizer or ("gemma3-270m" if args.model is None else args.model)
-    data = lm.token_blocks(
-        args.text, tokenizer=tokenizer, block=args.block, batch_size=args.batch,
-        calibration=args.calibration, evaluation=args.evaluation, test=args.test,
-    )  # fmt: skip
     wall["load"] = time.perf_counter() - t
     recipe = parse_recipe(
         {
@@ -240,9 +249,56 @@ def main() -> None:
         paths["hawqtool"] = res.model_path
     wall["baseline exports"] = time.perf_counter() - t
 
+    params = sum(p.numel() for p in model.parameters())
+    del exporter, ws, model
+    return dict(res.report), paths, allocations, params
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="a local causal LM folder or .gguf file (default: packaged Gemma 3 270M)")
+    ap.add_argument("--tokenizer", help="default: the model's own")
+    ap.add_argument("--text", help="a UTF-8 text file (default: the Lee corpus inside gensim)")
+    ap.add_argument("--block", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--calibration", type=int, default=8)
+    ap.add_argument("--evaluation", type=int, default=32)
+    ap.add_argument("--test", type=int, default=32)
+    ap.add_argument("--budget", type=float, default=0.03, help="relative perplexity increase allowed")
+    ap.add_argument("--probes", type=int, default=16, help="hessian.max_probes")
+    ap.add_argument("--runs", type=int, default=5, help="timed runs per model and batch")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--score-only",
+        action="store_true",
+        help="score and time the models an earlier run left in --out (hawqtool's report included) again",
+    )
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("onnxruntime").setLevel(logging.WARNING)  # one line per node otherwise
+    out = args.out or Path(tempfile.mkdtemp(prefix="bench-llm-"))
+    out.mkdir(parents=True, exist_ok=True)
+    wall: dict[str, float] = {}
+
+    tokenizer = args.tokenizer or ("gemma3-270m" if args.model is None else args.model)
     t = time.perf_counter()
-    nlls, kls = score(paths, data.test, ws.io)
-    rows = []
+    data = lm.token_blocks(
+        args.text, tokenizer=tokenizer, block=args.block, batch_size=args.batch,
+        calibration=args.calibration, evaluation=args.evaluation, test=args.test,
+    )  # fmt: skip
+    io = ModelIO.from_batches(data.test)
+    if args.score_only:
+        report = json.loads((out / "hawqtool" / "report.json").read_text())
+        paths = {name: out / f for name, f in ROWS.items() if (out / f).is_file()}
+        params = None
+        allocations: dict[str, Any] = {}
+    else:
+        report, paths, allocations, params = build(args, data, out, wall)
+    chosen = report["result"].get("allocation") if report.get("budget_met") else None
+
+    t = time.perf_counter()
+    nlls, kls = score(paths, data.test, io, out)
+    rows: list[dict[str, Any]] = []
     for name, p in paths.items():
         # Perplexity = exp(mean NLL): its relative change is expm1 of the NLL change, bounds included.
         drop = paired_drop(nlls["float"], nlls[name], higher_is_better=False, confidence=0.95, binary=False)
@@ -260,16 +316,16 @@ def main() -> None:
             }
         )
     wall["evaluation"] = time.perf_counter() - t
-    x8 = ws.io.feeds(data.test[0][0])
+    x8 = io.feeds(data.test[0][0])
     x1 = {k: v[:1] for k, v in x8.items()}
     lat = latencies(paths, {1: x1, len(next(iter(x8.values()))): x8}, args.runs)
     for r in rows:
         r["latency_ms"] = lat[r["model"]]
     result = {
         "args": {k: str(v) for k, v in vars(args).items()},
-        "params": sum(p.numel() for p in model.parameters()),
-        "budget_met": res.budget_met,
-        "hawqtool_timings_s": res.report.get("timings_s"),
+        "params": params,
+        "budget_met": report.get("budget_met"),
+        "hawqtool_timings_s": report.get("timings_s"),
         "wall_s": wall,
         "rows": rows,
     }
@@ -286,7 +342,7 @@ def main() -> None:
             f"{d:+6.2f} [{lo:+6.2f}, {hi:+6.2f}]{'':<4}{kd:.4f} [{klo:.4f}, {khi:.4f}]  {b1:>8.1f}{b8:>9.1f}"
         )
     print(
-        f"budget met: {res.budget_met}; hawqtool stages (s): {res.report.get('timings_s')}; wall (s): {wall}"
+        f"budget met: {report.get('budget_met')}; hawqtool stages (s): {report.get('timings_s')}; wall (s): {wall}"
     )
     print(f"outputs in {out}")
 
