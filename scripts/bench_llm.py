@@ -14,6 +14,9 @@ BOS-led blocks of ``--block`` tokens; nothing downloads. All in one run, each ro
 - ``llama.cpp Q4_K_M-style``: the output/tied embedding and the attention-value and MLP-down
   projections of the layers llama.cpp's ``use_more_bits`` picks at int8-w (Q6_K there), the rest
   int4-b32;
+- ``llama.cpp-style, grown to size``: that pattern with more projections promoted to int8-w (values
+  and MLP-down first, then output, key, query, gate, up; layer by layer) until the estimated size
+  reaches hawqtool's model's;
 - ``NNCF-style ratio``: the embedding at int8-w (NNCF's backup precision), the other layers ordered
   by their relative int4-b32 weight error, the worst kept at int8-w until the estimated size
   reaches hawqtool's model's;
@@ -62,6 +65,7 @@ from hawqtool.tasks import nll, token_kl
 from hawqtool.zoo import lm
 
 INT4, INT8 = "int4-b32", "int8-w"
+log = logging.getLogger("bench_llm")
 
 
 def use_more_bits(i: int, n: int) -> bool:
@@ -84,6 +88,34 @@ def llama_cpp_mix(ws: Any) -> dict[str, str]:
         more = i is not None and layer.fqn.endswith(("v_proj", "down_proj")) and use_more_bits(i, n)
         out[layer.fqn] = INT8 if output or more else INT4
     return out
+
+
+#: After Q4_K_M's pattern, the order in which ``llama_cpp_fill`` promotes more projections to int8-w:
+#: the ones llama.cpp itself favours first (attention values, MLP down), then the rest.
+FILL_ORDER = ("v_proj", "down_proj", "o_proj", "k_proj", "q_proj", "gate_proj", "up_proj")
+
+
+def llama_cpp_fill(ws: Any, size: float) -> dict[str, str]:
+    """Q4_K_M's pattern grown to ``size`` estimated bytes: further projections promoted to int8-w in
+    :data:`FILL_ORDER`, layer by layer, while the estimate stays within ``size``."""
+    out = llama_cpp_mix(ws)
+    by_fqn = {layer.fqn: layer for layer in ws.prepared.layers}
+    total = estimated_size(ws, out)
+    order = sorted(
+        (f for f in out if out[f] == INT4 and f.endswith(FILL_ORDER)),
+        key=lambda f: (next(i for i, s in enumerate(FILL_ORDER) if f.endswith(s)), _layer_index(f)),
+    )
+    for fqn in order:
+        extra = layer_cost(by_fqn[fqn], INT8) - layer_cost(by_fqn[fqn], INT4)
+        if total + extra > size:
+            break
+        out[fqn], total = INT8, total + extra
+    return out
+
+
+def _layer_index(fqn: str) -> int:
+    m = re.search(r"\.(\d+)\.", fqn)
+    return int(m.group(1)) if m else -1
 
 
 def int4_error(w: torch.Tensor) -> float:
@@ -187,19 +219,15 @@ ROWS = {  # row name → file name in the output folder
     f"uniform {INT4}": f"uniform-{INT4}.onnx",
     "llama.cpp Q4_K_M-style": "llama-cpp-q4-k-m-style.onnx",
     "NNCF-style ratio": "nncf-style-ratio.onnx",
+    "llama.cpp-style, grown to size": "llama-cpp-style-grown-to-size.onnx",
     "ort MatMulNBits int4 b32": "ort-matmulnbits-int4.onnx",
     "hawqtool": "hawqtool/model.onnx",
 }
 
 
-def build(
-    args: Any, data: Any, out: Path, wall: dict[str, float]
-) -> tuple[dict[str, Any], dict[str, Path], dict[str, Any], int]:
-    """hawqtool's run and every other row's ONNX model: (hawqtool's report, paths, allocations, params)."""
-    t = time.perf_counter()
-    model = lm.gemma3_270m() if args.model is None else lm.causal_lm(args.model)
-    wall["load"] = time.perf_counter() - t
-    recipe = parse_recipe(
+def bench_recipe(args: Any) -> Any:
+    """hawqtool's recipe in this bench (the budget on mean token NLL)."""
+    return parse_recipe(
         {
             "name": "bench-llm",
             "task": {
@@ -222,6 +250,16 @@ def build(
             "evaluate": {"latency_runs": 1},
         }
     )
+
+
+def build(
+    args: Any, data: Any, out: Path, wall: dict[str, float]
+) -> tuple[dict[str, Any], dict[str, Path], dict[str, Any], int]:
+    """hawqtool's run and every other row's ONNX model: (hawqtool's report, paths, allocations, params)."""
+    t = time.perf_counter()
+    model = lm.gemma3_270m() if args.model is None else lm.causal_lm(args.model)
+    wall["load"] = time.perf_counter() - t
+    recipe = bench_recipe(args)
     t = time.perf_counter()
     ws = pipeline.load(recipe, model=model, data=data)
     res = pipeline.quantize(recipe=ws, out=out / "hawqtool", progress=False)  # type: ignore[arg-type]
@@ -239,6 +277,7 @@ def build(
         estimated_size(ws, chosen) if chosen else estimated_size(ws, allocations["llama.cpp Q4_K_M-style"])
     )
     allocations["NNCF-style ratio"] = ratio_mix(ws, target)
+    allocations["llama.cpp-style, grown to size"] = llama_cpp_fill(ws, target)
     paths: dict[str, Path] = {}
     t = time.perf_counter()
     for name, allocation in allocations.items():
@@ -252,6 +291,17 @@ def build(
     params = sum(p.numel() for p in model.parameters())
     del exporter, ws, model
     return dict(res.report), paths, allocations, params
+
+
+def grow_row(args: Any, data: Any, out: Path, report: dict[str, Any]) -> None:
+    """Export the ``llama.cpp-style, grown to size`` row next to an earlier run's models (its target:
+    hawqtool's chosen allocation's estimated size)."""
+    model = lm.gemma3_270m() if args.model is None else lm.causal_lm(args.model)
+    ws = pipeline.load(bench_recipe(args), model=model, data=data)
+    target = estimated_size(ws, report["result"]["allocation"])
+    allocation = llama_cpp_fill(ws, target)
+    pipeline.exporter(ws).export(allocation, out / ROWS["llama.cpp-style, grown to size"])
+    log.info("grown llama.cpp-style mix: %d int8-w layers", sum(f == INT8 for f in allocation.values()))
 
 
 def main() -> None:
@@ -268,6 +318,14 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=16, help="hessian.max_probes")
     ap.add_argument("--runs", type=int, default=5, help="timed runs per model and batch")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--add-grown",
+        action="store_true",
+        help="with --score-only: first export the llama.cpp-style mix grown to hawqtool's size",
+    )
+    ap.add_argument(
+        "--rows", help="with --score-only: a comma-separated subset of rows to score (float always)"
+    )
     ap.add_argument(
         "--score-only",
         action="store_true",
@@ -289,7 +347,14 @@ def main() -> None:
     io = ModelIO.from_batches(data.test)
     if args.score_only:
         report = json.loads((out / "hawqtool" / "report.json").read_text())
-        paths = {name: out / f for name, f in ROWS.items() if (out / f).is_file()}
+        if args.add_grown:
+            grow_row(args, data, out, report)
+        keep = None if args.rows is None else {"float", *args.rows.split(",")}
+        paths = {
+            name: out / f
+            for name, f in ROWS.items()
+            if (out / f).is_file() and (keep is None or name in keep)
+        }
         params = None
         allocations: dict[str, Any] = {}
     else:
@@ -329,7 +394,9 @@ def main() -> None:
         "wall_s": wall,
         "rows": rows,
     }
-    (out / "bench_llm.json").write_text(json.dumps(result, indent=1, default=str))
+    (out / ("bench_llm.json" if args.rows is None else "bench_llm-rows.json")).write_text(
+        json.dumps(result, indent=1, default=str)
+    )
     print(
         f"{'model':<26}{'MiB':>8}{'ppl':>9}  {'Δppl % [95 % paired]':<26}{'KL nats [95 %]':<24}{'ms b1':>8}{'ms b8':>9}"
     )
