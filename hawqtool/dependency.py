@@ -232,6 +232,21 @@ class DependencyModel:
 
     # -- serialization ---------------------------------------------------------------------------
 
+    def summary(self) -> dict[str, Any]:
+        """What report.json says about the stage: how the terms were computed and what they cost.
+
+        Example:
+            >>> DependencyModel(("a",), (("a", "int4"),), [0.0], [[1.0]], method="output").summary()["pairs"]
+            1
+        """
+        return {
+            "method": self.method,
+            "numerics": self.numerics,
+            "pairs": len(self.keys),
+            "hvps": self.hvps,
+            "costs": dict(self.costs),
+        }
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "layers": list(self.layers),

@@ -498,6 +498,7 @@ def quantize(
         chosen=chosen,
         candidates=len(candidates),
         dependency=dep is not None,
+        dependency_stage=dep.summary() if dep is not None else None,
         timings=timings,
         versions=versions(),
         model_path=model_path,

@@ -132,6 +132,7 @@ def build_report(
     budget: Budget | None = None,
     latency: Refined | None = None,
     options: OptionTable | None = None,
+    dependency_stage: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``report.json``: the output contract of docs/design.md, plus what each stage assumed.
 
@@ -143,7 +144,9 @@ def build_report(
     Under ``cost: latency``, ``latency`` (the refinement's result) adds ``search.latency`` (each
     probe's predicted vs measured latency) and ``search.latency_vs_float``. ``options`` (0.4) adds
     ``candidate_formats``: what ``allocation.formats`` asked for (a list or ``auto``) and the formats
-    each layer and each layer kind was offered.
+    each layer and each layer kind was offered. ``dependency_stage`` (0.4.1,
+    :meth:`hawqtool.dependency.DependencyModel.summary`) adds ``dependency``: the method, numerics,
+    (layer, format) pairs, HVPs and the stage's costs.
     """
     r = recipe
     base_eval, base_test = baseline
@@ -229,6 +232,7 @@ def build_report(
                 else {}
             ),
         },
+        **({"dependency": dict(dependency_stage)} if dependency_stage is not None else {}),
         "sensitivity": sensitivity_rows(table),
         "hessian": {
             "hvps": table.hvps,
@@ -385,6 +389,27 @@ def _hessian_cost(h: Mapping[str, Any]) -> str:
     return f"{h.get('estimator', 'hutchinson')}: " + ", ".join(parts)
 
 
+def _dependency_cost(d: Mapping[str, Any]) -> str:
+    """The dependency stage's method and cost, as report.md says it.
+
+    Example:
+        >>> _dependency_cost({"method": "output", "numerics": "exported", "pairs": 9, "hvps": 0,
+        ...     "costs": {"forward_passes": 22.0, "backward_passes": 0.0, "seconds": 1.5}})
+        'output-space, exported numerics: 9 (layer, format) pairs, 22 forward and 0 backward passes, 0 HVPs, 1.5 s'
+    """
+    c = d.get("costs") or {}
+    method = {"output": "output-space", "hvp": "Hessian-vector products"}.get(d.get("method", ""), "?")
+    parts = [f"{d.get('pairs', '?')} (layer, format) pairs"]
+    if "forward_passes" in c:
+        parts.append(
+            f"{c['forward_passes']:.0f} forward and {c.get('backward_passes', 0):.0f} backward passes"
+        )
+    parts.append(f"{d.get('hvps', 0)} HVPs")
+    if "seconds" in c:
+        parts.append(f"{c['seconds']:.1f} s")
+    return f"{method}, {d.get('numerics', '?')} numerics: " + ", ".join(parts)
+
+
 def _fmt_size(n: float) -> str:
     return f"{n / 1024:.1f} KiB" if n < 1024**2 else f"{n / 1024**2:.2f} MiB"
 
@@ -447,7 +472,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"scored each layer × format by Ω = avg trace · ‖Q(W) − W‖²"
         + (f" ({why})" if (why := report.get("hessian", {}).get("estimator_reason")) else "")
         + f"; the exact Pareto frontier of (cost, ΣΩ) has {len(report['frontier'])} points"
-        + ("; inter-layer dependency terms re-scored it" if report["search"].get("dependency") else "")
+        + (
+            f"; inter-layer dependency terms ({_dependency_cost(report['dependency'])}) re-scored it"
+            if report["search"].get("dependency") and report.get("dependency")
+            else "; inter-layer dependency terms re-scored it"
+            if report["search"].get("dependency")
+            else ""
+        )
         + f". Bisection over {report['search'].get('candidates', '?')} candidates took "
         f"{report['search']['evaluations']} onnxruntime evaluations:",
         "",

@@ -39,6 +39,12 @@ def test_quantize_writes_the_contract(tiny_run: Path) -> None:
     assert (h["estimator"], h["estimator_setting"]) == ("gauss_newton", "auto")
     assert h["estimator_reason"].startswith("auto: for cross_entropy on labels")
     assert h["estimator_reason"] in (tiny_run / "report.md").read_text()
+    # The dependency stage's method and cost (tiny's defaults: output-space terms, exported numerics).
+    d = rep["dependency"]
+    assert (d["method"], d["numerics"], d["hvps"]) == ("output", "exported", 0)
+    assert d["pairs"] == sum(1 for _ in rep["result"]["allocation"]) * 4  # int2, int4, int8, float
+    assert d["costs"]["forward_passes"] > d["pairs"] and d["costs"]["seconds"] > 0
+    assert f"{d['pairs']} (layer, format) pairs" in (tiny_run / "report.md").read_text()
     # The forecast made after the traces bounds the search's evaluations (cost: size).
     assert rep["search"]["evaluations"] <= rep["forecast_s"]["evaluations"]
     assert rep["forecast_s"]["pass_seconds"] > 0
