@@ -430,6 +430,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"**Budget met.** The cheapest candidate within the budget keeps the metric at "
             f"{_pct(r['metric'])} on the evaluation split ({_pct(r.get('test_metric'))} on test)."
             if met
+            else "**Budget NOT met.** Only the all-float model meets the budget, and keeping every layer "
+            "float is no quantization result; no model is presented as meeting it."
+            if report["search"].get("reason") == "only-float"
             else "**Budget NOT met.** Even the most precise candidate drops the metric by more than "
             "the budget allows; no model is presented as meeting it."
         ),

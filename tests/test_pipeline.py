@@ -111,6 +111,18 @@ def test_impossible_budget_exits_3_without_a_model(tmp_path: Path, caplog: pytes
     assert rep["budget_met"] is False
     assert rep["search"]["evaluations"] >= 1
     assert "NOT met" in (out / "report.md").read_text()
+    assert "Even the most precise candidate" in (out / "report.md").read_text()
+
+
+def test_only_the_float_model_meeting_is_said_so(tmp_path: Path) -> None:
+    # int2 everywhere drops accuracy; with a zero budget only the all-float point meets it.
+    out = tmp_path / "out"
+    args = ["--set", "allocation.formats=[int2, float]", "--set", "budget.max_drop=0.0"]
+    assert main(["quantize", "tiny", "--out", str(out), "-q", *args, "--set", "budget.confidence=0"]) == 3
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["search"]["reason"] == "only-float" and rep["budget_met"] is False
+    md = (out / "report.md").read_text()
+    assert "Only the all-float model meets the budget" in md and "Even the most precise" not in md
 
 
 def test_a_budget_the_split_cannot_resolve_exits_2_before_any_hessian_work(
