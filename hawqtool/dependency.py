@@ -448,24 +448,29 @@ def build_dependency_model(
     return dep
 
 
-def planned_passes(options: OptionTable, *, method: str, exported: bool, measure_singles: bool = True) -> int:
-    """The passes over the calibration split :func:`build_dependency_model` will take, a backward
-    counted as two forwards (for :mod:`hawqtool.forecast`): the terms (``output``: one forward per
-    quantized key and the base, some of it replayed; ``hvp``: a gradient and per key one HVP), the
-    singles (one job per layer and per quantized key; twice for ``hvp`` under ``exported`` numerics)
-    and the base loss.
+def planned_passes(
+    options: OptionTable, *, method: str, exported: bool, measure_singles: bool = True
+) -> tuple[int, int]:
+    """The passes over the calibration split :func:`build_dependency_model` will take, in torch and
+    in onnxruntime, a backward counted as two forwards (for :mod:`hawqtool.forecast`). Torch: the
+    terms (``output``: one forward per quantized key and the base, some of it replayed; ``hvp``: a
+    gradient and per key one HVP), the base loss, and the singles unless they are ``exported`` (then
+    in onnxruntime; ``hvp`` adds a torch pass per single for the cross terms' scale). One single per
+    layer and per quantized key.
 
     Example:
         >>> from hawqtool.types import LayerOption
         >>> row = (LayerOption("int4", 1.0, 2.0, 2.0), LayerOption("float", 4.0, 0.0, 0.0))
         >>> planned_passes(OptionTable(("a", "b"), {"a": row, "b": row}, "size"), method="output",
         ...                exported=True)
-        8
+        (4, 4)
     """
     keys = sum(1 for row in options.options.values() for o in row if is_quantized(o.format))
     terms = 1 + keys if method == "output" else keys + 1 + 2 * (1 + 2 * keys)
     jobs = len(options.layers) + keys if measure_singles else 0
-    return terms + jobs * (2 if exported and method == "hvp" else 1) + 1
+    if not exported:
+        return terms + jobs + 1, 0
+    return terms + (jobs if method == "hvp" else 0) + 1, jobs
 
 
 def _hvp_terms(

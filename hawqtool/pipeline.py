@@ -41,8 +41,8 @@ from hawqtool.dependency import (
 )
 from hawqtool.distributed import is_main
 from hawqtool.environment import dependency_key, versions, warn_without_vnni
-from hawqtool.errors import BudgetNotMetError, UsageError
-from hawqtool.evaluate import Evaluation, batchwise, evaluate_onnx
+from hawqtool.errors import BudgetNotMetError, ExportError, UsageError
+from hawqtool.evaluate import Evaluation, batchwise, evaluate_onnx, make_session, run_session
 from hawqtool.export import QDQExporter
 from hawqtool.files import write_json_atomic
 from hawqtool.forecast import Forecast, forecast
@@ -437,10 +437,14 @@ def quantize(
         options, front = frontier(ws, table=table, progress=progress)
     if is_main():
         write_frontier_csv(front, out)
-    fc = _forecast(ws, table, options, front)
-    if fc is not None and is_main():
+    with clock("forecast"):  # builds the exporter every later stage uses, and times one pass
+        fc = _forecast(ws, table, options, front) if is_main() else None
+    if fc is not None:
         log.info(
-            "forecast from the trace stage's %.3g s per calibration pass: %s", fc.pass_seconds, fc.describe()
+            "forecast (%.3g s per torch pass over the calibration split, %.3g ms per sample in onnxruntime): %s",
+            fc.pass_seconds,
+            1e3 * fc.onnx_seconds_per_sample,
+            fc.describe(),
         )
     dep, candidates = None, front.points
     if r.search.dependency:
@@ -526,26 +530,51 @@ def quantize(
 def _forecast(
     ws: Workspace, table: SensitivityTable, options: OptionTable, front: Frontier
 ) -> Forecast | None:
-    """The rest of the run forecast from the trace stage's pass time (:mod:`hawqtool.forecast`)."""
+    """The rest of the run forecast from the trace stage's pass time and one onnxruntime pass of the
+    float model (:mod:`hawqtool.forecast`); the exporter it builds for that is the one every later
+    stage uses (built once per workspace)."""
     r = ws.recipe
     dependency = r.search.dependency
     cached = dependency and _dependency_cache(ws, options, table).is_file()
     samples = {name: sum(batch_size(x) for x, _ in ws.split(name)) for name in SPLITS}
+    torch_passes, onnx_passes = (
+        planned_passes(
+            options, method=dependency_method(ws), exported=r.search.dependency_numerics == "exported"
+        )
+        if dependency and not cached
+        else (0, 0)
+    )
     return forecast(
         table.costs,
         calibration=samples["calibration"],
         evaluation=samples["evaluation"],
         test=samples["test"],
-        dependency_passes=planned_passes(
-            options, method=dependency_method(ws), exported=r.search.dependency_numerics == "exported"
-        )
-        if dependency and not cached
-        else 0,
+        torch_passes=torch_passes,
+        onnx_passes=onnx_passes,
         # Bisection (and repair), a frontier gap's own bisection, the uniform models below the choice.
         evaluations=max_evaluations(len(front.points), repair=dependency and r.search.repair)
         + math.ceil(math.log2(len(front.points) + 1))
         + len(uniform_models(options)),
+        onnx_seconds_per_sample=_onnx_seconds_per_sample(ws),
     )
+
+
+def _onnx_seconds_per_sample(ws: Workspace) -> float | None:
+    """onnxruntime's seconds per sample on the float model: the second run of the first calibration
+    batch (the first warms the session up). ``None`` if the export or the run fails: the stage that
+    needs them reports that failure, under torch.distributed to every rank."""
+    try:
+        ev = ws.recipe.evaluate
+        session = make_session(exporter(ws).float_model, threads=ev.threads, provider=ev.provider)
+        x = ws.calibration[0][0]
+        feed = ws.io.feeds(x)
+        run_session(session, feed)
+        t = time.perf_counter()
+        run_session(session, feed)
+        return (time.perf_counter() - t) / batch_size(x)
+    except (ExportError, UsageError) as e:
+        log.debug("forecast: no onnxruntime timing (%s)", e)
+        return None
 
 
 @contextlib.contextmanager
