@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hawqtool.errors import UsageError
 from hawqtool.types import DataSplits
 
 
@@ -108,3 +109,20 @@ def mnist5k(
     """Recipe data factory: MNIST-5k splits (``calibration``, ``evaluation``, ``test``)."""
     data = load_mnist5k_dataset(evaluation_size=evaluation_size, test_size=test_size)
     return data.splits(batch_size=batch_size, calibration_size=calibration_size)
+
+
+def check_counts(factory: str, **counts: object) -> None:
+    """A data factory's sizes (samples per split, batch size, ...) must be integers >= 1.
+
+    Raises:
+        UsageError: naming the factory, the argument and its value.
+
+    Example:
+        >>> check_counts("my_splits", calibration=8, batch_size=0)
+        Traceback (most recent call last):
+        ...
+        hawqtool.errors.UsageError: my_splits: batch_size must be an integer >= 1, got 0
+    """
+    for name, n in counts.items():
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise UsageError(f"{factory}: {name} must be an integer >= 1, got {n!r}")

@@ -42,6 +42,7 @@ import torch
 from hawqtool.cache import cache_dir
 from hawqtool.errors import UsageError
 from hawqtool.types import DataSplits
+from hawqtool.zoo.data import check_counts
 
 if TYPE_CHECKING:
     from torch import nn
@@ -414,16 +415,15 @@ def text_splits(
     """
     if path is not None and sentences is not None:
         raise UsageError("text_splits: give a sentence file (path) or sentences, not both")
-    for name, n in (
-        ("calibration", calibration),
-        ("evaluation", evaluation),
-        ("test", test),
-        ("batch_size", batch_size),
-        ("max_length", max_length),
-        ("pad_calibration", 1 if pad_calibration is None else pad_calibration),
-    ):
-        if not isinstance(n, int) or n < 1:
-            raise UsageError(f"text_splits: {name} must be an integer >= 1, got {n!r}")
+    check_counts(
+        "text_splits",
+        calibration=calibration,
+        evaluation=evaluation,
+        test=test,
+        batch_size=batch_size,
+        max_length=max_length,
+        pad_calibration=1 if pad_calibration is None else pad_calibration,
+    )
     if sentences is not None:
         pool = [str(s).strip() for s in sentences if str(s).strip()]
     elif path is not None:

@@ -38,6 +38,7 @@ import torch
 from hawqtool.cache import cache_dir
 from hawqtool.errors import UsageError
 from hawqtool.types import DataSplits
+from hawqtool.zoo.data import check_counts
 from hawqtool.zoo.hf import load_tokenizer, news_articles, pretrained
 
 if TYPE_CHECKING:
@@ -225,15 +226,14 @@ def token_blocks(
     """
     if path is not None and text is not None:
         raise UsageError("token_blocks: give a text file (path) or text, not both")
-    for name, n in (
-        ("calibration", calibration),
-        ("evaluation", evaluation),
-        ("test", test),
-        ("batch_size", batch_size),
-        ("block", block),
-    ):
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise UsageError(f"token_blocks: {name} must be an integer >= 1, got {n!r}")
+    check_counts(
+        "token_blocks",
+        calibration=calibration,
+        evaluation=evaluation,
+        test=test,
+        batch_size=batch_size,
+        block=block,
+    )
     if text is not None:
         documents = [text]
     elif path is not None:

@@ -33,6 +33,7 @@ import torch
 
 from hawqtool.errors import UsageError
 from hawqtool.types import DataSplits
+from hawqtool.zoo.data import check_counts
 
 if TYPE_CHECKING:
     from torch import nn
@@ -266,15 +267,14 @@ def image_crops(
         >>> len(splits.evaluation), splits.evaluation[0][1] is None        # doctest: +SKIP
         (2, True)
     """
-    for name, n in (
-        ("size", size),
-        ("calibration", calibration),
-        ("evaluation", evaluation),
-        ("test", test),
-        ("batch_size", batch_size),
-    ):
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise UsageError(f"image_crops: {name} must be an integer >= 1, got {n!r}")
+    check_counts(
+        "image_crops",
+        size=size,
+        calibration=calibration,
+        evaluation=evaluation,
+        test=test,
+        batch_size=batch_size,
+    )
     if not 0 < min_scale <= 1:
         raise UsageError(f"image_crops: min_scale must be in (0, 1], got {min_scale!r}")
     search = load_photos(SEARCH_IMAGES)
