@@ -14,7 +14,7 @@ BOS-led blocks of ``--block`` tokens; nothing downloads. All in one run, each ro
 - ``llama.cpp Q4_K_M-style``: the output/tied embedding and the attention-value and MLP-down
   projections of the layers llama.cpp's ``use_more_bits`` picks at int8-w (Q6_K there), the rest
   int4-b32;
-- ``llama.cpp-style, grown to size``: that pattern with more projections promoted to int8-w (values
+- ``llama.cpp-style grown to size``: that pattern with more projections promoted to int8-w (values
   and MLP-down first, then output, key, query, gate, up; layer by layer) until the estimated size
   reaches hawqtool's model's;
 - ``NNCF-style ratio``: the embedding at int8-w (NNCF's backup precision), the other layers ordered
@@ -219,7 +219,7 @@ ROWS = {  # row name → file name in the output folder
     f"uniform {INT4}": f"uniform-{INT4}.onnx",
     "llama.cpp Q4_K_M-style": "llama-cpp-q4-k-m-style.onnx",
     "NNCF-style ratio": "nncf-style-ratio.onnx",
-    "llama.cpp-style, grown to size": "llama-cpp-style-grown-to-size.onnx",
+    "llama.cpp-style grown to size": "llama-cpp-style-grown-to-size.onnx",
     "ort MatMulNBits int4 b32": "ort-matmulnbits-int4.onnx",
     "hawqtool": "hawqtool/model.onnx",
 }
@@ -277,7 +277,7 @@ def build(
         estimated_size(ws, chosen) if chosen else estimated_size(ws, allocations["llama.cpp Q4_K_M-style"])
     )
     allocations["NNCF-style ratio"] = ratio_mix(ws, target)
-    allocations["llama.cpp-style, grown to size"] = llama_cpp_fill(ws, target)
+    allocations["llama.cpp-style grown to size"] = llama_cpp_fill(ws, target)
     paths: dict[str, Path] = {}
     t = time.perf_counter()
     for name, allocation in allocations.items():
@@ -294,13 +294,13 @@ def build(
 
 
 def grow_row(args: Any, data: Any, out: Path, report: dict[str, Any]) -> None:
-    """Export the ``llama.cpp-style, grown to size`` row next to an earlier run's models (its target:
+    """Export the ``llama.cpp-style grown to size`` row next to an earlier run's models (its target:
     hawqtool's chosen allocation's estimated size)."""
     model = lm.gemma3_270m() if args.model is None else lm.causal_lm(args.model)
     ws = pipeline.load(bench_recipe(args), model=model, data=data)
     target = estimated_size(ws, report["result"]["allocation"])
     allocation = llama_cpp_fill(ws, target)
-    pipeline.exporter(ws).export(allocation, out / ROWS["llama.cpp-style, grown to size"])
+    pipeline.exporter(ws).export(allocation, out / ROWS["llama.cpp-style grown to size"])
     log.info("grown llama.cpp-style mix: %d int8-w layers", sum(f == INT8 for f in allocation.values()))
 
 
