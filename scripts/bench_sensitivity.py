@@ -127,6 +127,29 @@ def measured_singles(
     return exported, weights, context, 2 * len(jobs)
 
 
+def exported_excess(
+    ws: Any, options: OptionTable, exp: QDQExporter, dep: DependencyModel, args: Any
+) -> dict[tuple[str, str], float]:
+    """Per quantized key, out of context (every other layer float): the exported model's calibration
+    loss change minus the weight-only one of the output terms' own passes (``own_loss``): what
+    activation quantization and the kernels add. Empty under ``--numerics weights``."""
+    if args.numerics != "exported" or dep.own_loss is None:
+        return {}
+    loss = exported_single_loss(lambda: exp, ws.calibration, ws.loss_fn, io=ws.io, threads=args.threads)
+    t0 = time.perf_counter()
+    base = loss({})
+    out = {
+        (f, o.format): loss({f: o.format}) - base - float(dep.own_loss[dep.index(f, o.format)])
+        for f in options.layers
+        for o in options.options[f]
+        if o.format != "float"
+    }
+    print(
+        f"exported single-layer changes out of context: {len(out) + 1} onnxruntime passes, {time.perf_counter() - t0:.1f} s"
+    )
+    return out
+
+
 def choices(
     ws: Any, exp: QDQExporter, front: tuple[OptionTable, Any], dep: DependencyModel, args: Any
 ) -> None:
@@ -287,6 +310,18 @@ def run(key: str, args: argparse.Namespace) -> None:
         "predict output": [terms["output"].predict(a) for a in allocs],
         "score hvp": [full["hvp"].score(a) for a in allocs],
         "score output": [full["output"].score(a) for a in allocs],
+        **(
+            {
+                # Candidate score: the output-space prediction (weights) plus each key's excess loss
+                # in the exported model, measured out of context (1 + keys onnxruntime passes).
+                "predict output + exported excess": [
+                    terms["output"].predict(a) + sum(excess.get((f, fmt), 0.0) for f, fmt in a.items())
+                    for a in allocs
+                ]
+            }
+            if (excess := exported_excess(ws, options["gauss_newton"], exp, terms["output"], args))
+            else {}
+        ),
     }
     print(
         f"ground truth: {len(allocs)} random allocations in onnxruntime ({t_truth:.0f} s); float "
