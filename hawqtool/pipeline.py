@@ -190,9 +190,9 @@ def dependency_method(ws: Workspace) -> str:
     return method
 
 
-def _dependency_cache(ws: Workspace, options: OptionTable, table: SensitivityTable) -> Path:
-    """Where the dependency terms of these options are cached (:func:`hawqtool.environment.dependency_key`)."""
-    method = dependency_method(ws)
+def _dependency_cache(ws: Workspace, options: OptionTable, table: SensitivityTable, method: str) -> Path:
+    """Where the dependency terms of these options, by ``method``, are cached
+    (:func:`hawqtool.environment.dependency_key`)."""
     key = dependency_key(ws.recipe, options, table, settings=ws.export_settings)
     if method != "hvp":  # hvp keeps the key of the caches written before the setting
         key = settings_key(key, {"dependency_method": method})
@@ -206,7 +206,7 @@ def dependencies(
     built with the workspace's export settings, as the options and the exporter are."""
     settings = ws.export_settings
     method = dependency_method(ws)
-    path = _dependency_cache(ws, options, table)
+    path = _dependency_cache(ws, options, table, method)
     # Every rank must take the same branch: one computing alone would wait in its collectives.
     if distributed.all_agree(path.is_file(), what="the dependency cache check"):
         log.info("dependency terms: cached (%s)", path)
@@ -534,13 +534,11 @@ def _forecast(
     float model (:mod:`hawqtool.forecast`); the exporter it builds for that is the one every later
     stage uses (built once per workspace)."""
     r = ws.recipe
-    dependency = r.search.dependency
-    cached = dependency and _dependency_cache(ws, options, table).is_file()
+    dependency, method = r.search.dependency, dependency_method(ws)
+    cached = dependency and _dependency_cache(ws, options, table, method).is_file()
     samples = {name: sum(batch_size(x) for x, _ in ws.split(name)) for name in SPLITS}
     torch_passes, onnx_passes = (
-        planned_passes(
-            options, method=dependency_method(ws), exported=r.search.dependency_numerics == "exported"
-        )
+        planned_passes(options, method=method, exported=r.search.dependency_numerics == "exported")
         if dependency and not cached
         else (0, 0)
     )

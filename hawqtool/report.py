@@ -367,17 +367,16 @@ def estimator_reason(setting: str, ran: str, *, loss: str, targets: str) -> str:
     )
 
 
-def _hessian_cost(h: Mapping[str, Any]) -> str:
-    """What the trace stage cost, as report.md says it: the estimator, passes over the calibration
-    split, Hessian-vector products, seconds and peak memory (those a report.json has).
+def _stage_cost(c: Mapping[str, Any], hvps: Any) -> str:
+    """One stage's cost as report.md says it: passes over the calibration split, Hessian-vector
+    products, seconds and peak memory (those its ``costs`` hold).
 
     Example:
-        >>> _hessian_cost({"estimator": "gauss_newton", "hvps": 0, "costs": {"forward_passes": 3.0,
-        ...     "backward_passes": 3.0, "seconds": 2.5, "peak_memory_mib": 458.3}})
-        'gauss_newton: 3 forward and 3 backward passes, 0 Hessian-vector products, 2.5 s, peak 458 MiB'
+        >>> _stage_cost({"forward_passes": 3.0, "backward_passes": 3.0, "seconds": 2.5,
+        ...     "peak_memory_mib": 458.3}, 0)
+        '3 forward and 3 backward passes, 0 Hessian-vector products, 2.5 s, peak 458 MiB'
     """
-    c = h.get("costs") or {}
-    parts = [f"{h.get('hvps', '?')} Hessian-vector products"]
+    parts = [f"{hvps} Hessian-vector products"]
     if "forward_passes" in c:
         parts.insert(
             0, f"{c['forward_passes']:.0f} forward and {c.get('backward_passes', 0):.0f} backward passes"
@@ -386,28 +385,34 @@ def _hessian_cost(h: Mapping[str, Any]) -> str:
         parts.append(f"{c['seconds']:.1f} s")
     if c.get("peak_memory_mib"):
         parts.append(f"peak {c['peak_memory_mib']:.0f} MiB")
-    return f"{h.get('estimator', 'hutchinson')}: " + ", ".join(parts)
+    return ", ".join(parts)
+
+
+def _hessian_cost(h: Mapping[str, Any]) -> str:
+    """What the trace stage cost: the estimator, then :func:`_stage_cost`.
+
+    Example:
+        >>> _hessian_cost({"estimator": "gauss_newton", "hvps": 0, "costs": {"forward_passes": 3.0,
+        ...     "backward_passes": 3.0, "seconds": 2.5, "peak_memory_mib": 458.3}})
+        'gauss_newton: 3 forward and 3 backward passes, 0 Hessian-vector products, 2.5 s, peak 458 MiB'
+    """
+    return f"{h.get('estimator', 'hutchinson')}: " + _stage_cost(h.get("costs") or {}, h.get("hvps", "?"))
 
 
 def _dependency_cost(d: Mapping[str, Any]) -> str:
-    """The dependency stage's method and cost, as report.md says it.
+    """What the dependency stage cost: its method, numerics and (layer, format) pairs, then
+    :func:`_stage_cost`.
 
     Example:
         >>> _dependency_cost({"method": "output", "numerics": "exported", "pairs": 9, "hvps": 0,
         ...     "costs": {"forward_passes": 22.0, "backward_passes": 0.0, "seconds": 1.5}})
-        'output-space, exported numerics: 9 (layer, format) pairs, 22 forward and 0 backward passes, 0 HVPs, 1.5 s'
+        'output-space, exported numerics: 9 (layer, format) pairs, 22 forward and 0 backward passes, 0 Hessian-vector products, 1.5 s'
     """
-    c = d.get("costs") or {}
     method = {"output": "output-space", "hvp": "Hessian-vector products"}.get(d.get("method", ""), "?")
-    parts = [f"{d.get('pairs', '?')} (layer, format) pairs"]
-    if "forward_passes" in c:
-        parts.append(
-            f"{c['forward_passes']:.0f} forward and {c.get('backward_passes', 0):.0f} backward passes"
-        )
-    parts.append(f"{d.get('hvps', 0)} HVPs")
-    if "seconds" in c:
-        parts.append(f"{c['seconds']:.1f} s")
-    return f"{method}, {d.get('numerics', '?')} numerics: " + ", ".join(parts)
+    return (
+        f"{method}, {d.get('numerics', '?')} numerics: {d.get('pairs', '?')} (layer, format) pairs, "
+        + _stage_cost(d.get("costs") or {}, d.get("hvps", 0))
+    )
 
 
 def _fmt_size(n: float) -> str:
