@@ -10,21 +10,27 @@ candidate (layer, format) key k has a known error Δ_k, so the matrix M[k, k'] =
 - ``hvp``: one Hessian-vector product per key, v = Δ_k (the 0.3 method).
 
 Why the search ranks by :meth:`DependencyModel.score` rather than ``predict``: at 2 to 4 bits the
-errors are far outside the region where the expansion holds, so each key's own term is measured
-(m_k: the calibration-loss change of quantizing the layer while the others sit at their middle
-candidate format, one pass each; in onnxruntime under ``exported`` numerics) and its cross terms are
-scaled by how strongly its error acts, s_k = √(m_k / ½M_kk) (from a torch weight-only measurement,
-``scale_measured``, when the own terms are exported: activation or kernel error the weight terms never
-saw must not inflate them; under ``output`` that measurement is the key's own loss change on the term
-passes, ``own_loss``, so it costs no pass of its own):
+errors are far outside the region where the expansion holds, and the exported model adds activation
+quantization and kernels that the weights never see. So each key's own term is measured out of context
+(m_k: the calibration-loss change with only its layer quantized, every other layer float): in
+onnxruntime for formats that quantize activations under ``exported`` numerics, from the key's own
+term pass in torch otherwise (:func:`hawqtool.singles.torch_models`). Only the cross terms come from
+the model:
 
-    score(a) = Σ_l m_(l,a_l) + ½ Σ_(l≠j) s_(l,a_l) s_(j,a_j) M[(l,a_l), (j,a_j)]
+    score(a) = Σ_l m_(l,a_l) + ½ Σ_(l≠j) M[(l,a_l), (j,a_j)]
+
+The cross terms are computed for the *interacting* keys only: by Cauchy–Schwarz (H is positive
+semi-definite in the Gauss–Newton view) |M[k, k']| ≤ √(M_kk M_k'k'), and Ω_k estimates M_kk, so the
+keys with the smallest √Ω_k, together at most ``tolerance`` of Σ√Ω, are left out (their cross terms
+0, their own term ½Ω_k when no measurement gives it). Most int8 keys fall there: their error is ~16×
+smaller than int4's.
 
 :func:`candidates_for_search` re-scores the frontier and keeps the points not dominated in (cost,
 score), always with the most precise point (bisection's first probe decides whether the budget is
 possible at all, and that must not depend on a model); :func:`repair` promotes the layers whose
 promotion lowers the score most per unit of added cost. ``scripts/bench_sensitivity.py`` and
-``scripts/bench_dependency.py`` measure how well the scores rank allocations.
+``scripts/bench_dependency.py`` measure how well the scores rank allocations (the measurements
+behind these choices are in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -51,9 +57,8 @@ from hawqtool.quantizer import quant_error
 from hawqtool.singles import (
     Allocation,
     SingleLoss,
-    measure_jobs,
-    middle_format,
-    single_jobs,
+    measured_own_terms,
+    torch_models,
     weights_single_loss,
 )
 from hawqtool.singles import exported_single_loss as exported_single_loss  # re-exported: the stage's API
@@ -67,6 +72,10 @@ log = logging.getLogger(__name__)
 NUMERICS = ("weights", "exported")
 #: How the second-order terms are computed (module doc).
 METHODS = ("output", "hvp")
+#: Where a key's own term comes from (:attr:`DependencyModel.own_source`).
+OWN_SOURCES = ("onnxruntime", "torch", "estimate", "float")
+#: Default share of Σ√Ω_k whose keys are left out of the interactions (module doc).
+INTERACTION_TOLERANCE = 0.1
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,29 +83,33 @@ class DependencyModel:
     """The second-order model ΔL(a) ≈ gᵀΔ_a + ½Δ_aᵀHΔ_a over every candidate (layer, format) pair.
 
     ``keys[k] = (fqn, format)``; ``linear[k] = gᵀΔ_k``; ``matrix[k, k'] = Δ_kᵀ H Δ_k'`` (symmetric;
-    rows of ``float`` keys are zero). Entries between two formats of the same layer are never used.
-    ``measured[k]`` is the measured calibration-loss change of key k in context (module doc); with
-    it, :meth:`score` is the calibrated score, otherwise it equals :meth:`predict`.
+    rows of ``float`` keys are zero; a key left out of the interactions has only its diagonal, Ω_k).
+    Entries between two formats of the same layer are never used. ``measured[k]`` is key k's own term
+    measured out of context (module doc); with it, :meth:`score` is the calibrated score, otherwise
+    it equals :meth:`predict`.
 
     Attributes:
         layers: quantizable layers, model order.
         keys: one ``(fqn, format)`` per candidate option.
         linear: first-order terms gᵀΔ_k, shape ``(K,)``.
         matrix: second-order terms Δ_kᵀHΔ_k', shape ``(K, K)``.
-        measured: measured single-layer loss changes in context, shape ``(K,)``, or ``None``.
-        scale_measured: the same with weights alone fake-quantized in torch, when ``measured`` was
-            taken on other numerics (``exported``); the cross terms' strengths s_k come from it.
-        own_loss: ``output`` method: each key's calibration-loss change with only its weight error
-            (torch, other layers float), from the term passes; ``scale_measured`` under exported
-            numerics.
-        context: the format every other layer held while ``measured`` was taken, per layer.
+        measured: each key's own term, the loss change with only its layer quantized, shape ``(K,)``,
+            or ``None``.
+        own_source: where each key's own term came from: ``onnxruntime`` (or the caller's
+            ``single_loss``), ``torch`` (weights fake-quantized), ``estimate`` (½Ω_k: a key left out
+            of the interactions whose format torch models), ``float``; empty without ``measured``.
+        own_loss: ``output`` method: each interacting key's calibration-loss change with only its
+            weight error (torch, other layers float), from the term passes.
+        interacting: how many keys have cross terms (module doc).
         base_loss: calibration loss of the float model.
         hvps: Hessian-vector products spent building it.
-        forward_passes: passes over the calibration split spent on ``measured``.
+        forward_passes: passes over the calibration split spent on ``measured`` beyond the term
+            passes (onnxruntime, or torch under ``hvp``).
         seconds: wall time of the build.
         clip_search: whether Δ used the quantizer's clipping search (must match export).
         numerics: what ``measured`` was measured on: ``weights`` (torch, weights fake-quantized),
-            ``exported`` (the exported QDQ model in onnxruntime), or another caller's label.
+            ``exported`` (the exported QDQ model in onnxruntime, for the formats torch does not
+            model), or another caller's label.
         method: how ``linear`` and ``matrix`` were computed: ``output`` or ``hvp`` (module doc).
         costs: passes over the split (forward and backward apart), seconds, peak memory (MiB).
 
@@ -110,9 +123,9 @@ class DependencyModel:
     linear: np.ndarray
     matrix: np.ndarray
     measured: np.ndarray | None = None
-    scale_measured: np.ndarray | None = None
+    own_source: tuple[str, ...] = ()
     own_loss: np.ndarray | None = None
-    context: Mapping[str, str] = field(default_factory=dict)
+    interacting: int = 0
     base_loss: float = 0.0
     hvps: int = 0
     forward_passes: int = 0
@@ -144,22 +157,9 @@ class DependencyModel:
                 raise ValueError(f"measured {m.shape} does not match {k} keys")
             m.setflags(write=False)
             object.__setattr__(self, "measured", m)
-            by = m
-            if self.scale_measured is not None:
-                by = np.array(self.scale_measured, dtype=np.float64).reshape(-1)
-                if by.shape != (k,):
-                    raise ValueError(f"scale_measured {by.shape} does not match {k} keys")
-                by.setflags(write=False)
-                object.__setattr__(self, "scale_measured", by)
-            half = 0.5 * np.diag(mat)
-            # A key whose curvature term is ~0 (float, or a flat direction) keeps the raw cross terms.
-            tiny = 1e-12 * max(float(np.abs(half).max(initial=0.0)), 1e-300)
-            scale = np.ones(k)
-            ok = half > tiny
-            scale[ok] = np.sqrt(np.clip(by[ok], 0.0, None) / half[ok])
-            s_mat = mat * np.outer(scale, scale)
+            # The own terms are measured; the matrix gives only the cross terms.
+            s_lin, s_mat = m, mat.copy()
             np.fill_diagonal(s_mat, 0.0)
-            s_lin = m
         s_mat = np.asarray(s_mat)
         object.__setattr__(self, "_score_linear", s_lin)
         object.__setattr__(self, "_score_matrix", s_mat)
@@ -215,8 +215,8 @@ class DependencyModel:
         return float(self.linear[idx].sum()) + 0.5 * float(self.matrix[np.ix_(idx, idx)].sum())
 
     def score(self, allocation: Allocation) -> float:
-        """The search's ranking score: measured own terms plus rescaled Hessian cross terms
-        (module doc); equal to :meth:`predict` when the model holds no measurements."""
+        """The search's ranking score: measured own terms plus the cross terms (module doc); equal
+        to :meth:`predict` when the model holds no measurements."""
         idx = self._indices(allocation)
         return float(self._score_linear[idx].sum()) + 0.5 * float(self._score_matrix[np.ix_(idx, idx)].sum())
 
@@ -243,6 +243,8 @@ class DependencyModel:
             "method": self.method,
             "numerics": self.numerics,
             "pairs": len(self.keys),
+            "interacting": self.interacting,
+            "own_terms": {src: self.own_source.count(src) for src in OWN_SOURCES if src in self.own_source},
             "hvps": self.hvps,
             "costs": dict(self.costs),
         }
@@ -254,9 +256,9 @@ class DependencyModel:
             "linear": self.linear.tolist(),
             "matrix": self.matrix.tolist(),
             "measured": None if self.measured is None else self.measured.tolist(),
-            "scale_measured": None if self.scale_measured is None else self.scale_measured.tolist(),
+            "own_source": list(self.own_source),
             "own_loss": None if self.own_loss is None else np.asarray(self.own_loss).tolist(),
-            "context": dict(self.context),
+            "interacting": self.interacting,
             "base_loss": self.base_loss,
             "hvps": self.hvps,
             "forward_passes": self.forward_passes,
@@ -275,11 +277,9 @@ class DependencyModel:
             linear=np.asarray(d["linear"], dtype=np.float64),
             matrix=np.asarray(d["matrix"], dtype=np.float64),
             measured=None if d.get("measured") is None else np.asarray(d["measured"], dtype=np.float64),
-            scale_measured=None
-            if d.get("scale_measured") is None
-            else np.asarray(d["scale_measured"], dtype=np.float64),
+            own_source=tuple(str(x) for x in d.get("own_source") or ()),
             own_loss=None if d.get("own_loss") is None else np.asarray(d["own_loss"], dtype=np.float64),
-            context=dict(d.get("context") or {}),
+            interacting=int(d.get("interacting", 0)),
             base_loss=float(d.get("base_loss", 0.0)),
             hvps=int(d.get("hvps", 0)),
             forward_passes=int(d.get("forward_passes", 0)),
@@ -296,6 +296,30 @@ class DependencyModel:
 # --------------------------------------------------------------------------------------------
 
 
+def interacting_keys(options: OptionTable, tolerance: float = INTERACTION_TOLERANCE) -> set[tuple[str, str]]:
+    """The quantized keys that get cross terms: all but those with the smallest √Ω_k, which together
+    carry at most ``tolerance`` of Σ√Ω_k (module doc). With no Ω to go by (all zero) every key.
+
+    Example:
+        >>> from hawqtool.types import LayerOption
+        >>> opt = lambda fmt, omega: LayerOption(fmt, 1.0, 1.0, omega)
+        >>> table = OptionTable(("a", "b"), {"a": (opt("int4", 64.0), opt("int8", 0.25)),
+        ...                                  "b": (opt("int4", 16.0), opt("float", 0.0))}, "size")
+        >>> sorted(interacting_keys(table, 0.1))  # √Ω: 8, 0.5, 4; 0.5 is 4 % of 12.5
+        [('a', 'int4'), ('b', 'int4')]
+    """
+    if not 0.0 <= tolerance < 1.0:
+        raise UsageError(f"the interaction tolerance must be in [0, 1), got {tolerance!r}")
+    keys = [(f, o.format) for f in options.layers for o in options.options[f] if is_quantized(o.format)]
+    root = np.sqrt(np.clip([options.option(f, fmt).omega for f, fmt in keys], 0.0, None))
+    total = float(root.sum())
+    if total <= 0.0 or not math.isfinite(total):
+        return set(keys)
+    order = np.argsort(root, kind="stable")
+    left_out = order[np.cumsum(root[order]) <= tolerance * total]
+    return set(keys) - {keys[i] for i in left_out}
+
+
 def build_dependency_model(
     hessian: SplitHessian,
     prepared: PreparedModel,
@@ -306,40 +330,44 @@ def build_dependency_model(
     single_loss: SingleLoss | None = None,
     numerics: str | None = None,
     method: str = "output",
+    tolerance: float = INTERACTION_TOLERANCE,
     sketch_dim: int = SKETCH_DIM,
     seed: int = 0,
     progress: bool = True,
 ) -> DependencyModel:
-    """Measure gᵀΔ_k and Δ_kᵀHΔ_k' for every candidate (layer, format) pair of ``options``.
+    """Measure gᵀΔ_k and Δ_kᵀHΔ_k' for the interacting (layer, format) pairs of ``options``, and
+    each pair's own term (module doc).
 
-    ``output``: one forward pass per quantized (layer, format) pair (``float`` has Δ = 0), the
-    terms from the output changes (:func:`hawqtool.interactions.output_terms`). ``hvp``: one
-    gradient and one HVP per pair; the HVP for a pair on layer i differentiates only w.r.t. layers
-    i, i+1, … (model order), so backward stops early, and the entries with earlier layers come from
-    their own rows (H is symmetric; entries computed twice are averaged). With ``measure_singles``,
-    also one pass over the calibration split per layer and per quantized pair, for
-    :meth:`DependencyModel.score`.
+    ``output``: one forward pass per interacting pair (``float`` has Δ = 0), the terms from the
+    output changes (:func:`hawqtool.interactions.output_terms`). ``hvp``: one gradient and one HVP per
+    interacting pair; the HVP for a pair on layer i differentiates only w.r.t. layers i, i+1, …
+    (model order), so backward stops early, and the entries with earlier layers come from their own
+    rows (H is symmetric; entries computed twice are averaged). A pair left out has only its
+    diagonal, Ω_k. With ``measure_singles``, each pair's own term out of context: by ``single_loss``
+    for the formats torch does not model (one pass each and one reference), from the pair's term pass
+    otherwise (``output``; ½Ω_k for a pair left out) or a torch pass of its own (``hvp``).
 
     Args:
         hessian: the Hessian of the calibration loss.
         prepared: the model whose weights are quantized (the same as ``hessian``'s).
-        options: candidate formats per layer.
+        options: candidate formats per layer, with their Ω.
         clip_search: passed to the quantizer; must match what export uses.
-        measure_singles: measure each pair's loss change in context (module doc).
+        measure_singles: measure each pair's own term (module doc).
         single_loss: the calibration loss of an allocation (``fqn -> format``, other layers
-            float) that the measurements take, computed by this process alone (under a process
-            group each rank takes its share of the allocations, and the losses are summed over
-            the ranks). Default: ``hessian.loss`` with the weights fake-quantized.
+            float), computed by this process alone (under a process group each rank takes its share
+            of the allocations, and the losses are summed over the ranks), for the formats that
+            quantize activations (:func:`hawqtool.singles.torch_models`). Default: torch for all.
         numerics: the label recorded in :attr:`DependencyModel.numerics`; default ``weights``
             without ``single_loss``, else ``custom``.
         method: ``output`` or ``hvp`` (module doc).
+        tolerance: the share of Σ√Ω left out of the interactions (:func:`interacting_keys`; 0: none).
         sketch_dim: ``output``: sketch size per batch (:mod:`hawqtool.interactions`).
         seed: ``output``: seeds the sketches.
         progress: show a tqdm bar over the HVPs and passes.
 
     Raises:
-        UsageError: ``options`` names a layer the prepared model lacks, an unknown ``method``, or
-            ``output`` with a loss of no known output curvature.
+        UsageError: ``options`` names a layer the prepared model lacks, an unknown ``method``, a
+            ``tolerance`` outside [0, 1), or ``output`` with a loss of no known output curvature.
     """
     if method not in METHODS:
         raise UsageError(f"unknown dependency method {method!r}; allowed: {', '.join(METHODS)}")
@@ -350,127 +378,158 @@ def build_dependency_model(
         raise UsageError(f"option table layers {unknown} are not in the model; layers: {prepared.fqns}")
     keys = tuple((f, o.format) for f in layers for o in options.options[f])
     index = {k: i for i, k in enumerate(keys)}
+    interacting = interacting_keys(options, tolerance)
     deltas: dict[tuple[str, str], torch.Tensor] = {}
     for f, fmt in keys:
-        if is_quantized(fmt):
+        if (f, fmt) in interacting or (measure_singles and method == "hvp" and is_quantized(fmt)):
             w = prepared.weight(f)
             deltas[(f, fmt)] = quant_error(w, fmt, clip_search=clip_search).to(hessian.device)
+    terms_of = {k: deltas[k] for k in keys if k in interacting}
 
-    context = {f: middle_format(options, f) for f in layers}
-    jobs, slots = single_jobs(options, context, deltas, index) if measure_singles else ([], [])
-    # A rank-local single_loss runs this rank's share of the jobs; hessian.loss runs on every rank.
-    mine = distributed.shard(len(jobs)) if single_loss is not None else list(range(len(jobs)))
     hvps = term_passes = 0
     own = replayed = None
     if method == "output":
-        terms = output_terms(hessian, deltas, sketch_dim=sketch_dim, seed=seed, progress=progress)
+        terms = output_terms(hessian, terms_of, sketch_dim=sketch_dim, seed=seed, progress=progress)
         linear, matrix = stack_keys(keys, terms)
         term_passes = terms.forward_passes
         own = np.zeros(len(keys))
         for k, loss_change in zip(terms.keys, terms.own_loss, strict=True):
             own[index[k]] = loss_change
         replayed = terms.replayed_fraction
-    bar = tqdm(
-        total=(len(deltas) if method == "hvp" else 0) + len(mine),
-        desc="dependency terms",
-        disable=not progress or not distributed.is_main(),
-        leave=False,
-    )
-    if method == "hvp":
-        linear, matrix = _hvp_terms(hessian, layers, keys, deltas, bar)
-        hvps = len(deltas)
-
-    measured = scale_measured = None
-    if measure_singles:
-        torch_loss = weights_single_loss(hessian, prepared, deltas)
-        measured = measure_jobs(
-            jobs,
-            slots,
-            single_loss or torch_loss,
-            len(keys),
-            local=single_loss is not None,
-            device=hessian.device,
-            bar=bar,
+    else:
+        bar = tqdm(
+            total=len(terms_of), desc="dependency terms", disable=not progress or not distributed.is_main()
         )
-        if single_loss is not None:
-            # The cross terms Δ_kᵀH_kjΔ_j are weight-error interactions: their strength is calibrated
-            # on how the weight error alone acts (torch, activations float), not on activation or
-            # kernel error the Hessian never saw (e.g. int8 saturation on a CPU without VNNI, which
-            # would blow up every cross term of that layer). The own terms stay exported. The output
-            # terms measured it already (out of context); the HVP terms need passes of their own.
-            scale_measured = (
-                own
-                if own is not None
-                else measure_jobs(jobs, slots, torch_loss, len(keys), local=False, device=hessian.device)
-            )
-    bar.close()
-    # Each job's passes: one, and a torch one more where the scale needed its own (HVP terms, exported).
-    job_passes = 2 if scale_measured is not None and own is None else 1
+        linear, matrix = _hvp_terms(hessian, layers, keys, terms_of, bar)
+        bar.close()
+        hvps = len(terms_of)
+    term_seconds = time.perf_counter() - t0
+    matrix = matrix.copy()
+    for k in keys:
+        if is_quantized(k[1]) and k not in interacting:
+            matrix[index[k], index[k]] = options.option(*k).omega
+    base_loss = hessian.loss()
+
+    t_own = time.perf_counter()
+    measured = None
+    sources: list[str] = []
+    onnx_passes = torch_passes = 0
+    if measure_singles:
+        sources = [_own_source(k, single_loss is not None, k in interacting, method) for k in keys]
+        measured = np.zeros(len(keys))
+        for i, src in enumerate(sources):
+            if src == "torch" and own is not None:
+                measured[i] = own[i]
+            elif src == "estimate":
+                measured[i] = 0.5 * matrix[i, i]
+        by_onnx = [k for k, src in zip(keys, sources, strict=True) if src == "onnxruntime"]
+        by_torch = [k for k, src in zip(keys, sources, strict=True) if src == "torch" and own is None]
+        bar = tqdm(
+            total=len(by_onnx) + 1 if by_onnx else 0,
+            desc="own terms (onnxruntime)",
+            disable=not progress or not distributed.is_main() or not by_onnx,
+            leave=False,
+        )
+        if by_onnx:
+            assert single_loss is not None
+            got = measured_own_terms(by_onnx, single_loss, local=True, device=hessian.device, bar=bar)
+            measured[[index[k] for k in by_onnx]] = got
+            onnx_passes = len(by_onnx) + 1
+        bar.close()
+        if by_torch:
+            torch_loss = weights_single_loss(hessian, prepared, deltas)
+            got = measured_own_terms(by_torch, torch_loss, local=False, device=hessian.device, base=base_loss)
+            measured[[index[k] for k in by_torch]] = got
+            torch_passes = len(by_torch)
+    seconds = time.perf_counter() - t0
+    term_forward = hvps + 1 if hvps else term_passes
     dep = DependencyModel(
         layers=layers,
         keys=keys,
         linear=linear,
         matrix=matrix,
         measured=measured,
-        scale_measured=scale_measured,
+        own_source=tuple(sources),
         own_loss=own,
-        context=context if measure_singles else {},
-        base_loss=hessian.loss(),
+        interacting=len(terms_of),
+        base_loss=base_loss,
         hvps=hvps,
-        forward_passes=len(jobs) * job_passes,
-        seconds=time.perf_counter() - t0,
+        forward_passes=onnx_passes + torch_passes,
+        seconds=seconds,
         clip_search=clip_search,
         numerics=numerics or ("weights" if single_loss is None else "custom"),
         method=method,
         costs={
             # The terms' passes (a gradient, and per HVP one first and one second backward that stop
-            # early; or the output changes), the singles' passes, and the base loss.
+            # early; or the output changes), the own terms' passes, and the base loss.
             **stage_costs(
-                len(jobs) * job_passes + 1 + (hvps + 1 if hvps else term_passes),
+                term_forward + torch_passes + onnx_passes + 1,
                 1 + 2 * hvps if hvps else 0,
-                time.perf_counter() - t0,
+                seconds,
                 device=hessian.device,
             ),
-            "term_forward_passes": float(hvps + 1 if hvps else term_passes),
+            "term_forward_passes": float(term_forward),
+            "term_seconds": term_seconds,
+            "onnx_passes": float(onnx_passes),
+            "own_term_seconds": seconds - (t_own - t0),
             # Output terms: the share of each key's pass replayed from the float pass (hawqtool.replay).
             **({"term_replayed_fraction": float(replayed)} if replayed is not None else {}),
         },
     )
     log.info(
-        "dependency model (%s): %d (layer, format) pairs, %d HVPs, %d + %d passes, %.1f s",
+        "dependency model (%s): %d (layer, format) pairs, %d interacting, %d HVPs, %d term passes, "
+        "%d own-term passes (%d onnxruntime), %.1f s",
         method,
         len(keys),
+        dep.interacting,
         dep.hvps,
-        dep.costs["term_forward_passes"],
+        term_forward,
         dep.forward_passes,
+        onnx_passes,
         dep.seconds,
     )
     return dep
 
 
+def _own_source(key: tuple[str, str], by_single_loss: bool, interacting: bool, method: str) -> str:
+    """Where ``key``'s own term comes from (:attr:`DependencyModel.own_source`)."""
+    if not is_quantized(key[1]):
+        return "float"
+    if by_single_loss and not torch_models(key[1]):
+        return "onnxruntime"
+    return "torch" if interacting or method == "hvp" else "estimate"
+
+
 def planned_passes(
-    options: OptionTable, *, method: str, exported: bool, measure_singles: bool = True
+    options: OptionTable,
+    *,
+    method: str,
+    exported: bool,
+    measure_singles: bool = True,
+    tolerance: float = INTERACTION_TOLERANCE,
 ) -> tuple[int, int]:
     """The passes over the calibration split :func:`build_dependency_model` will take, in torch and
     in onnxruntime, a backward counted as two forwards (for :mod:`hawqtool.forecast`). Torch: the
-    terms (``output``: one forward per quantized key and the base, some of it replayed; ``hvp``: a
-    gradient and per key one HVP), the base loss, and the singles unless they are ``exported`` (then
-    in onnxruntime; ``hvp`` adds a torch pass per single for the cross terms' scale). One single per
-    layer and per quantized key.
+    terms of the interacting keys (``output``: one forward per key and the base, some of it replayed;
+    ``hvp``: a gradient and per key one HVP), the base loss, and under ``hvp`` one pass per own term
+    torch measures. Onnxruntime, when ``exported``: one pass per key whose format torch does not
+    model, and one reference.
 
     Example:
         >>> from hawqtool.types import LayerOption
         >>> row = (LayerOption("int4", 1.0, 2.0, 2.0), LayerOption("float", 4.0, 0.0, 0.0))
         >>> planned_passes(OptionTable(("a", "b"), {"a": row, "b": row}, "size"), method="output",
         ...                exported=True)
-        (4, 4)
+        (4, 3)
     """
-    keys = sum(1 for row in options.options.values() for o in row if is_quantized(o.format))
-    terms = 1 + keys if method == "output" else keys + 1 + 2 * (1 + 2 * keys)
-    jobs = len(options.layers) + keys if measure_singles else 0
-    if not exported:
-        return terms + jobs + 1, 0
-    return terms + (jobs if method == "hvp" else 0) + 1, jobs
+    quantized = [o.format for row in options.options.values() for o in row if is_quantized(o.format)]
+    n = len(interacting_keys(options, tolerance))
+    terms = 1 + n if method == "output" else n + 1 + 2 * (1 + 2 * n)
+    if not measure_singles:
+        return terms + 1, 0
+    onnx = sum(1 for fmt in quantized if not torch_models(fmt)) if exported else 0
+    torch_singles = len(quantized) - onnx if method == "hvp" else 0
+    return terms + torch_singles + 1, onnx + 1 if onnx else 0
 
 
 def _hvp_terms(

@@ -28,7 +28,7 @@ from hawqtool.types import ExportSettings, OptionTable, SensitivityTable
 log = logging.getLogger(__name__)
 
 #: Bumped when the dependency terms are computed differently (old caches are then ignored).
-DEPENDENCY_VERSION = "dep-v3"
+DEPENDENCY_VERSION = "dep-v4"
 
 
 def versions() -> dict[str, str]:
@@ -120,7 +120,6 @@ def dependency_key(
         parts.append(
             {
                 "numerics": "exported",
-                "cross_term_scale": "weights",
                 "plan": PLAN_VERSION,
                 "export": asdict(settings),
                 "provider": recipe.evaluate.provider,

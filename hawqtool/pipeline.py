@@ -191,12 +191,11 @@ def dependency_method(ws: Workspace) -> str:
 
 
 def _dependency_cache(ws: Workspace, options: OptionTable, table: SensitivityTable, method: str) -> Path:
-    """Where the dependency terms of these options, by ``method``, are cached
-    (:func:`hawqtool.environment.dependency_key`)."""
+    """Where the dependency terms of these options, by ``method`` and the recipe's interaction
+    tolerance, are cached (:func:`hawqtool.environment.dependency_key`)."""
     key = dependency_key(ws.recipe, options, table, settings=ws.export_settings)
-    if method != "hvp":  # hvp keeps the key of the caches written before the setting
-        key = settings_key(key, {"dependency_method": method})
-    return cache_dir() / "dependency" / f"{key}.json"
+    settings = {"dependency_method": method, "tolerance": ws.recipe.search.dependency_tolerance}
+    return cache_dir() / "dependency" / f"{settings_key(key, settings)}.json"
 
 
 def dependencies(
@@ -230,6 +229,7 @@ def dependencies(
         single_loss=single_loss,
         numerics=numerics,
         method=method,
+        tolerance=ws.recipe.search.dependency_tolerance,
         seed=ws.recipe.hessian.seed,
         progress=progress,
     )
@@ -538,7 +538,12 @@ def _forecast(
     cached = dependency and _dependency_cache(ws, options, table, method).is_file()
     samples = {name: sum(batch_size(x) for x, _ in ws.split(name)) for name in SPLITS}
     torch_passes, onnx_passes = (
-        planned_passes(options, method=method, exported=r.search.dependency_numerics == "exported")
+        planned_passes(
+            options,
+            method=method,
+            exported=r.search.dependency_numerics == "exported",
+            tolerance=r.search.dependency_tolerance,
+        )
         if dependency and not cached
         else (0, 0)
     )

@@ -219,6 +219,9 @@ class SearchSection(_Section):
     # forward pass each, no HVPs), hvp (one Hessian-vector product each, as in 0.3); auto: output for
     # the built-in losses (cross_entropy, mse, kl), hvp for a custom one.
     dependency_method: Literal["auto", "output", "hvp"] = "auto"
+    # The keys with the smallest √Ω, together at most this share of Σ√Ω, get no cross terms (their
+    # |cross terms| are bounded by √Ω each): each one saves a forward pass (or an HVP). 0: every key.
+    dependency_tolerance: float = Field(0.1, ge=0, lt=1)
     # Bisection stops once the cheapest meeting and the dearest missing candidate differ in cost by at
     # most this fraction: on a frontier of thousands of points (an LLM's), telling sizes 0.1 % apart
     # costs evaluations of minutes each and changes nothing a user could resolve. 0: to the neighbour.

@@ -404,13 +404,15 @@ def _dependency_cost(d: Mapping[str, Any]) -> str:
     :func:`_stage_cost`.
 
     Example:
-        >>> _dependency_cost({"method": "output", "numerics": "exported", "pairs": 9, "hvps": 0,
-        ...     "costs": {"forward_passes": 22.0, "backward_passes": 0.0, "seconds": 1.5}})
-        'output-space, exported numerics: 9 (layer, format) pairs, 22 forward and 0 backward passes, 0 Hessian-vector products, 1.5 s'
+        >>> _dependency_cost({"method": "output", "numerics": "exported", "pairs": 9, "interacting": 4,
+        ...     "hvps": 0, "costs": {"forward_passes": 22.0, "backward_passes": 0.0, "seconds": 1.5}})
+        'output-space, exported numerics: 9 (layer, format) pairs, 4 with cross terms, 22 forward and 0 backward passes, 0 Hessian-vector products, 1.5 s'
     """
     method = {"output": "output-space", "hvp": "Hessian-vector products"}.get(d.get("method", ""), "?")
+    interacting = f"{d['interacting']} with cross terms, " if "interacting" in d else ""
     return (
         f"{method}, {d.get('numerics', '?')} numerics: {d.get('pairs', '?')} (layer, format) pairs, "
+        + interacting
         + _stage_cost(d.get("costs") or {}, d.get("hvps", 0))
     )
 

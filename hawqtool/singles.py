@@ -2,7 +2,7 @@
 layers quantized, in torch (weights fake-quantized) or in onnxruntime (the exported QDQ model).
 
 Each quantized (layer, format) key's own term of :meth:`hawqtool.dependency.DependencyModel.score` is the
-change of this loss when the layer is quantized while the others sit at their middle candidate format.
+change of this loss when the layer alone is quantized, every other layer float (out of context).
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ import torch
 
 from hawqtool import distributed
 from hawqtool.errors import UsageError
-from hawqtool.formats import format_bits, is_quantized
+from hawqtool.formats import is_quantized, parse_format
 from hawqtool.hvp import SplitHessian
 from hawqtool.prepare import PreparedModel
 from hawqtool.quantizer import dequantize_as
-from hawqtool.types import OptionTable
 
 if TYPE_CHECKING:
     import onnx
@@ -35,20 +34,28 @@ Allocation = Mapping[str, str]
 SingleLoss = Callable[[Allocation], float]
 
 
-def measure_jobs(
-    jobs: Sequence[dict[str, str]],
-    slots: Sequence[tuple[int, int, int]],
+def measured_own_terms(
+    keys: Sequence[tuple[str, str]],
     measure: SingleLoss,
-    n_keys: int,
     *,
     local: bool,
     device: torch.device,
+    base: float | None = None,
     bar: Any = None,
 ) -> np.ndarray:
-    """Each quantized key's measured loss change in context (its job's loss minus its reference
-    job's). A rank-local ``measure`` (onnxruntime) runs this rank's share of the jobs and the losses
-    are summed over the ranks; the torch default is itself a collective step and runs them all."""
+    """Each key's own term: the loss change with only its layer quantized in its format, every other
+    layer float (out of context), one pass per key and one for the all-float reference unless
+    ``base`` gives it. A rank-local ``measure`` (onnxruntime) runs this rank's share of the passes
+    and the losses are summed over the ranks; the torch default is itself a collective step and runs
+    them all.
+
+    Example:
+        >>> loss = lambda alloc: 1.0 + sum(0.25 for fmt in alloc.values() if fmt != "float")
+        >>> measured_own_terms([("a", "int4"), ("b", "int8")], loss, local=False, device=torch.device("cpu"))
+        array([0.25, 0.25])
+    """
     what = "the dependency stage's loss passes"
+    jobs: list[dict[str, str]] = ([] if base is not None else [{}]) + [{f: fmt} for f, fmt in keys]
     mine = distributed.shard(len(jobs)) if local else range(len(jobs))
     losses = torch.zeros(len(jobs), dtype=torch.float64, device=device)
     with distributed.shared_failure(what) if local else contextlib.nullcontext():
@@ -59,16 +66,13 @@ def measure_jobs(
     if local:
         distributed.all_reduce_sum([losses], what=what)
     values = losses.cpu().numpy()
-    measured = np.zeros(n_keys)
-    for row, ref, job in slots:
-        measured[row] = values[job] - values[ref]
-    return measured
+    return values[len(jobs) - len(keys) :] - (values[0] if base is None else base)
 
 
 def weights_single_loss(
     hessian: SplitHessian, prepared: PreparedModel, deltas: Mapping[tuple[str, str], torch.Tensor]
 ) -> SingleLoss:
-    """The default ``single_loss``: ``hessian.loss`` with the allocation's weights fake-quantized
+    """The torch ``single_loss``: ``hessian.loss`` with the allocation's weights fake-quantized
     (W + Δ), activations float. A collective step under a process group (it shards the batches)."""
     weights = {f: prepared.weight(f).to(hessian.device) for f, _ in deltas}
 
@@ -80,27 +84,17 @@ def weights_single_loss(
     return loss
 
 
-def single_jobs(
-    options: OptionTable,
-    context: Mapping[str, str],
-    deltas: Mapping[tuple[str, str], torch.Tensor],
-    index: Mapping[tuple[str, str], int],
-) -> tuple[list[dict[str, str]], list[tuple[int, int, int]]]:
-    """The allocations whose losses give the measured single-layer changes, and per quantized key
-    ``(row of the key, job of its reference, job of the key)``: for each layer, the other layers in
-    ``context`` (the reference), then the layer in each of its quantized formats on top."""
-    background = {f: fmt for f, fmt in context.items() if is_quantized(fmt)}
-    jobs: list[dict[str, str]] = []
-    slots: list[tuple[int, int, int]] = []
-    for f in options.layers:
-        others = {g: fmt for g, fmt in background.items() if g != f}
-        ref = len(jobs)
-        jobs.append(others)
-        for fmt in (o.format for o in options.options[f]):
-            if (f, fmt) in deltas:
-                slots.append((index[(f, fmt)], ref, len(jobs)))
-                jobs.append({**others, f: fmt})
-    return jobs, slots
+def torch_models(fmt: str) -> bool:
+    """Whether torch's fake-quantized weights (W + Δ, activations float) model what the exported
+    model computes with ``fmt``: every weight-only format. Formats that quantize activations (``intB``,
+    calibrated uint8; ``intB-d``, at run time) are measured on the exported model.
+
+    Example:
+        >>> torch_models("int4-w"), torch_models("int4-b32"), torch_models("int8"), torch_models("int8-d")
+        (True, True, False, False)
+    """
+    f = parse_format(fmt)
+    return not (f.activations or f.dynamic)
 
 
 def onnx_loss(
@@ -167,12 +161,6 @@ def exported_single_loss(
         return onnx_loss(model, batches, loss_fn, io=io, threads=threads, provider=provider)
 
     return loss
-
-
-def middle_format(options: OptionTable, fqn: str) -> str:
-    """The median-bits candidate of a layer ({2,4,8} → int4, {4,8,float} → int8)."""
-    fmts = sorted((o.format for o in options.options[fqn]), key=format_bits)
-    return fmts[len(fmts) // 2]
 
 
 def measured_change(

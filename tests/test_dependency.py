@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from hawqtool.dependency import (
     DependencyModel,
     build_dependency_model,
     candidates_for_search,
+    interacting_keys,
     make_repair,
     measured_change,
     nondominated,
@@ -89,8 +92,10 @@ def planted(request):
     prepared = prepare_model(model, x[:4])
     hessian = SplitHessian(prepared, batches, F.mse_loss, device="cpu")
     options = option_table(prepared, ("int2", "int3", "int4", "float"), dict.fromkeys(prepared.fqns, 1.0))
-    # The model is linear in all its weights jointly: both methods are exact.
-    dep = build_dependency_model(hessian, prepared, options, method=request.param, progress=False)
+    # The model is linear in all its weights jointly: both methods are exact. Every key interacts.
+    dep = build_dependency_model(
+        hessian, prepared, options, method=request.param, tolerance=0.0, progress=False
+    )
     return prepared, hessian, options, dep, x
 
 
@@ -134,27 +139,93 @@ def test_prediction_is_exact_on_a_quadratic_loss(planted) -> None:
         assert dep.costs["term_forward_passes"] == 1 + 9
     # The forecast's count (hawqtool.forecast) is what the stage spends, a backward as two forwards.
     spent = dep.costs["forward_passes"] + 2 * dep.costs["backward_passes"]
-    assert planned_passes(options, method=dep.method, exported=False) == (spent, 0)
+    assert planned_passes(options, method=dep.method, exported=False, tolerance=0.0) == (spent, 0)
 
 
-def test_measured_singles_hold_the_context_interaction(planted) -> None:
+def test_own_terms_are_measured_out_of_context(planted) -> None:
     prepared, hessian, options, dep, _ = planted
-    assert dict(dep.context) == dict.fromkeys("abc", "int4")  # the middle of int2 < int3 < int4 < float
-    assert dep.forward_passes == 3 + 9
-    for fmt in ("int2", "int3", "int4"):
-        own = dep.first_order({"a": "float", "b": "float", "c": fmt}) + 0.5 * dep.term("c", fmt, "c", fmt)
-        # c interacts with nothing: in any context, its measured change is its own quadratic term.
-        assert dep.measured[dep.index("c", fmt)] == pytest.approx(own, rel=1e-4)
-        # a's measurement is taken with b at int4, so it includes the a–b cross term exactly once.
-        own_a = dep.first_order({"a": fmt, "b": "float", "c": "float"}) + 0.5 * dep.term("a", fmt, "a", fmt)
-        cross = dep.term("a", fmt, "b", "int4")
-        assert dep.measured[dep.index("a", fmt)] == pytest.approx(own_a + cross, rel=1e-4, abs=1e-7)
+    floats = dict.fromkeys("abc", "float")
+    for f, fmt in dep.keys:
+        if fmt == "float":
+            assert dep.own_source[dep.index(f, fmt)] == "float" and dep.measured[dep.index(f, fmt)] == 0.0
+            continue
+        # Only layer f quantized: on a quadratic loss its change is exactly gᵀΔ + ½ΔᵀH_ffΔ, a and b alike
+        # (their interaction is not in it: that is the cross term's job).
+        alone = {**floats, f: fmt}
+        own = dep.first_order(alone) + 0.5 * dep.term(f, fmt, f, fmt)
+        assert dep.measured[dep.index(f, fmt)] == pytest.approx(own, rel=1e-4, abs=1e-9)
+        assert dep.own_source[dep.index(f, fmt)] == "torch"
+    # So own terms plus cross terms are the whole second-order model: score = predict everywhere.
+    for alloc in all_allocations(options):
+        assert dep.score(alloc) == pytest.approx(dep.predict(alloc), rel=3e-4, abs=1e-6)  # 3 own terms
+    # The output method's own terms come from its term passes; the HVP method takes a pass per key.
+    assert dep.forward_passes == (0 if dep.method == "output" else 9)
+    assert dep.summary()["own_terms"] == {"torch": 9, "float": 3}
     plain = build_dependency_model(
-        hessian, prepared, options, measure_singles=False, method=dep.method, progress=False
+        hessian, prepared, options, measure_singles=False, method=dep.method, tolerance=0.0, progress=False
     )
-    assert plain.measured is None and plain.forward_passes == 0
+    assert plain.measured is None and plain.forward_passes == 0 and plain.own_source == ()
     for alloc in all_allocations(options)[::7]:
         assert plain.score(alloc) == pytest.approx(plain.predict(alloc))
+
+
+def test_keys_left_out_of_the_interactions(planted) -> None:
+    prepared, hessian, options, full, _ = planted
+    # Ω by hand: layer a's errors weigh most, so the tolerance leaves out c's and b's small ones.
+    weight = {"a": 100.0, "b": 1.0, "c": 0.01}
+    table = OptionTable(
+        options.layers,
+        {
+            f: tuple(replace(o, omega=o.sq_error * weight[f]) for o in options.options[f])
+            for f in options.layers
+        },
+        "size",
+        options.params,
+    )
+    kept = interacting_keys(table, 0.2)
+    root = {k: math.sqrt(table.option(*k).omega) for k in full.keys if k[1] != "float"}
+    out = set(root) - kept
+    assert out and kept and ("a", "int2") in kept
+    assert (
+        sum(root[k] for k in out)
+        <= 0.2 * sum(root.values())
+        < sum(root[k] for k in out) + min(root[k] for k in kept)
+    )  # the smallest keys, as many as fit in the share
+    assert interacting_keys(table, 0.0) == set(root)
+    dep = build_dependency_model(hessian, prepared, table, method=full.method, tolerance=0.2, progress=False)
+    assert dep.interacting == len(kept) and dep.summary()["interacting"] == len(kept)
+    for k in full.keys:
+        i = dep.index(*k)
+        if k in kept:  # the kept keys' terms are the full model's, exactly
+            for j, other in enumerate(full.keys):
+                if other in kept:
+                    assert dep.matrix[i, j] == pytest.approx(full.matrix[i, j], rel=1e-12, abs=1e-15)
+        elif k in out:  # a key left out: no cross terms, Ω on the diagonal
+            assert np.count_nonzero(dep.matrix[i]) == 1 and dep.matrix[i, i] == table.option(*k).omega
+            expected = (
+                ("estimate", 0.5 * table.option(*k).omega) if dep.method == "output" else ("torch", None)
+            )
+            assert dep.own_source[i] == expected[0]
+            if expected[1] is not None:
+                assert dep.measured[i] == expected[1]
+    # One term pass (or HVP) per kept key: what the forecast counts too.
+    spent = dep.costs["forward_passes"] + 2 * dep.costs["backward_passes"]
+    assert planned_passes(table, method=dep.method, exported=False, tolerance=0.2) == (spent, 0)
+    assert dep.hvps == (len(kept) if dep.method == "hvp" else 0)
+    # What leaving them out can change in any score is bounded: √Ω_k √Ω_j per dropped cross term
+    # (Cauchy–Schwarz; here Ω_k = Δ_kᵀH_kkΔ_k only up to the hand-made weights, so the bound uses the
+    # exact diagonal), plus the own term's estimate.
+    diag = np.diag(full.matrix)
+    for alloc in all_allocations(options)[::5]:
+        idx = [full.index(f, alloc[f]) for f in full.layers]
+        bound = sum(
+            abs(dep.measured[i] - full.measured[i]) + sum(math.sqrt(diag[i] * diag[j]) for j in idx if j != i)
+            for i in idx
+            if full.keys[i] in out
+        )
+        assert abs(dep.score(alloc) - full.score(alloc)) <= bound + 1e-12
+    with pytest.raises(UsageError, match=r"tolerance must be in \[0, 1\), got 1.5"):
+        interacting_keys(table, 1.5)
 
 
 def test_round_trip_and_errors(planted, tmp_path) -> None:
@@ -164,7 +235,8 @@ def test_round_trip_and_errors(planted, tmp_path) -> None:
     back = DependencyModel.from_dict(json.loads(path.read_text()))
     alloc = {"a": "int2", "b": "int4", "c": "int3"}
     assert back.predict(alloc) == dep.predict(alloc) and back.keys == dep.keys
-    assert back.score(alloc) == dep.score(alloc) and dict(back.context) == dict(dep.context)
+    assert back.score(alloc) == dep.score(alloc) and back.own_source == dep.own_source
+    assert back.interacting == dep.interacting == 9
     assert back.method == dep.method and dict(back.costs) == dict(dep.costs)
     old = dep.to_dict()
     del old["method"], old["costs"]
@@ -222,7 +294,7 @@ def test_hvp_terms_match_the_exact_hessian(mlp_exact) -> None:
     prepared, hessian, H, g, sizes = mlp_exact
     assert H.shape == (sum(sizes), sum(sizes)) == (64 * 8 + 8 * 10,) * 2
     options = option_table(prepared, ("int2", "int4", "int8"), dict.fromkeys(prepared.fqns, 1.0))
-    dep = build_dependency_model(hessian, prepared, options, method="hvp", progress=False)
+    dep = build_dependency_model(hessian, prepared, options, method="hvp", tolerance=0.0, progress=False)
     offsets = dict(zip(prepared.fqns, np.cumsum([0, *sizes[:-1]]).tolist(), strict=True))
 
     def flat_delta(fqn: str, fmt: str) -> torch.Tensor:
@@ -304,7 +376,9 @@ def test_on_a_quadratic_loss_the_prediction_is_the_measured_change_and_cross_ter
     hessian = SplitHessian(prepared, [(x[:128], y[:128]), (x[128:], y[128:])], F.mse_loss, device="cpu")
     traces = layer_traces(prepared, hessian)
     options = option_table(prepared, ("int2", "int3", "int4"), traces)
-    dep = build_dependency_model(hessian, prepared, options, measure_singles=False, progress=False)
+    dep = build_dependency_model(
+        hessian, prepared, options, measure_singles=False, tolerance=0.0, progress=False
+    )
     cross_share = []
     for fa, fb in itertools.product(("int2", "int3", "int4"), repeat=2):
         alloc = {"a": fa, "b": fb}

@@ -57,17 +57,25 @@ def quantized_keys(dep: DependencyModel) -> list[int]:
 
 
 def test_weight_only_formats_measure_the_same_in_onnxruntime_as_in_torch(tiny) -> None:
-    # DequantizeLinear + float MatMul is the same arithmetic as torch with W + Δ.
+    # DequantizeLinear + float MatMul is the same arithmetic as torch with W + Δ: so the stage takes
+    # their own terms from torch and spends no onnxruntime pass on them.
+    ws, _, exported = dependency(tiny, "exported", "[int2-w, int4-w, float]")
     _, _, weights = dependency(tiny, "weights", "[int2-w, int4-w, float]")
-    _, _, exported = dependency(tiny, "exported", "[int2-w, int4-w, float]")
     assert (weights.numerics, exported.numerics) == ("weights", "exported")
-    assert weights.keys == exported.keys and dict(weights.context) == dict(exported.context)
-    assert weights.measured is not None and exported.measured is not None
-    q = quantized_keys(weights)
-    assert np.abs(weights.measured[q]).min() > 1e-4  # something to compare: not all ~0
-    np.testing.assert_allclose(exported.measured, weights.measured, rtol=1e-5, atol=1e-7)
-    # Same Hessian terms: only the measurements' source differs.
+    assert exported.costs["onnx_passes"] == 0 and "onnxruntime" not in exported.own_source
+    np.testing.assert_array_equal(exported.measured, weights.measured)
     np.testing.assert_array_equal(exported.matrix, weights.matrix)
+    # The premise, measured: onnxruntime's loss change equals torch's for these formats.
+    onnx = exported_single_loss(lambda: pipeline.exporter(ws), ws.calibration, ws.loss_fn, threads=2)
+    hessian = SplitHessian(ws.prepared, ws.calibration, ws.loss_fn, device="cpu")
+    base = onnx({})
+    measured_keys = [k for k, src in zip(exported.keys, exported.own_source, strict=True) if src == "torch"]
+    assert {fmt for _, fmt in measured_keys} == {"int2-w", "int4-w"}
+    for fqn, fmt in measured_keys:
+        torch_change = measured_change(hessian, ws.prepared, {fqn: fmt})
+        assert abs(torch_change) > 1e-4  # something to compare: not ~0
+        assert onnx({fqn: fmt}) - base == pytest.approx(torch_change, rel=1e-5, abs=1e-7)
+        assert exported.measured[exported.index(fqn, fmt)] == pytest.approx(torch_change, rel=1e-5, abs=1e-7)
 
 
 def _independent_loss(ws: pipeline.Workspace, allocation: dict[str, str]) -> float:
@@ -88,12 +96,15 @@ def test_activation_formats_measure_the_exported_model(tiny) -> None:
     ws, _, exported = dependency(tiny, "exported", formats)
     _, _, weights = dependency(tiny, "weights", formats)
     assert exported.measured is not None and weights.measured is not None
-    context = {f: fmt for f, fmt in exported.context.items() if is_quantized(fmt)}
-    assert context and all(parse_format(fmt).activations for fmt in context.values())
+    activation_keys = [i for i, (_, fmt) in enumerate(exported.keys) if is_quantized(fmt)]
+    assert all(parse_format(exported.keys[i][1]).activations for i in activation_keys)
+    assert {exported.own_source[i] for i in activation_keys} == {"onnxruntime"}
+    assert exported.costs["onnx_passes"] == len(activation_keys) + 1  # and one all-float reference
     missed = {}
+    reference = _independent_loss(ws, {})
     for fqn, fmt in [("hidden.0", "int8"), ("head", "int4")]:
-        others = {g: m for g, m in context.items() if g != fqn}
-        expected = _independent_loss(ws, {**others, fqn: fmt}) - _independent_loss(ws, others)
+        # Out of context: this layer alone quantized, every other float.
+        expected = _independent_loss(ws, {fqn: fmt}) - reference
         got = exported.measured[exported.index(fqn, fmt)]
         assert got == pytest.approx(expected, rel=1e-5, abs=1e-7)
         missed[(fqn, fmt)] = abs(got - weights.measured[weights.index(fqn, fmt)])
@@ -105,22 +116,14 @@ def test_activation_formats_measure_the_exported_model(tiny) -> None:
         assert gap > 10 * (1e-5 * m + 1e-7), (key, gap, m)
 
 
-def test_exported_own_terms_with_cross_terms_scaled_by_the_weight_only_measurement(tiny) -> None:
-    # With exported numerics the score's own terms are the exported m_k, but the cross terms are
-    # weight-error interactions: their strengths come from a weight-only measurement. The output
-    # terms' passes give it: each key's loss change with its weight error alone (out of context).
-    # Known answers: that equals the direct torch measurement, and the exported score is the sum of
-    # the exported own terms and the cross terms of the weights model scaled the same way.
+def test_exported_own_terms_with_the_weights_cross_terms(tiny) -> None:
+    # With exported numerics the score's own terms are the exported m_k; the cross terms are
+    # weight-error interactions, the same as under weights numerics. Known answer: the two scores
+    # differ by the own terms alone.
     formats = "[int4, int8, float]"
-    ws, options, exported = dependency(tiny, "exported", formats)
+    _, options, exported = dependency(tiny, "exported", formats)
     _, _, weights = dependency(tiny, "weights", formats)
-    assert exported.method == "output" and exported.own_loss is not None and weights.scale_measured is None
-    np.testing.assert_array_equal(exported.scale_measured, exported.own_loss)
-    hessian = SplitHessian(ws.prepared, ws.calibration, ws.loss_fn, device="cpu")
-    for f, fmt in exported.keys[:4]:
-        direct = measured_change(hessian, ws.prepared, {f: fmt}) if is_quantized(fmt) else 0.0
-        assert exported.own_loss[exported.index(f, fmt)] == pytest.approx(direct, rel=1e-5, abs=1e-9)
-    weights = replace(weights, scale_measured=exported.own_loss)
+    np.testing.assert_array_equal(exported.matrix, weights.matrix)
 
     def own(d: DependencyModel, alloc: dict[str, str]) -> float:
         assert d.measured is not None
@@ -132,9 +135,11 @@ def test_exported_own_terms_with_cross_terms_scaled_by_the_weight_only_measureme
         cross_weights = weights.score(alloc) - own(weights, alloc)
         assert abs(cross_weights) > 0  # there are cross terms to compare
         assert cross_exported == pytest.approx(cross_weights, rel=1e-9, abs=1e-12)
+        assert own(exported, alloc) != own(weights, alloc)  # the activations' error is in the own terms
     # And it survives the cache's JSON round trip.
     again = DependencyModel.from_dict(json.loads(json.dumps(exported.to_dict())))
-    np.testing.assert_array_equal(again.scale_measured, exported.scale_measured)
+    np.testing.assert_array_equal(again.measured, exported.measured)
+    assert again.own_source == exported.own_source
 
 
 def test_the_cache_key_names_the_numerics_and_the_model_round_trips(tiny, caplog) -> None:
@@ -146,7 +151,7 @@ def test_the_cache_key_names_the_numerics_and_the_model_round_trips(tiny, caplog
     key_wts = dependency_key(w_wts.recipe, options, table, settings=w_wts.export_settings)
     assert key_exp != key_wts
     # Weight numerics keep the key of the caches written before the setting existed.
-    assert key_wts == settings_key(table.fingerprint, options.to_dict(), "dep-v3")
+    assert key_wts == settings_key(table.fingerprint, options.to_dict(), "dep-v4")
     # A second call loads the cached model: same numbers, same numerics.
     with caplog.at_level(logging.INFO, logger="hawqtool"):
         again = pipeline.dependencies(w_exp, options, table, progress=False)
@@ -221,7 +226,6 @@ try:
             json.dump(
                 {
                     "measured": dep.measured.tolist(),
-                    "scale_measured": dep.scale_measured.tolist(),
                     "calls": calls,
                     "jobs": dep.forward_passes,
                 },
@@ -257,12 +261,10 @@ def test_two_ranks_share_the_measurements_and_agree_with_one(dep_worker, tmp_pat
     assert codes == [0, 0], errs
     two = json.loads((tmp_path / "two.json").read_text())
     one, calls = exported_dependency(model, calib)
-    assert calls == two["jobs"] == 9  # 3 layers × (reference + int4 + int8)
-    # The cross terms' weight-only scale comes from the output terms' own passes (own_loss).
-    assert one.forward_passes == 9 and one.own_loss is not None
-    assert two["calls"] == 5  # rank 0's share: jobs 0, 2, 4, 6, 8
+    assert calls == two["jobs"] == 7  # the all-float reference + 3 layers × (int4, int8)
+    assert one.forward_passes == 7
+    assert two["calls"] == 4  # rank 0's share: jobs 0, 2, 4, 6
     np.testing.assert_allclose(two["measured"], one.measured, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(two["scale_measured"], one.scale_measured, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.slow

@@ -114,8 +114,8 @@ def test_the_output_method_in_the_dependency_model_and_its_errors() -> None:
             for fmt, b in (("int2", 2), ("int4", 4), ("float", 32))
         )
     options = OptionTable(prepared.fqns, rows, "size", {layer.fqn: layer.params for layer in prepared.layers})
-    out = build_dependency_model(hessian, prepared, options, method="output", progress=False)
-    hvp = build_dependency_model(hessian, prepared, options, method="hvp", progress=False)
+    out = build_dependency_model(hessian, prepared, options, method="output", tolerance=0.0, progress=False)
+    hvp = build_dependency_model(hessian, prepared, options, method="hvp", tolerance=0.0, progress=False)
     assert out.method == "output" and out.hvps == 0 and hvp.hvps == 4
     np.testing.assert_allclose(out.matrix, hvp.matrix, rtol=1e-4, atol=1e-7 * np.abs(hvp.matrix).max())
     assert out.costs["backward_passes"] == 0 and out.costs["seconds"] > 0

@@ -43,7 +43,13 @@ def test_quantize_writes_the_contract(tiny_run: Path) -> None:
     d = rep["dependency"]
     assert (d["method"], d["numerics"], d["hvps"]) == ("output", "exported", 0)
     assert d["pairs"] == sum(1 for _ in rep["result"]["allocation"]) * 4  # int2, int4, int8, float
-    assert d["costs"]["forward_passes"] > d["pairs"] and d["costs"]["seconds"] > 0
+    # Every quantized pair quantizes activations: its own term is an onnxruntime pass (and one reference).
+    quantized = d["pairs"] * 3 // 4
+    assert d["own_terms"] == {"onnxruntime": quantized, "float": d["pairs"] - quantized}
+    assert d["costs"]["onnx_passes"] == quantized + 1 and 1 <= d["interacting"] <= quantized
+    assert d["costs"]["term_forward_passes"] == d["interacting"] + 1  # the float pass and one per key
+    assert d["costs"]["forward_passes"] == d["costs"]["term_forward_passes"] + quantized + 1 + 1  # + base
+    assert d["costs"]["seconds"] > 0
     assert f"{d['pairs']} (layer, format) pairs" in (tiny_run / "report.md").read_text()
     # The forecast made after the traces bounds the search's evaluations (cost: size).
     assert rep["search"]["evaluations"] <= rep["forecast_s"]["evaluations"]
