@@ -5,13 +5,15 @@ Per model (a built-in recipe, run on the CPU):
 
 - costs: seconds and passes over the calibration split (forward / backward) of the traces by each
   estimator (``hessian.estimator``: ``hutchinson``, ``gauss_newton``) and of the dependency terms by
-  each method (``search.dependency_method``: ``hvp``, ``output``);
+  each method (``search.dependency_method``: ``hvp`` and ``output`` over every key, as 0.3 and 0.4.1
+  computed them, and ``output`` over the interacting keys at ``--tolerance``, the default stage),
+  and of the own terms (out of context; onnxruntime under ``--numerics exported``);
 - ranking: over ``--allocs`` random allocations (each layer's format drawn uniformly from the recipe's
   formats), the Spearman correlation of each score with the metric drop of the exported QDQ model
   measured in onnxruntime on the evaluation split (paired: the same samples for every allocation):
   ΣΩ from either estimator's traces; the second-order prediction gᵀΔ + ½ΔᵀHΔ of either method
-  (``predict``); and the search's score (``score``: measured single-layer changes in context plus the
-  rescaled cross terms of either method; the measurements are shared, ``--numerics``).
+  (``predict``); the own terms alone; and the search's score (``score``: the own terms plus the cross
+  terms of either method; the own terms are shared).
 
 Models: ``resnet20`` (ResNet-20 on digits, labels), ``mnist`` (the small CNN on MNIST-5k, labels),
 ``minilm`` (all-MiniLM-L6-v2 against its own float model, teacher mse; needs ``pip install
@@ -40,20 +42,19 @@ import torch
 from scipy.stats import spearmanr
 
 from hawqtool import pipeline
-from hawqtool.dependency import DependencyModel, build_dependency_model, candidates_for_search, rescore
+from hawqtool.dependency import (
+    INTERACTION_TOLERANCE,
+    DependencyModel,
+    build_dependency_model,
+    candidates_for_search,
+    rescore,
+)
 from hawqtool.evaluate import evaluate_onnx
 from hawqtool.export import QDQExporter
 from hawqtool.hessian import estimate_traces
 from hawqtool.hvp import SplitHessian
-from hawqtool.quantizer import quant_error
 from hawqtool.search import Measurement
-from hawqtool.singles import (
-    exported_single_loss,
-    measure_jobs,
-    middle_format,
-    single_jobs,
-    weights_single_loss,
-)
+from hawqtool.singles import exported_single_loss
 from hawqtool.tasks import get_metric
 from hawqtool.types import OptionTable, SensitivityTable
 from hawqtool.workspace import check_float_model, onnx_teacher
@@ -101,53 +102,6 @@ def traces(ws: Any, estimator: str) -> SensitivityTable:
         estimator=estimator,
         progress=False,
     )
-
-
-def measured_singles(
-    ws: Any, hessian: SplitHessian, options: OptionTable, numerics: str, exp: QDQExporter, threads: int
-) -> tuple[np.ndarray, np.ndarray | None, dict[str, str], int]:
-    """The single-layer changes in context the score uses (shared by both methods), as the
-    dependency stage measures them; and the passes they took."""
-    keys = tuple((f, o.format) for f in options.layers for o in options.options[f])
-    index = {k: i for i, k in enumerate(keys)}
-    clip = ws.export_settings.clip_search
-    deltas = {
-        (f, fmt): quant_error(ws.prepared.weight(f), fmt, clip_search=clip)
-        for f, fmt in keys
-        if fmt != "float"
-    }
-    context = {f: middle_format(options, f) for f in options.layers}
-    jobs, slots = single_jobs(options, context, deltas, index)
-    torch_loss = weights_single_loss(hessian, ws.prepared, deltas)
-    weights = measure_jobs(jobs, slots, torch_loss, len(keys), local=False, device=hessian.device)
-    if numerics == "weights":
-        return weights, None, context, len(jobs)
-    onnx = exported_single_loss(lambda: exp, ws.calibration, ws.loss_fn, io=ws.io, threads=threads)
-    exported = measure_jobs(jobs, slots, onnx, len(keys), local=True, device=hessian.device)
-    return exported, weights, context, 2 * len(jobs)
-
-
-def exported_excess(
-    ws: Any, options: OptionTable, exp: QDQExporter, dep: DependencyModel, args: Any
-) -> dict[tuple[str, str], float]:
-    """Per quantized key, out of context (every other layer float): the exported model's calibration
-    loss change minus the weight-only one of the output terms' own passes (``own_loss``): what
-    activation quantization and the kernels add. Empty under ``--numerics weights``."""
-    if args.numerics != "exported" or dep.own_loss is None:
-        return {}
-    loss = exported_single_loss(lambda: exp, ws.calibration, ws.loss_fn, io=ws.io, threads=args.threads)
-    t0 = time.perf_counter()
-    base = loss({})
-    out = {
-        (f, o.format): loss({f: o.format}) - base - float(dep.own_loss[dep.index(f, o.format)])
-        for f in options.layers
-        for o in options.options[f]
-        if o.format != "float"
-    }
-    print(
-        f"exported single-layer changes out of context: {len(out) + 1} onnxruntime passes, {time.perf_counter() - t0:.1f} s"
-    )
-    return out
 
 
 def choices(
@@ -228,6 +182,21 @@ def run(key: str, args: argparse.Namespace) -> None:
     options = {e: f[0] for e, f in fronts.items()}
     hessian = SplitHessian(ws.prepared, ws.calibration, ws.loss_fn, device="cpu")
     clip = ws.export_settings.clip_search
+    exp = QDQExporter.build(ws.prepared, ws.calibration, settings=ws.export_settings)
+    onnx = exported_single_loss(lambda: exp, ws.calibration, ws.loss_fn, io=ws.io, threads=args.threads)
+    # The stage as the pipeline runs it: interacting keys only, own terms measured.
+    stage = build_dependency_model(
+        hessian,
+        ws.prepared,
+        options["gauss_newton"],
+        clip_search=clip,
+        single_loss=onnx if args.numerics == "exported" else None,
+        numerics=args.numerics,
+        method="output",
+        tolerance=args.tolerance,
+        progress=False,
+    )
+    # Every key's terms, as 0.3 (HVPs) and 0.4.1 (output space) computed them.
     terms = {
         m: build_dependency_model(
             hessian,
@@ -236,48 +205,51 @@ def run(key: str, args: argparse.Namespace) -> None:
             clip_search=clip,
             measure_singles=False,
             method=m,
+            tolerance=0.0,
             progress=False,
         )
         for m, e in (("hvp", "hutchinson"), ("output", "gauss_newton"))
     }
-    exp = QDQExporter.build(ws.prepared, ws.calibration, settings=ws.export_settings)
-    t0 = time.perf_counter()
-    measured, scale, context, passes = measured_singles(
-        ws, hessian, options["gauss_newton"], args.numerics, exp, args.threads
+    # The own terms of every key (the stage's where it measured them, else from the full term passes).
+    assert stage.measured is not None and terms["output"].own_loss is not None
+    own = np.where(
+        np.isin(stage.own_source, ("onnxruntime", "torch")), stage.measured, terms["output"].own_loss
     )
-    t_singles = time.perf_counter() - t0
-    full: dict[str, DependencyModel] = {
-        # Exported numerics: the HVP terms take their scale from the torch singles, the output terms
-        # from their own passes (as the dependency stage does).
-        m: replace(
-            d,
-            measured=measured,
-            scale_measured=d.own_loss if m == "output" and scale is not None else scale,
-            context=context,
-        )
-        for m, d in terms.items()
-    }
+    full: dict[str, DependencyModel] = {m: replace(d, measured=own) for m, d in terms.items()}
 
     print(
-        "stage                     |  seconds | fwd passes | bwd passes | HVPs | peak MiB | median rel. stderr"
+        "stage                        |  seconds | fwd passes | bwd passes | HVPs | peak MiB | median rel. stderr"
     )
     for e, t in tables.items():
         c = t.costs
         print(
-            f"traces {e:18s} | {t.seconds:8.1f} | {c['forward_passes']:10.0f} | {c['backward_passes']:10.0f} | "
+            f"traces {e:21s} | {t.seconds:8.1f} | {c['forward_passes']:10.0f} | {c['backward_passes']:10.0f} | "
             f"{t.hvps:4d} | {c['peak_memory_mib']:8.0f} | "
             f"{np.median([row.stderr / abs(row.trace) for row in t if row.trace]):.3f}"
         )
-    for m, d in terms.items():
+    rows = {f"terms {m}, every key": d for m, d in terms.items()}
+    for name, d in rows.items():
         c = d.costs
         print(
-            f"dependency terms {m:8s} | {d.seconds:8.1f} | {c['forward_passes']:10.0f} | "
+            f"{name:28s} | {d.seconds:8.1f} | {c['forward_passes']:10.0f} | "
             f"{c['backward_passes']:10.0f} | {d.hvps:4d} | {c['peak_memory_mib']:8.0f}"
         )
-    print(f"singles ({args.numerics}, shared) | {t_singles:8.1f} | {passes:10d} |          0 |    0 |")
+    c = stage.costs
+    print(
+        f"stage: output, tolerance {args.tolerance:<4} | {stage.seconds:8.1f} | {c['forward_passes']:10.0f} | "
+        f"{c['backward_passes']:10.0f} | {stage.hvps:4d} | {c['peak_memory_mib']:8.0f} | "
+        f"{stage.interacting} of {sum(1 for _, f in stage.keys if f != 'float')} keys interacting; "
+        f"{c['term_forward_passes']:.0f} term passes, {c['onnx_passes']:.0f} onnxruntime passes; own terms "
+        f"{stage.summary()['own_terms']}"
+    )
     t_old = tables["hutchinson"].seconds + terms["hvp"].seconds
-    t_new = tables["gauss_newton"].seconds + terms["output"].seconds
-    print(f"traces + terms: 0.3 {t_old:.1f} s, 0.4 {t_new:.1f} s ({t_old / max(t_new, 1e-9):.1f}× cheaper)")
+    t_terms = tables["gauss_newton"].seconds + c["term_seconds"]
+    t_new = tables["gauss_newton"].seconds + stage.seconds
+    print(
+        f"traces + terms: 0.3 {t_old:.1f} s, this stage {t_terms:.1f} s ({t_old / max(t_terms, 1e-9):.1f}× "
+        f"cheaper); with its own terms ({c['own_term_seconds']:.1f} s) {t_new:.1f} s "
+        f"({t_old / max(t_new, 1e-9):.1f}× cheaper than 0.3's traces and terms without theirs)"
+    )
 
     # -- ground truth: the exported models in onnxruntime ----------------------------------------
     t0 = time.perf_counter()
@@ -308,20 +280,10 @@ def run(key: str, args: argparse.Namespace) -> None:
         "ΣΩ gauss_newton": [options["gauss_newton"].omega(a) for a in allocs],
         "predict hvp": [terms["hvp"].predict(a) for a in allocs],
         "predict output": [terms["output"].predict(a) for a in allocs],
+        "own terms alone": [float(sum(own[stage.index(f, fmt)] for f, fmt in a.items())) for a in allocs],
         "score hvp": [full["hvp"].score(a) for a in allocs],
         "score output": [full["output"].score(a) for a in allocs],
-        **(
-            {
-                # Candidate score: the output-space prediction (weights) plus each key's excess loss
-                # in the exported model, measured out of context (1 + keys onnxruntime passes).
-                "predict output + exported excess": [
-                    terms["output"].predict(a) + sum(excess.get((f, fmt), 0.0) for f, fmt in a.items())
-                    for a in allocs
-                ]
-            }
-            if (excess := exported_excess(ws, options["gauss_newton"], exp, terms["output"], args))
-            else {}
-        ),
+        f"score output, tolerance {args.tolerance} (the search's)": [stage.score(a) for a in allocs],
     }
     print(
         f"ground truth: {len(allocs)} random allocations in onnxruntime ({t_truth:.0f} s); float "
@@ -329,7 +291,7 @@ def run(key: str, args: argparse.Namespace) -> None:
         f"{np.median(drops):.4f})"
     )
     print("Spearman vs measured drop: " + ", ".join(f"{k} {rho(v, drops):.3f}" for k, v in scores.items()))
-    choices(ws, exp, fronts["gauss_newton"], full["output"], args)
+    choices(ws, exp, fronts["gauss_newton"], stage, args)
     tr = {e: [row.avg_trace for row in t] for e, t in tables.items()}
     print(
         f"traces: Spearman of the layers' average traces, hutchinson vs gauss_newton "
@@ -343,7 +305,10 @@ def main() -> None:
     ap.add_argument("--allocs", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--numerics", choices=("weights", "exported"), default="weights")
+    ap.add_argument("--numerics", choices=("weights", "exported"), default="exported")
+    ap.add_argument(
+        "--tolerance", type=float, default=INTERACTION_TOLERANCE, help="search.dependency_tolerance"
+    )
     ap.add_argument("--max-probes", type=int, default=16, help="trace probes per layer, both estimators")
     ap.add_argument("--minilm-calibration", type=int, default=16)
     ap.add_argument("--minilm-evaluation", type=int, default=64)
