@@ -27,6 +27,16 @@ def settings_key(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:20]
 
 
+def hash_tensor(h: Any, name: str, t: Any) -> None:
+    """Feed a tensor's name, dtype, shape and bytes to the hashlib object ``h`` (a copy to the CPU
+    first if it lives elsewhere)."""
+    import torch  # lazy: this module stays importable without torch
+
+    t = torch.as_tensor(t).detach().cpu().contiguous()
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
 def qualified_name(fn: Any) -> str:
     """A stable name of a callable for cache keys: ``module.qualname``, partials spelled out."""
     if isinstance(fn, functools.partial):

@@ -398,7 +398,10 @@ def build_dependency_model(
         replayed = terms.replayed_fraction
     else:
         bar = tqdm(
-            total=len(terms_of), desc="dependency terms", disable=not progress or not distributed.is_main()
+            total=len(terms_of),
+            desc="dependency terms",
+            disable=not progress or not distributed.is_main(),
+            leave=False,
         )
         linear, matrix = _hvp_terms(hessian, layers, keys, terms_of, bar)
         bar.close()

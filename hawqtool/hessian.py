@@ -86,7 +86,7 @@ from typing import Any
 import torch
 
 from hawqtool import distributed, modelio
-from hawqtool.cache import load_cached, qualified_name
+from hawqtool.cache import hash_tensor, load_cached, qualified_name
 from hawqtool.errors import UsageError
 from hawqtool.files import write_json_atomic
 from hawqtool.gauss_newton import resolve_estimator
@@ -508,23 +508,17 @@ def validate_settings(
         raise UsageError(f"sub_batch must be a positive integer or None (whole split), got {sub_batch!r}")
 
 
-def _hash_tensor(h: Any, name: str, t: torch.Tensor) -> None:
-    t = torch.as_tensor(t).detach().cpu().contiguous()
-    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy())
-
-
 def fingerprint(prepared: PreparedModel, batches: Sequence[Batch], settings: dict[str, Any]) -> str:
     """sha256 of the prepared model's state dict, its layer list, the data bytes and the settings."""
     h = hashlib.sha256()
     for name, t in prepared.model.state_dict().items():
-        _hash_tensor(h, name, t)
+        hash_tensor(h, name, t)
     h.update(json.dumps(list(prepared.fqns)).encode())
     h.update(json.dumps(prepared.io.to_dict() if prepared.io is not None else None).encode())
     for i, (x, y) in enumerate(batches):
         for j, leaf in enumerate(modelio.leaves(x)):
-            _hash_tensor(h, f"x{i}.{j}", leaf)
+            hash_tensor(h, f"x{i}.{j}", leaf)
         for j, leaf in enumerate(modelio.leaves(y)):
-            _hash_tensor(h, f"y{i}.{j}", leaf)
+            hash_tensor(h, f"y{i}.{j}", leaf)
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()

@@ -16,15 +16,24 @@ no-clip scale ``max(max(w)/qmax, -min(w)/-qmin)``, which puts the channel's extr
 on the grid (it helps filters with few weights whose positive max would be clipped;
 docs/benchmarks.md). Because every chosen scale puts some integer on ``qmin`` or ``qmax``,
 quantizing the dequantized weight again finds the same grid (idempotence).
+
+The clip search costs 27 fake-quantizations per weight, and the options, the dependency stage, the
+single-layer measurements and export each quantize the same weights in the same formats. So
+:func:`quantize_as` keeps its results by the weight's content (a hash of its bytes), the format and
+the quantizer, up to :data:`CACHE_BYTES` (least recently used first out): each (weight, format) is
+searched once per process. The returned tensors are shared: callers must not modify them.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
+from hawqtool.cache import hash_tensor
 from hawqtool.errors import UsageError
 from hawqtool.formats import Format, families, format_family, parse_format
 from hawqtool.registry import Registry
@@ -272,13 +281,45 @@ def unregister(family: str) -> None:
     _QUANTIZERS.remove(family, missing_ok=True)
 
 
+#: Bytes of quantized weights :func:`quantize_as` keeps (module doc); 0 keeps none.
+CACHE_BYTES = 1 << 30
+_cache: OrderedDict[tuple[Any, ...], QuantizedWeight] = OrderedDict()
+_cached_bytes = 0
+
+
+def _nbytes(qw: QuantizedWeight) -> int:
+    parts = (qw.q, qw.scale, qw.dequantized, qw.zero_point)
+    return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+
+def _content_key(weight: torch.Tensor) -> tuple[str, str]:
+    """What identifies a weight's values: a hash of its dtype, shape and bytes, and its device."""
+    h = hashlib.sha256()
+    hash_tensor(h, "weight", weight)
+    return str(weight.device), h.hexdigest()
+
+
+def clear_cache() -> None:
+    """Forget every quantized weight :func:`quantize_as` keeps."""
+    global _cached_bytes
+    _cache.clear()
+    _cached_bytes = 0
+
+
 def quantize_as(weight: torch.Tensor, fmt: str, *, clip_search: bool = True) -> QuantizedWeight:
-    """Quantize ``weight`` as format ``fmt`` with its family's quantizer.
+    """Quantize ``weight`` as format ``fmt`` with its family's quantizer; a weight of the same values
+    quantized before in the same format returns the kept result (module doc; do not modify it).
 
     Raises:
         ValueError: ``fmt`` is ``float``.
         UsageError: an unknown format, or a family without a quantizer.
+
+    Example:
+        >>> w = torch.tensor([[1.0, -0.5, 0.25]])
+        >>> quantize_as(w, "int4") is quantize_as(w.clone(), "int4")  # same values: searched once
+        True
     """
+    global _cached_bytes
     f = parse_format(fmt)
     if not f.quantized:
         raise ValueError("float is not a quantized format")
@@ -287,16 +328,33 @@ def quantize_as(weight: torch.Tensor, fmt: str, *, clip_search: bool = True) -> 
         raise UsageError(
             f"format {fmt!r}: its family {f.family!r} has no quantizer (hawqtool.quantizer.register)"
         )
-    return _QUANTIZERS[family](weight, f, clip_search=clip_search)
+    quantizer = _QUANTIZERS[family]
+    if CACHE_BYTES <= 0:
+        return quantizer(weight, f, clip_search=clip_search)
+    key = (f.name, clip_search, quantizer, *_content_key(weight))
+    hit = _cache.get(key)
+    if hit is not None:
+        _cache.move_to_end(key)
+        return hit
+    qw = quantizer(weight, f, clip_search=clip_search)
+    _cache[key] = qw
+    _cached_bytes += _nbytes(qw)
+    while _cached_bytes > CACHE_BYTES and _cache:
+        _, old = _cache.popitem(last=False)
+        _cached_bytes -= _nbytes(old)
+    return qw
 
 
 def dequantize_as(weight: torch.Tensor, fmt: str, *, clip_search: bool = True) -> torch.Tensor:
-    """The weight a layer holds under format ``fmt`` (``float`` returns it unchanged)."""
+    """The weight a layer holds under format ``fmt`` (``float`` returns it unchanged), a tensor of
+    the caller's own."""
     if not parse_format(fmt).quantized:
         return weight.detach()
-    return quantize_as(weight, fmt, clip_search=clip_search).dequantized.to(weight.dtype)
+    return quantize_as(weight, fmt, clip_search=clip_search).dequantized.to(weight.dtype, copy=True)
 
 
 def quant_error(weight: torch.Tensor, fmt: str, *, clip_search: bool = True) -> torch.Tensor:
     """Δ = Q(W) − W for format ``fmt`` (zeros for ``float``)."""
-    return dequantize_as(weight, fmt, clip_search=clip_search) - weight.detach()
+    if not parse_format(fmt).quantized:
+        return torch.zeros_like(weight.detach())
+    return quantize_as(weight, fmt, clip_search=clip_search).dequantized.to(weight.dtype) - weight.detach()

