@@ -16,7 +16,7 @@ import sys
 from types import ModuleType  # not `import types`: the submodule hawqtool.types would shadow it
 from typing import Any
 
-__version__ = "0.4.1"
+__version__ = "0.4.2"
 
 _LAZY = {
     "quantize": "hawqtool.pipeline",
