@@ -99,6 +99,14 @@ def forecast(
 
 
 def _duration(seconds: float) -> str:
+    """Seconds for people: ``< 1 s``, ``12 s``, ``4.5 min``, ``1.6 h``.
+
+    Example:
+        >>> _duration(0.3), _duration(42.0), _duration(270.0)
+        ('< 1 s', '42 s', '4.5 min')
+    """
+    if seconds < 0.5:
+        return "< 1 s"
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:

@@ -395,10 +395,11 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         0.02
     """
     p = Path(path)
-    if not p.exists() and str(path) in BUILTIN:
+    if not p.is_file() and str(path) in BUILTIN:  # a folder named like one (e.g. an --out) does not hide it
         p = builtin_path(str(path))
     if not p.is_file():
-        raise RecipeError(f"recipe {str(path)!r} not found; give a YAML file or one of: {', '.join(BUILTIN)}")
+        what = "is a folder" if p.is_dir() else "not found"
+        raise RecipeError(f"recipe {str(path)!r} {what}; give a YAML file or one of: {', '.join(BUILTIN)}")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:

@@ -99,6 +99,18 @@ def test_formats_are_sorted_by_bits_and_unique() -> None:
         parse_recipe({**BASE, "allocation": {"formats": ["int8", "int8"]}})
 
 
+def test_a_folder_named_like_a_builtin_does_not_hide_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # e.g. `hawqtool quantize default --out default` run twice from the same folder
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "default").mkdir()
+    assert load_recipe("default") == load_recipe(builtin_path("default"))
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(RecipeError, match="'mine' is a folder; give a YAML file"):
+        load_recipe("mine")
+
+
 def test_missing_or_bad_file_is_a_recipe_error(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="not found"):
         load_recipe(tmp_path / "nope.yaml")
