@@ -525,13 +525,16 @@ def planned_passes(
         ...                exported=True)
         (4, 3)
     """
-    quantized = [o.format for row in options.options.values() for o in row if is_quantized(o.format)]
-    n = len(interacting_keys(options, tolerance))
+    interacting = interacting_keys(options, tolerance)
+    n = len(interacting)
     terms = 1 + n if method == "output" else n + 1 + 2 * (1 + 2 * n)
     if not measure_singles:
         return terms + 1, 0
-    onnx = sum(1 for fmt in quantized if not torch_models(fmt)) if exported else 0
-    torch_singles = len(quantized) - onnx if method == "hvp" else 0
+    # The build's own rule per key; "torch" costs a pass of its own only under hvp.
+    keys = [(f, o.format) for f in options.layers for o in options.options[f]]
+    sources = [_own_source(k, exported, k in interacting, method) for k in keys]
+    onnx = sources.count("onnxruntime")
+    torch_singles = sources.count("torch") if method == "hvp" else 0
     return terms + torch_singles + 1, onnx + 1 if onnx else 0
 
 

@@ -86,15 +86,15 @@ def weights_single_loss(
 
 def torch_models(fmt: str) -> bool:
     """Whether torch's fake-quantized weights (W + Δ, activations float) model what the exported
-    model computes with ``fmt``: every weight-only format. Formats that quantize activations (``intB``,
+    model computes with the quantized format ``fmt``: every weight-only format
+    (:attr:`hawqtool.formats.Format.weight_only`). Formats that quantize activations (``intB``,
     calibrated uint8; ``intB-d``, at run time) are measured on the exported model.
 
     Example:
         >>> torch_models("int4-w"), torch_models("int4-b32"), torch_models("int8"), torch_models("int8-d")
         (True, True, False, False)
     """
-    f = parse_format(fmt)
-    return not (f.activations or f.dynamic)
+    return parse_format(fmt).weight_only
 
 
 def onnx_loss(
